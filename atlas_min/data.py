@@ -1,0 +1,127 @@
+"""Data: the JSONL schema (DESIGN.md, "Data"), Qwen's chat format, image-pad expansion, collation.
+
+One example per line: {"id", "images": [paths relative to the file's folder], "question", "answer",
+"response" (SFT only, functional tokens inline), "task"}. Toy data and real data use the same loader.
+
+A sequence is `prompt + reply`, tokenised separately and concatenated, so what SFT trains on is
+token-for-token what the sampler will later produce after the same prompt:
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<|vision_start|><|image_pad|>×k<|vision_end|>
+    {question}<|im_end|>\\n<|im_start|>assistant\\n      ← prompt (no loss)
+    {response}<|im_end|>                                ← reply (loss), the stop token included
+"""
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+IGNORE = -100  # label of positions without loss (torch's cross_entropy default ignore_index)
+FIELDS = {"id": str, "question": str, "answer": str, "task": str, "images": list}
+
+
+class DataError(ValueError):
+    """A bad data line or image; the message names the file, the line and the field."""
+
+
+def load_jsonl(path, need_response=False):
+    """Validated examples of a JSONL file; image paths resolved (and kept) inside its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    root = path.parent.resolve()
+    examples = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(ex, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(ex).__name__}")
+        required = dict(FIELDS, response=str) if need_response else FIELDS
+        for field, kind in required.items():
+            if field not in ex:
+                raise DataError(f"{where}: missing field '{field}'")
+            if not isinstance(ex[field], kind):
+                raise DataError(f"{where}: field '{field}' must be {kind.__name__}, got {type(ex[field]).__name__}")
+        if "response" in ex and not isinstance(ex["response"], str):
+            raise DataError(f"{where}: field 'response' must be str, got {type(ex['response']).__name__}")
+        paths = []
+        for k, rel in enumerate(ex["images"]):
+            if not isinstance(rel, str):
+                raise DataError(f"{where}: field 'images[{k}]' must be str, got {type(rel).__name__}")
+            full = (root / rel).resolve()
+            if not full.is_relative_to(root):
+                raise DataError(f"{where}: field 'images[{k}]' = {rel!r} leaves the data folder {root}")
+            if not full.is_file():
+                raise DataError(f"{where}: field 'images[{k}]': image {full} not found")
+            paths.append(full)
+        examples.append(dict(ex, images=paths, where=where))
+    return examples
+
+
+def open_image(path, where=""):
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: image {path} cannot be read ({e})") from None
+
+
+def prompt_text(question, n_images, system_prompt):
+    image = "<|vision_start|><|image_pad|><|vision_end|>" * n_images
+    return (f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
+            f"<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def encode(ex, tokenizer, image_processor, system_prompt, with_reply=False):
+    """Token ids of one example (each <|image_pad|> expanded to its image's merged patches) + pixels."""
+    images = [open_image(p, ex.get("where", "")) for p in ex["images"]]
+    pixels = image_processor(images=images, return_tensors="pt") if images else None
+    pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    ids = tokenizer.encode(prompt_text(ex["question"], len(images), system_prompt), add_special_tokens=False)
+    if images:
+        merge = image_processor.merge_size ** 2
+        counts = iter((pixels["image_grid_thw"].prod(-1) // merge).tolist())
+        ids = [t for i in ids for t in ([i] * next(counts) if i == pad_id else [i])]
+    out = {"prompt_ids": ids, "n_images": len(images),
+           "pixel_values": pixels["pixel_values"] if images else torch.zeros(0, 0),
+           "image_grid_thw": pixels["image_grid_thw"] if images else torch.zeros(0, 3, dtype=torch.long)}
+    if with_reply:
+        out["reply_ids"] = tokenizer.encode(ex["response"] + "<|im_end|>", add_special_tokens=False)
+    return out
+
+
+def _images(encoded):
+    pixels = [e["pixel_values"] for e in encoded if e["n_images"]]
+    return {"pixel_values": torch.cat(pixels) if pixels else None,
+            "image_grid_thw": torch.cat([e["image_grid_thw"] for e in encoded]),
+            "images_per_row": [e["n_images"] for e in encoded]}
+
+
+def collate_sft(encoded, pad_id):
+    """Right-padded prompt+reply rows; labels are IGNORE everywhere but the reply (stop token included)."""
+    rows = [e["prompt_ids"] + e["reply_ids"] for e in encoded]
+    T = max(map(len, rows))
+    input_ids = torch.full((len(rows), T), pad_id)  # (B, T)
+    labels = torch.full((len(rows), T), IGNORE)  # (B, T)
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)  # (B, T)
+    for b, (e, row) in enumerate(zip(encoded, rows)):
+        input_ids[b, :len(row)] = torch.tensor(row)
+        attention_mask[b, :len(row)] = 1
+        labels[b, len(e["prompt_ids"]):len(row)] = torch.tensor(e["reply_ids"])
+    return dict(_images(encoded), input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def collate_prompts(encoded, pad_id):
+    """Left-padded prompts, so every row's next token is generated at the same column."""
+    T = max(len(e["prompt_ids"]) for e in encoded)
+    input_ids = torch.full((len(encoded), T), pad_id)  # (B, T)
+    attention_mask = torch.zeros(len(encoded), T, dtype=torch.long)  # (B, T)
+    for b, e in enumerate(encoded):
+        input_ids[b, T - len(e["prompt_ids"]):] = torch.tensor(e["prompt_ids"])
+        attention_mask[b, T - len(e["prompt_ids"]):] = 1
+    return dict(_images(encoded), input_ids=input_ids, attention_mask=attention_mask)

@@ -1,0 +1,131 @@
+"""GRPO and LA-GRPO losses: pure functions over tensors (DESIGN.md, "Stage 2, GRPO" and "LA-GRPO").
+
+Shapes: N outputs in groups of G (N = prompts x G), B outputs in a batch, T generated positions.
+`logp`, `old_logp`, `ref_logp` are log-probabilities of the *sampled* tokens under pi_theta,
+pi_old and pi_ref, each (B, T). `mask` marks generated (non-padding) positions and
+`functional_mask` the positions holding a functional token (a subset of `mask`), both bool (B, T).
+
+    A        = group_advantages(rewards, G)                     # (N,)
+    loss, st = grpo_loss(logp, old_logp, ref_logp, A, mask, fmask,
+                         clip_eps=0.2, kl_coef=0.01, anchor_coef=1.0)
+"""
+import torch
+from torch import Tensor
+
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """A_i = (R_i - mean_j R_j) / (std_j R_j + eps), std unbiased (Bessel), j over i's group.
+
+    `rewards` is (N,) with each group's G outputs contiguous. A constant group gives zeros (its
+    outputs carry no preference). With group_size == 1 the unbiased std is undefined (0/0), and a
+    lone output has nothing to be compared with, so every advantage is 0.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards must be (N,) with N divisible by group_size={group_size}, "
+                         f"got shape {tuple(rewards.shape)}")
+    R = rewards if rewards.is_floating_point() else rewards.to(torch.get_default_dtype())
+    if group_size == 1:
+        return torch.zeros_like(R)
+    groups = R.view(-1, group_size)  # (P, G)
+    mean = groups.mean(dim=1, keepdim=True)  # (P, 1)
+    std = groups.std(dim=1, unbiased=True, keepdim=True)  # (P, 1)
+    return ((groups - mean) / (std + eps)).view(-1)  # (N,)
+
+
+def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_eps: float) -> Tensor:
+    """l_{i,t} = -min(r * A_i, clip(r, 1-eps, 1+eps) * A_i), r = exp(log pi_theta - log pi_old).
+
+    Per-token loss (B, T); `advantages` (B,) is shared by all tokens of its output.
+    """
+    r = torch.exp(logp - old_logp)  # (B, T)
+    A = advantages.to(logp.dtype).unsqueeze(1)  # (B, 1)
+    return -torch.minimum(r * A, torch.clamp(r, 1 - clip_eps, 1 + clip_eps) * A)  # (B, T)
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """D_{i,t} = exp(log pi_ref - log pi_theta) - (log pi_ref - log pi_theta) - 1   (k3 estimator).
+
+    Non-negative, 0 iff the two log-probs are equal; its mean under pi_theta is KL(pi_theta || pi_ref).
+    """
+    delta = ref_logp - logp  # (B, T)
+    return torch.exp(delta) - delta - 1  # (B, T)
+
+
+def _seq_mean_token_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """mean_i [ (1/|m_i|) sum_{t in m_i} x_{i,t} ] over the rows i with |m_i| > 0.
+
+    A row with an empty mask gets weight 0 (no 0/0 NaN); with no non-empty row at all the result
+    is a 0 that still belongs to x's graph, so `.backward()` works.
+    """
+    n_tok = mask.sum(dim=1)  # (B,)
+    row_mean = torch.where(mask, x, 0.0).sum(dim=1) / n_tok.clamp(min=1)  # (B,)
+    n_rows = (n_tok > 0).sum().clamp(min=1)
+    return row_mean.sum() / n_rows  # empty rows contribute 0 to the sum and 0 to the count
+
+
+def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor,
+              mask: Tensor, functional_mask: Tensor, *, clip_eps: float, kl_coef: float,
+              anchor_coef: float) -> tuple[Tensor, dict[str, float]]:
+    """L_LA-GRPO = L_GRPO + lambda * L_anchor   (lambda = anchor_coef; lambda = 0 is plain GRPO).
+
+    L_GRPO   = mean_i [ (1/|o_i|) sum_{t in o_i} (l_{i,t} + beta * D_{i,t}) ]   (beta = kl_coef)
+    L_anchor = mean_{i in I_F} [ (1/|F_i|) sum_{t in F_i} l_{i,t} ]          (0 when I_F is empty)
+
+    "mean_i" runs over the rows of this batch whose mask is non-empty (an empty row has weight 0).
+    `ref_logp` may be None only when kl_coef == 0. Returns the scalar loss and python-float stats:
+    clip_frac (share of generated tokens where the clipped branch changed the value), kl (token
+    mean of D), pg_loss (the l part of L_GRPO), anchor (L_anchor), functional_share (functional /
+    generated positions), ratio_mean (token mean of r), loss.
+    """
+    mask = mask.bool()
+    fmask = functional_mask.bool() & mask  # (B, T)
+    ell = clipped_surrogate(logp, old_logp, advantages, clip_eps)  # (B, T)
+
+    if ref_logp is None:
+        if kl_coef != 0:
+            raise ValueError("ref_logp is None but kl_coef != 0: the KL term needs the reference log-probs")
+        D = None
+    else:
+        D = kl_k3(logp, ref_logp)  # (B, T)
+    per_token = ell if (D is None or kl_coef == 0) else ell + kl_coef * D  # (B, T)
+
+    L_grpo = _seq_mean_token_mean(per_token, mask)
+    L_anchor = _seq_mean_token_mean(ell, fmask)
+    loss = L_grpo + anchor_coef * L_anchor
+
+    with torch.no_grad():
+        n_gen = max(int(mask.sum()), 1)
+        r = torch.exp(logp - old_logp)  # (B, T)
+        A = advantages.to(logp.dtype).unsqueeze(1)  # (B, 1)
+        clipped = ((A > 0) & (r > 1 + clip_eps)) | ((A < 0) & (r < 1 - clip_eps))  # (B, T)
+        stats = {
+            "loss": float(loss),
+            "pg_loss": float(_seq_mean_token_mean(ell, mask)),
+            "anchor": float(L_anchor),
+            "kl": 0.0 if D is None else float(torch.where(mask, D, 0.0).sum()) / n_gen,
+            "clip_frac": float((clipped & mask).sum()) / n_gen,
+            "ratio_mean": float(torch.where(mask, r, 0.0).sum()) / n_gen,
+            "functional_share": float(fmask.sum()) / n_gen,
+        }
+    return loss, stats
+
+
+def functional_grad_share(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor,
+                          mask: Tensor, functional_mask: Tensor, *, clip_eps: float, kl_coef: float,
+                          anchor_coef: float) -> float:
+    """Gradient-dilution diagnostic (DESIGN.md, "LA-GRPO"): sum_{t in F} |g_t| / sum_t |g_t|, g = dloss/dlogp.
+
+    The share of the policy-gradient "mass" that reaches functional-token positions. With
+    anchor_coef = 0 and ratios near 1, every token of output i gets |g| = |A_i| / (B |o_i|), so the
+    share is roughly the functional share of tokens (~2% in the paper); the anchor adds
+    lambda |A_i| / (|I_F| |F_i|) at functional positions only and lifts it. Computed on a detached
+    copy of `logp`, so the model's graph and .grad are never touched. Returns 0.0 if sum |g| is 0.
+    """
+    x = logp.detach().clone().requires_grad_(True)  # (B, T)
+    ref = None if ref_logp is None else ref_logp.detach()
+    loss, _ = grpo_loss(x, old_logp.detach(), ref, advantages.detach(), mask, functional_mask,
+                        clip_eps=clip_eps, kl_coef=kl_coef, anchor_coef=anchor_coef)
+    (g,) = torch.autograd.grad(loss, x)  # (B, T)
+    fmask = functional_mask.bool() & mask.bool()
+    total = float(g.abs().sum())
+    return float(g.abs()[fmask].sum()) / total if total > 0 else 0.0

@@ -1,0 +1,128 @@
+"""Build or load Qwen2.5-VL, its tokenizer and image processor; the forward passes the trainers share.
+
+Random-init presets (`micro`, `toy`) build everything offline: a byte-level BPE trained on the toy
+world's texts, and a small Qwen2.5-VL. A `model_path` loads all three from a local folder instead.
+"""
+from pathlib import Path
+
+import torch
+from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from atlas_min.tokens import add_functional_tokens
+
+# Qwen's special tokens, in Qwen's order (ids differ from Qwen's own: this vocabulary is tiny).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_tokenizer(texts, vocab_size):
+    """A byte-level BPE trained on `texts`: deterministic, offline, loads back with AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def _mrope_section(head_dim):
+    # Qwen splits each head's rotary half-dimension between time, height and width (16/24/24 at 7B).
+    half = head_dim // 2
+    t = half // 2
+    return [t, (half - t) // 2, half - t - (half - t) // 2]
+
+
+def build_model(cfg, tokenizer):
+    """A randomly initialised Qwen2.5-VL of the preset's size, with ids taken from `tokenizer`."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = cfg.text_hidden // cfg.text_heads
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
+            intermediate_size=cfg.text_intermediate, max_position_embeddings=4096, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(
+            depth=cfg.vision_depth, hidden_size=cfg.vision_hidden, num_heads=cfg.vision_heads,
+            intermediate_size=cfg.vision_intermediate, out_hidden_size=cfg.text_hidden,
+            fullatt_block_indexes=[cfg.vision_depth - 1], window_size=112),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(cfg.seed)
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def image_processor_for(cfg):
+    return Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+
+
+def load_pretrained(path, cfg=None):
+    """(model, tokenizer, image_processor) from a Hugging Face folder; fp32 weights (FSDP casts for compute)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if (path / "preprocessor_config.json").is_file():
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    else:
+        image_processor = image_processor_for(cfg)
+    if cfg is not None and cfg.model_path:  # the preset's pixel bounds (the eval protocol's, at 7B) win
+        image_processor.min_pixels, image_processor.max_pixels = cfg.min_pixels, cfg.max_pixels
+        image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    return model, tokenizer, image_processor
+
+
+def init_model(cfg):
+    """Stage-1 start: the base model of the preset (random or from model_path) + the functional tokens."""
+    if cfg.model_path:
+        model, tokenizer, image_processor = load_pretrained(cfg.model_path, cfg)
+    else:
+        from atlas_min.toy import corpus
+        tokenizer = build_tokenizer(corpus(cfg), cfg.tokenizer_vocab)
+        model, image_processor = build_model(cfg, tokenizer), image_processor_for(cfg)
+    add_functional_tokens(model, tokenizer)
+    return model, tokenizer, image_processor
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes. Positions are computed explicitly on every call: Qwen2.5-VL's 3-D (mrope)
+# positions need `mm_token_type_ids`, and cached `rope_deltas` from an earlier call can be stale.
+
+def mrope_positions(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw):
+    """(3, B, T) positions and (B, 1) rope deltas: text runs 1-D, image tokens get (t, h, w)."""
+    return model.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                      attention_mask=attention_mask)
+
+
+def _image_order(images_per_row, repeats):
+    """Image indices in the order the repeated rows hold them (prompt p's images, `repeats` times)."""
+    order, start = [], 0
+    for n in images_per_row:
+        order += list(range(start, start + n)) * repeats
+        start += n
+    return order
+
+
+def forward(model, batch, input_ids, attention_mask, repeats=1, logits_to_keep=0, **kwargs):
+    """Full forward over rows that repeat each prompt of `batch` `repeats` times (its images encoded once).
+
+    `batch` holds the prompts' `pixel_values`, `image_grid_thw` and `images_per_row`; `input_ids` may
+    extend the prompts with completions. Returns (model output, rope deltas (B, 1)).
+    """
+    order = _image_order(batch["images_per_row"], repeats)
+    features = {}
+    if order:
+        pooled = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True).pooler_output
+        features["image"] = BaseModelOutputWithPooling(pooler_output=tuple(pooled[i] for i in order))
+    mm_token_type_ids = (input_ids == model.config.image_token_id).long()  # from the same padded ids: same side
+    positions, deltas = mrope_positions(model, input_ids, attention_mask, mm_token_type_ids, batch["image_grid_thw"][order])
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                mm_encoder_outputs=features, logits_to_keep=logits_to_keep, **kwargs)
+    return out, deltas

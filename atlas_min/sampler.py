@@ -1,0 +1,93 @@
+"""The hand-written group sampler, and per-token log-probs of given completions.
+
+`sample` repeats each prompt G times (its images encoded once), prefills once, then decodes one
+token per step with a KV cache and explicit mrope positions: temperature, top-p, a stop per row at
+`<|im_end|>`, never a vision placeholder. `sequence_logprobs` recomputes the same log-probs with one
+full forward; at temperature 1 the two agree to float precision, which is what keeps the PPO
+ratio exp(log π_θ − log π_old) at exactly 1 before the first update.
+
+Randomness: row r draws its uniforms from its own generator seeded with `row_seeds[r]`, so a row's
+sample depends on its seed and its logits only, not on which rows share its batch or process.
+"""
+import torch
+import torch.distributed as dist
+
+from atlas_min.model import forward
+from atlas_min.tokens import VISION_TOKENS
+
+
+def token_logprobs(logits, token_ids):
+    """log softmax(logits)[token] for each position: (B, T, V), (B, T) -> (B, T)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _draw(logits, top_p, uniforms):
+    """One token per row from softmax(logits) truncated to its top-p nucleus, by inverse CDF."""
+    probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)  # (B, V)
+    cum = probs.cumsum(-1)
+    probs = probs.masked_fill(cum - probs >= top_p, 0.0)  # keep the smallest prefix with mass >= top_p
+    cum = probs.cumsum(-1)
+    pick = (cum < uniforms[:, None] * cum[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)  # (B,)
+    return order.gather(-1, pick[:, None]).squeeze(-1)
+
+
+def _all_done(done):
+    """True once every row on every rank is done: under FSDP a rank that stops early deadlocks the rest."""
+    flag = torch.tensor(float(done.all()), device=done.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
+@torch.no_grad()
+def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperature=1.0, top_p=1.0, row_seeds=None):
+    """G completions for each left-padded prompt of `batch`; temperature 0 is greedy decoding.
+
+    Returns prompt_ids / prompt_mask (B·G, P), completion_ids (B·G, C), completion_mask (B·G, C) bool
+    (True on generated tokens up to and including <|im_end|>), logprobs (B·G, C) of the sampled
+    tokens under softmax(logits / temperature) (temperature 1 when greedy), the model's distribution
+    before the sampler's masking and truncation: the quantity training's forward computes.
+    """
+    eos_id, pad_id = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
+    banned = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS))
+    prompt_ids = batch["input_ids"].repeat_interleave(group_size, 0)  # (N, P), N = B·G
+    prompt_mask = batch["attention_mask"].repeat_interleave(group_size, 0)
+    N, device = prompt_ids.shape[0], prompt_ids.device
+    if temperature > 0:
+        generators = [torch.Generator().manual_seed(int(s)) for s in row_seeds]
+
+    out, rope_deltas = forward(model, batch, prompt_ids, prompt_mask, repeats=group_size, logits_to_keep=1, use_cache=True)
+    attention_mask, done = prompt_mask, torch.zeros(N, dtype=torch.bool, device=device)
+    tokens, logprobs, masks = [], [], []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()  # (N, V)
+        scaled = logits / temperature if temperature > 0 else logits
+        allowed = scaled.index_fill(-1, banned.to(device), float("-inf"))
+        if temperature > 0:
+            uniforms = torch.stack([torch.rand((), generator=g) for g in generators]).to(device)
+            token = _draw(allowed, top_p, uniforms)
+        else:
+            token = allowed.argmax(-1)
+        token = token.masked_fill(done, pad_id)  # (N,)
+        tokens.append(token)
+        logprobs.append(token_logprobs(scaled[:, None], token[:, None])[:, 0])
+        masks.append(~done)
+        done = done | (token == eos_id)
+        if _all_done(done):
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
+        position = (attention_mask.cumsum(-1) - 1)[:, -1:] + rope_deltas  # (N, 1): continues each row's text
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position.expand(3, N, 1),
+                    past_key_values=out.past_key_values, use_cache=True)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": torch.stack(tokens, 1),
+            "completion_mask": torch.stack(masks, 1), "logprobs": torch.stack(logprobs, 1)}
+
+
+def sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, completion_mask, repeats=1, temperature=1.0):
+    """log π(o_t | q, o_<t) of every completion token, (B, C), from one full forward (with grad if enabled)."""
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P + C)
+    attention_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
+    C = completion_ids.shape[1]
+    out, _ = forward(model, batch, input_ids, attention_mask, repeats=repeats, logits_to_keep=C + 1)
+    logits = out.logits[:, :-1]  # (B, C, V): the logits at position P-1+t predict completion token t
+    return token_logprobs(logits / (temperature if temperature > 0 else 1.0), completion_ids)

@@ -1,0 +1,260 @@
+"""The toy world: five synthetic task families, one per functional token (DESIGN.md, "The toy world").
+
+    train_jsonl, eval_jsonl = ensure_toy_data(cfg)     # cached under $ATLAS_MIN_CACHE
+    image, question, answer, params = draw_example("line", random.Random(0), 84)
+
+Every family is sized for a ~0.6M-parameter random-init model learning in CPU-minutes: shapes are
+bold and filled, digits are big seven-segment strokes (font-independent; PIL's default font is
+tiny), the arrow is mostly head. All images are drawn on the image processor's mean colour, which
+normalises to ~0: on white the random-init vision tower's output collapsed to a constant.
+Within a family the question is fixed and the answer is uniform, so a model that ignores the image
+scores exactly the family's CHANCE.
+"""
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+VERSION = 1  # bump when drawing or text changes, so cached data sets are regenerated
+BACKGROUND = (123, 117, 104)  # Qwen2-VL image mean * 255
+RED, BLUE, WHITE, YELLOW, CYAN = (230, 40, 40), (40, 80, 230), (245, 245, 245), (240, 210, 40), (40, 220, 240)
+
+TASK_TOKENS = {"shape": "<|Shape|>", "line": "<|Line|>", "arrow": "<|Arrow|>", "zoom": "<|Zoom|>",
+               "text": "<|Text|>"}
+# One fixed question per family, so the question says nothing about the answer.
+QUESTIONS = {"shape": "How many red shapes are there?",
+             "line": "Which line is longer, A (yellow, top) or B (cyan, bottom)?",
+             "arrow": "Does the arrow point left or right?", "zoom": "What digit is inside the yellow box?",
+             "text": "What is the sum of the two numbers?"}
+ANSWERS = {"shape": ["1", "2", "3"], "line": ["A", "B"], "arrow": ["left", "right"],
+           "zoom": ["1", "2", "3", "4"], "text": ["2", "3", "4"]}
+CHANCE = {task: 1 / len(answers) for task, answers in ANSWERS.items()}
+# Short on purpose: RL samples these on CPU, every token costs.
+LEAD_INS = {"shape": "Let me mark the red shapes.", "line": "Let me compare the lines.",
+            "arrow": "Let me trace the arrow.", "zoom": "Let me zoom into the box.",
+            "text": "Let me read the numbers."}
+PLAIN_LEAD_IN = "I can see it directly."  # the no-functional-token (perception) replies
+
+
+def response(task, answer, with_token=True):
+    lead = f"{LEAD_INS[task]} {TASK_TOKENS[task]}" if with_token else PLAIN_LEAD_IN
+    return f"{lead} <answer>{answer}</answer>"
+
+
+# --- drawing ----------------------------------------------------------------------------------------
+
+# Seven-segment strokes a..g (top, top-right, bottom-right, bottom, bottom-left, top-left, middle).
+SEGMENTS = {1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc"}
+
+
+def _digit(draw, digit, x, y, w, h, t, fill):
+    """A seven-segment `digit` in the box (x, y, w, h) with stroke width t."""
+    m = y + (h - t) // 2  # top of the middle stroke
+    rects = {"a": (x, y, x + w, y + t), "g": (x, m, x + w, m + t), "d": (x, y + h - t, x + w, y + h),
+             "f": (x, y, x + t, m + t), "b": (x + w - t, y, x + w, m + t),
+             "e": (x, m, x + t, y + h), "c": (x + w - t, m, x + w, y + h)}
+    for seg in SEGMENTS[digit]:
+        draw.rectangle(rects[seg], fill=fill)
+
+
+def _shape(draw, s, rng, answer):
+    # A 3x3 grid of cells, one shape per cell: at 84 px a cell is one merged vision token (28 px),
+    # so counting red cells is what the tower sees most directly. Blue distractors: 0-3.
+    cell = s // 3
+    n_red, n_blue = int(answer), rng.randint(0, 3)
+    items = []  # (cell, kind: o circle / s square / v triangle, colour, dx, dy, radius)
+    for i, c in enumerate(rng.sample(range(9), n_red + n_blue)):  # random order: red cells are random ones
+        r = rng.randint(cell * 3 // 10, cell * 2 // 5)  # radius: bold, yet inside its cell
+        slack = cell // 2 - r - 1
+        dx, dy = rng.randint(-slack, slack), rng.randint(-slack, slack)
+        items.append((c, rng.choice("osv"), "red" if i < n_red else "blue", dx, dy, r))
+    items.sort()
+    for c, kind, colour, dx, dy, r in items:
+        cx, cy = (c % 3) * cell + cell // 2 + dx, (c // 3) * cell + cell // 2 + dy
+        fill = RED if colour == "red" else BLUE
+        if kind == "o":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif kind == "s":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            draw.polygon([(cx - r, cy - r), (cx + r, cy - r), (cx, cy + r)], fill=fill)
+    return {"items": items}
+
+
+def _line(draw, s, rng, answer):
+    # Lengths differ by at least 1.5x; A is always the yellow top line, B the cyan bottom one.
+    long_, short = rng.randint(s * 6 // 10, s * 9 // 10), rng.randint(s * 2 // 10, s * 4 // 10)
+    lengths = (long_, short) if answer == "A" else (short, long_)
+    t = max(3, s // 12)
+    params = {"t": t, "lines": []}
+    for (lo, hi), length, colour in zip(((15, 40), (60, 85)), lengths, (YELLOW, CYAN)):
+        y, x = rng.randint(s * lo // 100, s * hi // 100), rng.randint(2, s - 2 - length)
+        draw.rectangle((x, y - t // 2, x + length, y - t // 2 + t), fill=colour)
+        params["lines"].append((x, y, length))
+    return params
+
+
+def _arrow(draw, s, rng, answer):
+    # Mostly head: a big triangle on one side, a short thick shaft on the other. Thin arrows stayed
+    # at chance for minutes in calibration; here "which side holds more white" already answers it.
+    length, head = rng.randint(s * 7 // 10, s * 9 // 10), rng.randint(s * 35 // 100, s * 45 // 100)
+    half, t = rng.randint(s * 22 // 100, s * 30 // 100), rng.randint(s // 8, s // 6)
+    x0, y = rng.randint(2, s - 2 - length), rng.randint(half + 2, s - half - 3)
+    tail, tip = (x0, x0 + length) if answer == "right" else (x0 + length, x0)
+    base = tip - head if answer == "right" else tip + head  # where the head meets the shaft
+    draw.rectangle((min(tail, base), y - t // 2, max(tail, base), y + t // 2), fill=WHITE)
+    draw.polygon([(base, y - half), (base, y + half), (tip, y)], fill=WHITE)
+    return {"x0": x0, "y": y, "length": length, "head": head, "half": half, "t": t}
+
+
+def _zoom(draw, s, rng, answer):
+    # A yellow box anywhere, a big white digit filling it: reading it means finding the box first.
+    b = rng.randint(s // 2, s * 6 // 10)
+    bx, by = rng.randint(1, s - b - 2), rng.randint(1, s - b - 2)
+    h, w, t = b * 7 // 10, b * 45 // 100, max(3, s // 14)
+    draw.rectangle((bx, by, bx + b, by + b), outline=YELLOW, width=max(2, s // 28))
+    _digit(draw, int(answer), bx + (b - w) // 2, by + (b - h) // 2, w, h, t, WHITE)
+    return {"box": (bx, by, b)}
+
+
+def _text(draw, s, rng, answer):
+    # The sum is uniform over 2..4, then the digits are chosen to make it: uniform digits would
+    # make "3" twice as likely as the others and let a blind model beat chance.
+    a = {"2": 1, "4": 2}.get(answer) or rng.choice((1, 2))
+    digits, params = (a, int(answer) - a), {"digits": []}
+    t, h = max(3, s // 14), rng.randint(s * 45 // 100, s * 55 // 100)
+    w, c, arm, p = h // 2, s // 2, max(3, s // 16), max(2, s // 28)
+    # Left digit ends, right digit starts, a clear gap away from the plus sign between them.
+    for d, (lo, hi) in zip(digits, ((1, c - arm - 3 - w), (c + arm + 3, s - 2 - w))):
+        x, y = rng.randint(lo, hi), (s - h) // 2 + rng.randint(-s // 6, s // 6)
+        _digit(draw, d, x, y, w, h, t, WHITE)
+        params["digits"].append((d, x, y, h))
+    draw.rectangle((c - arm, c - p // 2, c + arm, c - p // 2 + p - 1), fill=YELLOW)  # the plus sign
+    draw.rectangle((c - p // 2, c - arm, c - p // 2 + p - 1, c + arm), fill=YELLOW)
+    return params
+
+
+DRAW = {"shape": _shape, "line": _line, "arrow": _arrow, "zoom": _zoom, "text": _text}
+
+
+def draw_example(task, rng, image_size, answer=None):
+    """One example of `task`: (PIL image, question, answer, params). All randomness comes from `rng`."""
+    answer = answer or rng.choice(ANSWERS[task])  # uniform: a blind guess is at CHANCE[task]
+    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    params = DRAW[task](ImageDraw.Draw(image), image_size, rng, answer)
+    return image, QUESTIONS[task], answer, {"task": task, "answer": answer, **params}
+
+
+# --- data sets --------------------------------------------------------------------------------------
+
+def _tasks(cfg):
+    tasks = [t.strip() for t in cfg.toy_tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASK_TOKENS]
+    if not tasks or unknown:
+        raise ValueError(f"toy_tasks={cfg.toy_tasks!r}: choose from {', '.join(TASK_TOKENS)}")
+    return tasks
+
+
+def _stamp(cfg):
+    """Everything the generated files depend on; equal stamps mean identical data sets."""
+    return {"version": VERSION, "seed": cfg.seed, "image_size": cfg.image_size, "tasks": _tasks(cfg),
+            "train_size": cfg.toy_train_size, "eval_size": cfg.toy_eval_size,
+            "no_token_share": cfg.toy_no_token_share}
+
+
+def _write_split(folder, split, size, cfg, taken):
+    """Write `split`.jsonl and its images; skip any example whose params are in `taken`, add the rest."""
+    # Separate streams: images do not change when toy_no_token_share changes.
+    stream = f"atlas_min.toy/{cfg.seed}/{split}"  # str seeds hash the same in every process
+    rng, text_rng = random.Random(stream), random.Random(stream + "/text")
+    tasks = _tasks(cfg)
+    decks = {task: [] for task in tasks}
+    with open(folder / f"{split}.jsonl", "w") as f:
+        for i in range(size):
+            task = tasks[i % len(tasks)]  # round robin: every family equally represented
+            if not decks[task]:  # each answer once per round, in random order: exactly balanced splits
+                decks[task] = rng.sample(ANSWERS[task], len(ANSWERS[task]))
+            answer = decks[task].pop()
+            for _ in range(1000):
+                image, question, answer, params = draw_example(task, rng, cfg.image_size, answer)
+                signature = json.dumps(params, sort_keys=True)
+                if signature not in taken:
+                    break
+            else:
+                raise RuntimeError(f"toy {split}: no new {task} example in 1000 draws; image_size too small?")
+            taken.add(signature)
+            ex_id = f"{split}-{i:06d}-{task}"
+            image.save(folder / "images" / f"{ex_id}.png")
+            with_token = text_rng.random() >= cfg.toy_no_token_share
+            f.write(json.dumps({"id": ex_id, "images": [f"images/{ex_id}.png"], "question": question, "answer": answer,
+                                "response": response(task, answer, with_token), "task": task}) + "\n")
+
+
+def _is_complete(folder, stamp):
+    try:
+        return json.loads((folder / "stamp.json").read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def write_toy_data(folder, cfg):
+    """Write folder/{train,eval}.jsonl and folder/images/; a no-op when folder already holds this cfg's data.
+
+    Built in a temporary sibling folder and renamed into place, with stamp.json written last, so a
+    killed run never leaves a half data set under `folder`, and concurrent ranks cannot clash.
+    """
+    folder, stamp = Path(folder), _stamp(cfg)
+    paths = (folder / "train.jsonl", folder / "eval.jsonl")
+    if _is_complete(folder, stamp):
+        return paths
+    if folder.exists() and any(folder.iterdir()) and not (folder / "stamp.json").exists():
+        raise FileExistsError(f"{folder} holds files that are not a toy data set; not replacing them")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        (tmp / "images").mkdir()
+        taken = set()
+        _write_split(tmp, "train", cfg.toy_train_size, cfg, taken)
+        _write_split(tmp, "eval", cfg.toy_eval_size, cfg, taken)  # never an example that train has
+        (tmp / "stamp.json").write_text(json.dumps(stamp, indent=1))
+        if folder.exists() and not _is_complete(folder, stamp):  # stale (other parameters): move it aside
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            try:
+                os.replace(folder, old / "data")
+            except FileNotFoundError:  # another process moved it first
+                pass
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first; fine if it wrote the same data
+            if not _is_complete(folder, stamp):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+def toy_data_dir(cfg):
+    """$ATLAS_MIN_CACHE (default ~/.cache/atlas_min)/toy-<hash of the stamp>."""
+    root = Path(os.environ.get("ATLAS_MIN_CACHE") or Path.home() / ".cache" / "atlas_min")
+    digest = hashlib.sha256(json.dumps(_stamp(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    return root / f"toy-{digest}"
+
+
+def ensure_toy_data(cfg):
+    return write_toy_data(toy_data_dir(cfg), cfg)
+
+
+def corpus(cfg):
+    """Every text the toy world can produce (all families, whatever cfg.toy_tasks): trains the tokenizer."""
+    texts = [cfg.system_prompt]
+    for task, answers in ANSWERS.items():
+        texts.append(QUESTIONS[task])
+        for answer in answers:
+            texts += [answer, response(task, answer, True), response(task, answer, False)]
+    return texts

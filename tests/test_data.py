@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+from atlas_min.data import IGNORE, DataError, collate_prompts, collate_sft, encode, load_jsonl
+
+
+def _write(folder, lines, image=True):
+    if image:
+        from PIL import Image
+        (folder / "img").mkdir(exist_ok=True)
+        Image.new("RGB", (56, 56), (123, 117, 104)).save(folder / "img" / "a.png")
+    path = folder / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+GOOD = {"id": "x", "images": ["img/a.png"], "question": "q?", "answer": "1", "response": "r <answer>1</answer>", "task": "t"}
+
+
+def _line(**change):
+    ex = dict(GOOD, **change)
+    return json.dumps({k: v for k, v in ex.items() if v is not ...})
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    (_line(question=...), "missing field 'question'"),
+    (_line(answer=3), "field 'answer' must be str, got int"),
+    (_line(images="img/a.png"), "field 'images' must be list, got str"),
+    (_line(images=[7]), "field 'images[0]' must be str, got int"),
+    (_line(images=["../outside.png"]), "field 'images[0]' = '../outside.png' leaves the data folder"),
+    (_line(images=["/etc/passwd"]), "leaves the data folder"),
+    (_line(images=["img/missing.png"]), "field 'images[0]': image"),
+    (_line(response=...), "missing field 'response'"),
+])
+def test_every_malformed_line_names_file_line_and_field(tmp_path, line, message):
+    path = _write(tmp_path, [_line(), line])
+    with pytest.raises(DataError) as err:
+        load_jsonl(path, need_response=True)
+    assert str(err.value).startswith(f"{path}:2: ")
+    assert message in str(err.value)
+
+
+def test_response_is_optional_for_rl_and_eval_data(tmp_path):
+    path = _write(tmp_path, [_line(response=...)])
+    assert load_jsonl(path)[0]["question"] == "q?"
+
+
+def test_a_corrupt_image_is_named_when_it_is_read(tmp_path, micro):
+    _, tokenizer, image_processor = micro
+    path = _write(tmp_path, [_line()])
+    (tmp_path / "img" / "a.png").write_bytes(b"\x89PNG not really")
+    ex = load_jsonl(path)[0]
+    with pytest.raises(DataError, match=r"d.jsonl:1: image .*a.png cannot be read"):
+        encode(ex, tokenizer, image_processor, "sys")
+
+
+def test_each_image_pad_becomes_one_token_per_merged_patch(micro, toy_files):
+    _, tokenizer, image_processor = micro
+    ex = load_jsonl(toy_files[0])[0]
+    e = encode(ex, tokenizer, image_processor, "sys")
+    t, h, w = e["image_grid_thw"][0].tolist()
+    n_pad = e["prompt_ids"].count(tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    assert n_pad == t * h * w // 4  # merge_size 2: each 2x2 block of patches is one token
+    assert e["pixel_values"].shape[0] == t * h * w
+
+
+def test_sft_labels_keep_exactly_the_reply_tokens(micro, toy_files):
+    _, tokenizer, image_processor = micro
+    examples = load_jsonl(toy_files[0], need_response=True)[:3]
+    examples[1] = dict(examples[1], response="A much longer reply <|Line|> <|Zoom|> with two tokens <answer>B</answer>")
+    encoded = [encode(ex, tokenizer, image_processor, "sys", with_reply=True) for ex in examples]
+    batch = collate_sft(encoded, tokenizer.pad_token_id)
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for b, ex in enumerate(examples):
+        reply = tokenizer.encode(ex["response"] + "<|im_end|>", add_special_tokens=False)
+        kept = batch["labels"][b][batch["labels"][b] != IGNORE].tolist()
+        assert kept == reply  # every reply token, functional ones and the stop token included
+        assert tokenizer.decode(kept) == ex["response"] + "<|im_end|>"
+        is_image = batch["input_ids"][b] == image_pad
+        assert is_image.any() and (batch["labels"][b][is_image] == IGNORE).all()
+        assert (batch["labels"][b][batch["attention_mask"][b] == 0] == IGNORE).all()
+    assert (batch["attention_mask"][:, 0] == 1).all()  # right padding: every row starts at column 0
+
+
+def test_prompt_batches_are_left_padded(micro, toy_files):
+    _, tokenizer, image_processor = micro
+    examples = load_jsonl(toy_files[0])[:2]
+    examples[1] = dict(examples[1], question=examples[1]["question"] + " Think about it carefully first.")
+    encoded = [encode(ex, tokenizer, image_processor, "sys") for ex in examples]
+    batch = collate_prompts(encoded, tokenizer.pad_token_id)
+    assert (batch["attention_mask"][:, -1] == 1).all()
+    assert batch["attention_mask"][0, 0] == 0
+    assert batch["input_ids"][0][batch["attention_mask"][0] == 1].tolist() == encoded[0]["prompt_ids"]

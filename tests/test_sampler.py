@@ -1,0 +1,140 @@
+import torch
+
+from atlas_min.data import collate_prompts, encode, load_jsonl
+from atlas_min.model import forward
+from atlas_min.sampler import sample, sequence_logprobs
+from atlas_min.tokens import VISION_TOKENS
+
+
+def _lively(model, std=0.3):
+    """A random-init model (std 0.02) emits one token forever; larger weights make its choices vary."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, std)
+    return model
+
+
+def _prompts(tokenizer, image_processor, toy_files, n=2, sizes=None):
+    """Left-padded prompts of different lengths; with `sizes`, images of different sizes."""
+    from PIL import Image
+    examples = load_jsonl(toy_files[0])[:n]
+    examples[0] = dict(examples[0], question=examples[0]["question"] + " Look closely at the picture.")
+    encoded = []
+    for ex, size in zip(examples, sizes or [None] * n):
+        e = encode(ex, tokenizer, image_processor, "sys")
+        if size:
+            image = Image.open(ex["images"][0]).convert("RGB").resize(size)
+            pixels = image_processor(images=[image], return_tensors="pt")
+            e = encode(dict(ex, images=[]), tokenizer, image_processor, "sys")  # rebuilt below with the new grid
+            from atlas_min.data import prompt_text
+            ids = tokenizer.encode(prompt_text(ex["question"], 1, "sys"), add_special_tokens=False)
+            pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+            k = int(pixels["image_grid_thw"].prod()) // 4
+            e = {"prompt_ids": [t for i in ids for t in ([i] * k if i == pad else [i])], "n_images": 1,
+                 "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
+        encoded.append(e)
+    return collate_prompts(encoded, tokenizer.pad_token_id)
+
+
+def test_greedy_sampler_equals_generate_token_for_token(micro, toy_files):
+    model, tokenizer, image_processor = micro
+    _lively(model)
+    batch = _prompts(tokenizer, image_processor, toy_files, sizes=[(56, 56), (112, 84)])
+    assert batch["image_grid_thw"][0].tolist() != batch["image_grid_thw"][1].tolist()
+    assert batch["attention_mask"][1, 0] == 0  # left padding is exercised
+    ours = sample(model, batch, tokenizer, max_new_tokens=16, temperature=0)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    theirs = model.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(batch["input_ids"] == model.config.image_token_id).long(),
+        do_sample=False, max_new_tokens=16, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=tokenizer.convert_tokens_to_ids(VISION_TOKENS))[:, batch["input_ids"].shape[1]:]
+    assert len(set(ours["completion_ids"].flatten().tolist())) > 3  # not a degenerate repetition
+    C = theirs.shape[1]
+    assert torch.equal(ours["completion_ids"][:, :C], theirs)
+
+
+def test_sampler_logprobs_equal_the_training_forward(micro, toy_files):
+    model, tokenizer, image_processor = micro
+    _lively(model)
+    batch = _prompts(tokenizer, image_processor, toy_files, n=3)
+    out = sample(model, batch, tokenizer, group_size=4, max_new_tokens=12, temperature=1.0, row_seeds=range(12))
+    forward = sequence_logprobs(model, batch, out["prompt_ids"], out["prompt_mask"], out["completion_ids"],
+                                out["completion_mask"], repeats=4)
+    mask = out["completion_mask"]
+    assert mask.sum() > 20
+    torch.testing.assert_close(forward[mask], out["logprobs"][mask], atol=1e-4, rtol=0)
+
+
+def test_each_prompt_is_repeated_group_size_times_in_order(micro, toy_files):
+    model, tokenizer, image_processor = micro
+    batch = _prompts(tokenizer, image_processor, toy_files, n=2)
+    out = sample(model, batch, tokenizer, group_size=3, max_new_tokens=2, temperature=1.0, row_seeds=range(6))
+    for r in range(6):
+        assert torch.equal(out["prompt_ids"][r], batch["input_ids"][r // 3])
+
+
+def test_the_sampler_never_emits_a_vision_placeholder(micro, toy_files):
+    model, tokenizer, image_processor = micro
+    vision = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
+    batch = _prompts(tokenizer, image_processor, toy_files)
+
+    def favour_vision(module, inputs, logits):  # the placeholders become the model's favourites by far
+        return logits.index_add(-1, torch.tensor(vision), torch.full((*logits.shape[:-1], 4), 50.0))
+
+    model.lm_head.register_forward_hook(favour_vision)
+    logits = forward(model, batch, batch["input_ids"], batch["attention_mask"], logits_to_keep=1)[0].logits[:, -1]
+    assert all(i in vision for i in logits.argmax(-1).tolist())
+    for temperature in (0.0, 1.0):
+        out = sample(model, batch, tokenizer, group_size=2, max_new_tokens=8, temperature=temperature, row_seeds=range(4))
+        assert not torch.isin(out["completion_ids"], torch.tensor(vision)).any()
+
+
+def test_a_row_stops_at_im_end_and_is_masked_after_it(micro, toy_files):
+    model, tokenizer, image_processor = micro
+    _lively(model)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    batch = _prompts(tokenizer, image_processor, toy_files)
+
+    def stop_sometimes(module, inputs, logits):  # p(<|im_end|>) ≈ 0.05 at every step
+        stop = logits.logsumexp(-1, keepdim=True) - 3.0
+        return logits.index_copy(-1, torch.tensor([eos]), stop)
+
+    model.lm_head.register_forward_hook(stop_sometimes)
+    out = sample(model, batch, tokenizer, group_size=8, max_new_tokens=10, temperature=1.0, row_seeds=range(16))
+    ids, mask = out["completion_ids"], out["completion_mask"]
+    stopped = 0
+    for row, m in zip(ids, mask):
+        hits = (row == eos).nonzero().flatten()
+        if len(hits):
+            stopped += 1
+            end = hits[0].item()
+            assert m[:end + 1].all() and not m[end + 1:].any()  # the stop token is part of the completion
+            assert (row[end + 1:] == tokenizer.pad_token_id).all()
+        else:
+            assert m.all()
+    assert 0 < stopped < 16
+
+
+def test_top_p_near_zero_is_greedy(micro, toy_files):
+    model, tokenizer, image_processor = micro
+    _lively(model)
+    batch = _prompts(tokenizer, image_processor, toy_files)
+    greedy = sample(model, batch, tokenizer, max_new_tokens=8, temperature=0)
+    nucleus = sample(model, batch, tokenizer, max_new_tokens=8, temperature=1.0, top_p=1e-6, row_seeds=[1, 2])
+    assert torch.equal(greedy["completion_ids"], nucleus["completion_ids"])
+
+
+def test_a_rows_sample_depends_on_its_seed_not_its_batch_mates(micro, toy_files):
+    model, tokenizer, image_processor = micro
+    _lively(model)
+    batch = _prompts(tokenizer, image_processor, toy_files, n=2)
+    together = sample(model, batch, tokenizer, group_size=2, max_new_tokens=8, temperature=1.0, row_seeds=[10, 11, 12, 13])
+    first = {k: (v[:1] if torch.is_tensor(v) else v[:1]) for k, v in batch.items()}
+    first["pixel_values"] = batch["pixel_values"][: int(batch["image_grid_thw"][0].prod())]
+    first["input_ids"] = batch["input_ids"][:1, batch["attention_mask"][0].argmax():]  # without its padding
+    first["attention_mask"] = batch["attention_mask"][:1, batch["attention_mask"][0].argmax():]
+    alone = sample(model, first, tokenizer, group_size=2, max_new_tokens=8, temperature=1.0, row_seeds=[10, 11])
+    assert torch.equal(alone["completion_ids"], together["completion_ids"][:2])

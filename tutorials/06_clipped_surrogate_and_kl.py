@@ -1,0 +1,131 @@
+# %% [markdown]
+# # 06 — The clipped surrogate, the k3 KL, and the GRPO loss (DESIGN.md, "Stage 2, GRPO")
+#
+# Per token t of output i, with the probability ratio r = exp(log pi_theta - log pi_old):
+#
+#     l_{i,t} = -min(r * A_i, clip(r, 1-eps, 1+eps) * A_i)                       (a loss to minimise)
+#     D_{i,t} = exp(log pi_ref - log pi_theta) - (log pi_ref - log pi_theta) - 1    (k3 KL estimator)
+#     L_GRPO  = mean_i [ (1/|o_i|) sum_t (l_{i,t} + beta * D_{i,t}) ]              ("seq-mean-token-mean")
+#
+# Implementations: `clipped_surrogate`, `kl_k3`, `grpo_loss` in `atlas_min.grpo`.
+
+# %%
+import sys
+from pathlib import Path
+
+try:
+    import atlas_min  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import math
+
+import torch
+
+from atlas_min.grpo import clipped_surrogate, grpo_loss, kl_k3
+
+torch.set_printoptions(precision=3, sci_mode=False)
+
+# %% [markdown]
+# ## The ratio
+# The sampler stored log pi_old(token) for every sampled token. After a few optimiser steps on the
+# same batch, pi_theta has moved: r > 1 means the token became more likely, r < 1 less likely.
+# r = 1 exactly on the first step over a fresh batch (pi_theta == pi_old), where l = -A per token.
+
+# %%
+logp_old = torch.tensor([[-1.2, -0.3, -2.0]])
+logp = torch.tensor([[-1.0, -0.3, -2.5]])
+print("r = exp(logp - old_logp):", torch.exp(logp - logp_old))
+
+# %% [markdown]
+# ## The clipped surrogate over a sweep of ratios (eps = 0.2)
+# For A > 0 we want to raise r, but the gain is capped once r > 1 + eps: the min picks the
+# clipped branch, which is constant in r, so that token sends no gradient. For A < 0 the cap is
+# at r < 1 - eps. On the other side (A > 0 with r small, A < 0 with r large) the unclipped branch
+# stays selected, so a move in the wrong direction is always corrected: the objective is pessimistic.
+
+# %%
+eps = 0.2
+ratios = torch.tensor([0.5, 0.7, 0.79, 0.9, 1.0, 1.1, 1.21, 1.3, 1.5])
+logp_sweep = ratios.log().unsqueeze(0).requires_grad_(True)  # (1, 9) with old_logp = 0
+print(f"{'r':>5} | {'l (A=+1)':>9} {'grad':>6} {'clipped':>8} | {'l (A=-1)':>9} {'grad':>6} {'clipped':>8}")
+rows = {}
+for a in (1.0, -1.0):
+    ell = clipped_surrogate(logp_sweep, torch.zeros(1, len(ratios)), torch.tensor([a]), eps)
+    (g,) = torch.autograd.grad(ell.sum(), logp_sweep)
+    rows[a] = (ell[0].tolist(), g[0].tolist())
+for j, r in enumerate(ratios.tolist()):
+    cells = []
+    for a in (1.0, -1.0):
+        l, g = rows[a][0][j], rows[a][1][j]
+        clipped = g == 0.0  # the min selected the constant, clipped branch
+        cells.append(f"{l:9.3f} {g:6.2f} {'yes' if clipped else '':>8}")
+    print(f"{r:5.2f} | {cells[0]} | {cells[1]}")
+
+# %% [markdown]
+# "grad" is dl/dlog pi_theta = -r * A on the unclipped branch, 0 on the clipped one. Clipping is
+# active exactly when r > 1 + eps with A > 0, or r < 1 - eps with A < 0 (`stats["clip_frac"]`).
+
+# %% [markdown]
+# ## The k3 KL estimator vs the true KL
+# We only have log-probs of the *sampled* tokens, not full distributions. Three one-sample
+# estimators of KL(pi_theta || pi_ref) with x ~ pi_theta and d = log pi_ref(x) - log pi_theta(x):
+# k1 = -d (unbiased, can be negative), k3 = exp(d) - d - 1 (unbiased, always >= 0, low variance).
+# Exactly: E_{x~pi}[exp(d)] = sum_x pi_ref(x) = 1, so E[k3] = 1 + KL - 1 = KL.
+
+# %%
+g = torch.Generator().manual_seed(0)
+logits = torch.randn(50, generator=g)
+pi = torch.log_softmax(logits.double(), 0)
+for shift in (0.1, 0.5, 1.5):
+    ref = torch.log_softmax(logits.double() + shift * torch.randn(50, generator=g).double(), 0)
+    true_kl = (pi.exp() * (pi - ref)).sum()
+    exact_k3 = (pi.exp() * kl_k3(pi, ref)).sum()  # expectation of k3 under pi, no sampling noise
+    x = torch.multinomial(pi.exp(), 2000, replacement=True, generator=g)  # 2,000 sampled tokens
+    k1, k3 = (pi[x] - ref[x]), kl_k3(pi[x], ref[x])
+    print(f"shift {shift}: true KL {true_kl:.4f} | E[k3] {exact_k3:.4f} | sampled k3 mean {k3.mean():.4f} "
+          f"(std {k3.std():.3f}, min {k3.min():.4f}) | sampled k1 mean {k1.mean():.4f} (std {k1.std():.3f})")
+
+# %% [markdown]
+# k3 is never negative per token (so a per-token penalty can only pull pi_theta toward pi_ref)
+# and its spread is much smaller than k1's when the policies are close — the usual regime.
+
+# %% [markdown]
+# ## The full loss on a toy batch
+# Two prompts x two outputs (G = 2), up to 6 generated tokens each, right-padded. Output 3 is a
+# single token. Functional tokens (e.g. `<|Line|>`) are marked in `functional_mask`.
+
+# %%
+g = torch.Generator().manual_seed(1)
+B, T = 4, 6
+mask = torch.tensor([[1, 1, 1, 1, 1, 1],
+                     [1, 1, 1, 1, 0, 0],
+                     [1, 1, 1, 1, 1, 0],
+                     [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+functional_mask = torch.zeros(B, T, dtype=torch.bool)
+functional_mask[0, 1] = functional_mask[2, 3] = True
+old_logp = -2 * torch.rand(B, T, generator=g)
+logp = old_logp + 0.25 * torch.randn(B, T, generator=g)  # pi_theta after a couple of updates
+ref_logp = old_logp + 0.1 * torch.randn(B, T, generator=g)
+advantages = torch.tensor([0.7, -0.7, 0.7, -0.7])
+print("ratio r (masked):\n", torch.where(mask, torch.exp(logp - old_logp), torch.nan))
+loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, mask, functional_mask,
+                        clip_eps=0.2, kl_coef=0.04, anchor_coef=0.0)
+print("L_GRPO =", round(loss.item(), 4))
+print({k: round(v, 4) for k, v in stats.items()})
+
+# %% [markdown]
+# The stats: `pg_loss` is the l part of L_GRPO (the rest is beta * KL); `kl` the token-mean of D;
+# `clip_frac` the share of tokens whose gradient was cut by clipping; `ratio_mean` drifts above 1
+# as the policy moves; `anchor` (the LA-GRPO term of tutorial 07) is reported even when its weight
+# is 0, and `functional_share` is 2 functional tokens out of 16 generated positions.
+
+# %% [markdown]
+# Why "seq-mean-token-mean": each output weighs the same, whatever its length. Output 3 has one
+# token, so that token weighs as much as all six tokens of output 0 together. A plain token-mean
+# over the batch would instead let long outputs dominate. Below, the same number by hand:
+
+# %%
+per_token = clipped_surrogate(logp, old_logp, advantages, 0.2) + 0.04 * kl_k3(logp, ref_logp)
+by_hand = sum(per_token[i][mask[i]].mean() for i in range(B)) / B
+print("by hand:", round(by_hand.item(), 4), "  token-mean instead:", round(per_token[mask].mean().item(), 4))
