@@ -77,9 +77,13 @@ def prompt_text(question, n_images, system_prompt):
             f"<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n")
 
 
-def encode(ex, tokenizer, image_processor, system_prompt, with_reply=False):
-    """Token ids of one example (each <|image_pad|> expanded to its image's merged patches) + pixels."""
-    images = [open_image(p, ex.get("where", "")) for p in ex["images"]]
+def encode(ex, tokenizer, image_processor, system_prompt, with_reply=False, images=None):
+    """Token ids of one example (each <|image_pad|> expanded to its image's merged patches) + pixels.
+
+    `images` (PIL) replaces the example's own images when given (the blind eval passes blank ones).
+    """
+    if images is None:
+        images = [open_image(p, ex.get("where", "")) for p in ex["images"]]
     pixels = image_processor(images=images, return_tensors="pt") if images else None
     pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     ids = tokenizer.encode(prompt_text(ex["question"], len(images), system_prompt), add_special_tokens=False)

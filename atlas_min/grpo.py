@@ -51,27 +51,33 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.exp(delta) - delta - 1  # (B, T)
 
 
-def _seq_mean_token_mean(x: Tensor, mask: Tensor) -> Tensor:
+def _seq_mean_token_mean(x: Tensor, mask: Tensor, n_rows: int | None = None) -> Tensor:
     """mean_i [ (1/|m_i|) sum_{t in m_i} x_{i,t} ] over the rows i with |m_i| > 0.
 
     A row with an empty mask gets weight 0 (no 0/0 NaN); with no non-empty row at all the result
-    is a 0 that still belongs to x's graph, so `.backward()` works.
+    is a 0 that still belongs to x's graph, so `.backward()` works. `n_rows`, when given, replaces
+    the count of non-empty rows: the count over the whole batch when this is one slice of it.
     """
     n_tok = mask.sum(dim=1)  # (B,)
     row_mean = torch.where(mask, x, 0.0).sum(dim=1) / n_tok.clamp(min=1)  # (B,)
-    n_rows = (n_tok > 0).sum().clamp(min=1)
-    return row_mean.sum() / n_rows  # empty rows contribute 0 to the sum and 0 to the count
+    if n_rows is None:
+        n_rows = (n_tok > 0).sum()
+    return row_mean.sum() / max(int(n_rows), 1)  # empty rows contribute 0 to the sum and 0 to the count
 
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor,
               mask: Tensor, functional_mask: Tensor, *, clip_eps: float, kl_coef: float,
-              anchor_coef: float) -> tuple[Tensor, dict[str, float]]:
+              anchor_coef: float, num_outputs: int | None = None,
+              num_anchor_outputs: int | None = None) -> tuple[Tensor, dict[str, float]]:
     """L_LA-GRPO = L_GRPO + lambda * L_anchor   (lambda = anchor_coef; lambda = 0 is plain GRPO).
 
     L_GRPO   = mean_i [ (1/|o_i|) sum_{t in o_i} (l_{i,t} + beta * D_{i,t}) ]   (beta = kl_coef)
     L_anchor = mean_{i in I_F} [ (1/|F_i|) sum_{t in F_i} l_{i,t} ]          (0 when I_F is empty)
 
     "mean_i" runs over the rows of this batch whose mask is non-empty (an empty row has weight 0).
+    When the batch is one slice of a larger one (micro-batches, ranks), pass the whole batch's
+    counts as `num_outputs` (non-empty rows) and `num_anchor_outputs` (|I_F|): the slices' losses
+    then add up to the whole batch's loss.
     `ref_logp` may be None only when kl_coef == 0. Returns the scalar loss and python-float stats:
     clip_frac (share of generated tokens where the clipped branch changed the value), kl (token
     mean of D), pg_loss (the l part of L_GRPO), anchor (L_anchor), functional_share (functional /
@@ -89,8 +95,8 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantage
         D = kl_k3(logp, ref_logp)  # (B, T)
     per_token = ell if (D is None or kl_coef == 0) else ell + kl_coef * D  # (B, T)
 
-    L_grpo = _seq_mean_token_mean(per_token, mask)
-    L_anchor = _seq_mean_token_mean(ell, fmask)
+    L_grpo = _seq_mean_token_mean(per_token, mask, num_outputs)
+    L_anchor = _seq_mean_token_mean(ell, fmask, num_anchor_outputs)
     loss = L_grpo + anchor_coef * L_anchor
 
     with torch.no_grad():

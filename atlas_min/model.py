@@ -101,6 +101,18 @@ def mrope_positions(model, input_ids, attention_mask, mm_token_type_ids, image_g
                                       attention_mask=attention_mask)
 
 
+def token_logprobs(logits, token_ids):
+    """log softmax(logits)[token] for each position: (B, T, V), (B, T) -> (B, T)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def reply_nll(logits, labels, ignore_index=-100):
+    """Stage-1 per-token loss (B, T-1): −log p(token t+1 | ≤ t) where it has a label, 0 elsewhere."""
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = targets != ignore_index
+    return -token_logprobs(logits[:, :-1], targets.clamp(min=0)) * keep
+
+
 def _image_order(images_per_row, repeats):
     """Image indices in the order the repeated rows hold them (prompt p's images, `repeats` times)."""
     order, start = [], 0

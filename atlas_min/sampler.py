@@ -12,13 +12,8 @@ sample depends on its seed and its logits only, not on which rows share its batc
 import torch
 import torch.distributed as dist
 
-from atlas_min.model import forward
+from atlas_min.model import forward, token_logprobs
 from atlas_min.tokens import VISION_TOKENS
-
-
-def token_logprobs(logits, token_ids):
-    """log softmax(logits)[token] for each position: (B, T, V), (B, T) -> (B, T)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
 
 
 def _draw(logits, top_p, uniforms):

@@ -65,8 +65,7 @@ def _digit(draw, digit, x, y, w, h, t, fill):
 def _shape(draw, s, rng, answer):
     # A 3x3 grid of cells, one shape per cell: at 84 px a cell is one merged vision token (28 px),
     # so counting red cells is what the tower sees most directly. Blue distractors: 0-3.
-    cell = s // 3
-    n_red, n_blue = int(answer), rng.randint(0, 3)
+    cell, n_red, n_blue = s // 3, int(answer), rng.randint(0, 3)
     items = []  # (cell, kind: o circle / s square / v triangle, colour, dx, dy, radius)
     for i, c in enumerate(rng.sample(range(9), n_red + n_blue)):  # random order: red cells are random ones
         r = rng.randint(cell * 3 // 10, cell * 2 // 5)  # radius: bold, yet inside its cell
@@ -90,8 +89,7 @@ def _line(draw, s, rng, answer):
     # Lengths differ by at least 1.5x; A is always the yellow top line, B the cyan bottom one.
     long_, short = rng.randint(s * 6 // 10, s * 9 // 10), rng.randint(s * 2 // 10, s * 4 // 10)
     lengths = (long_, short) if answer == "A" else (short, long_)
-    t = max(3, s // 12)
-    params = {"t": t, "lines": []}
+    t, params = max(3, s // 12), {"lines": []}
     for (lo, hi), length, colour in zip(((15, 40), (60, 85)), lengths, (YELLOW, CYAN)):
         y, x = rng.randint(s * lo // 100, s * hi // 100), rng.randint(2, s - 2 - length)
         draw.rectangle((x, y - t // 2, x + length, y - t // 2 + t), fill=colour)
@@ -223,11 +221,8 @@ def write_toy_data(folder, cfg):
         _write_split(tmp, "eval", cfg.toy_eval_size, cfg, taken)  # never an example that train has
         (tmp / "stamp.json").write_text(json.dumps(stamp, indent=1))
         if folder.exists() and not _is_complete(folder, stamp):  # stale (other parameters): move it aside
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            try:
-                os.replace(folder, old / "data")
-            except FileNotFoundError:  # another process moved it first
-                pass
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+            os.replace(folder, old)
             shutil.rmtree(old, ignore_errors=True)
         try:
             os.rename(tmp, folder)

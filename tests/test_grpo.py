@@ -299,3 +299,21 @@ def test_functional_grad_share_leaves_the_models_graph_untouched():
     assert 0 < share < 1 and w.grad is None
     logp.sum().backward()  # the caller's graph is still intact
     assert w.grad is not None
+
+
+def test_slices_with_whole_batch_counts_add_up_to_the_whole_batch_loss():
+    """Micro-batches and ranks: each slice divides by the whole batch's counts, so the sum is exact."""
+    g = torch.Generator().manual_seed(7)
+    B, T = 6, 9
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old, ref = logp + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64), logp - 0.05
+    A = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mask[2] = False  # an empty row
+    fmask = (torch.rand(B, T, generator=g) < 0.2) & mask
+    kw = dict(clip_eps=0.2, kl_coef=0.05, anchor_coef=0.7)
+    whole, _ = grpo_loss(logp, old, ref, A, mask, fmask, **kw)
+    n_out, n_anchor = int((mask.sum(1) > 0).sum()), int((fmask.sum(1) > 0).sum())
+    parts = [grpo_loss(logp[s], old[s], ref[s], A[s], mask[s], fmask[s], num_outputs=n_out,
+                       num_anchor_outputs=n_anchor, **kw)[0] for s in (slice(0, 2), slice(2, 5), slice(5, 6))]
+    torch.testing.assert_close(sum(parts), whole)

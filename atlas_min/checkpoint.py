@@ -1,0 +1,106 @@
+"""Checkpoints: a Hugging Face folder (stock transformers loads it) plus what resuming needs.
+
+    RUN/                         final model: config.json, model.safetensors, tokenizer, image processor
+    RUN/checkpoints/step_000200/ the same, + optimizer.safetensors (AdamW moments) + trainer_state.json
+
+No pickles: weights and optimizer moments are safetensors, everything else JSON. A checkpoint is
+written to a hidden temporary folder and renamed into place only once complete, so a run killed at
+any instant leaves complete checkpoints only. There is no RNG state to save: every random draw
+derives from (seed, step), so a resumed run draws exactly what an uninterrupted one would.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from atlas_min.config import from_dict, to_dict
+from atlas_min.dist import barrier, full_model_state, full_optimizer_state, is_main, load_optimizer_state
+
+STATE = "trainer_state.json"
+
+
+def _write_model(folder, model, state, tokenizer, image_processor):
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # one tensor, two names: safetensors stores it once
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+
+
+def _flatten_optimizer(state):
+    tensors = {f"{name}::{key}": value for name, per in state["state"].items() for key, value in per.items()}
+    return tensors, state["param_groups"]
+
+
+def _unflatten_optimizer(tensors, param_groups):
+    state = {}
+    for flat, value in tensors.items():
+        name, key = flat.rsplit("::", 1)
+        state.setdefault(name, {})[key] = value
+    return {"state": state, "param_groups": param_groups}
+
+
+def save(folder, model, tokenizer, image_processor, cfg, step, optimizer=None, extra=None):
+    """Write `folder` atomically. Every rank must call it (the state is gathered); rank 0 writes."""
+    folder = Path(folder)
+    state = full_model_state(model)
+    optim = full_optimizer_state(model, optimizer) if optimizer is not None else None
+    if is_main():
+        tmp = folder.parent / f".tmp-{folder.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _write_model(tmp, model, state, tokenizer, image_processor)
+        trainer_state = {"step": step, "config": to_dict(cfg), **(extra or {})}
+        if optim is not None:
+            tensors, groups = _flatten_optimizer(optim)
+            save_file(tensors, tmp / "optimizer.safetensors")
+            trainer_state["param_groups"] = groups
+        (tmp / STATE).write_text(json.dumps(trainer_state, indent=1))
+        if folder.exists():  # the final folder may hold checkpoints/: replace our files, keep the rest
+            for item in tmp.iterdir():
+                os.replace(item, folder / item.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, folder)
+    barrier()
+
+
+def step_folder(run, step):
+    return Path(run) / "checkpoints" / f"step_{step:06d}"
+
+
+def find(path):
+    """A checkpoint folder from a run folder (its latest complete checkpoint) or a checkpoint folder."""
+    path = Path(path)
+    if (path / STATE).is_file() and (path / "optimizer.safetensors").is_file():
+        return path
+    done = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / STATE).is_file())
+    if not done:
+        raise FileNotFoundError(f"{path} holds no complete checkpoint (looked for {path}/checkpoints/step_*/{STATE})")
+    return done[-1]
+
+
+def read_state(folder):
+    """(trainer_state dict, Config) of a checkpoint folder."""
+    state = json.loads((Path(folder) / STATE).read_text())
+    return state, from_dict(state["config"])
+
+
+def load_optimizer(folder, model, optimizer):
+    """Restore AdamW moments saved by `save` (every rank calls it; rank 0 reads the file)."""
+    state, _ = read_state(folder)
+    full = _unflatten_optimizer(load_file(Path(folder) / "optimizer.safetensors"), state["param_groups"]) if is_main() else {}
+    load_optimizer_state(model, optimizer, full)
+
+
+def prune(run, keep):
+    """Delete all but the newest `keep` complete checkpoints of a run (rank 0)."""
+    if is_main():
+        done = sorted((Path(run) / "checkpoints").glob("step_*"))
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,109 @@
+"""Ranks, devices and FSDP2 in one place. Without torchrun everything here is a no-op on one process.
+
+    rank, world, device = setup()     # torchrun: gloo on CPU, NCCL on CUDA
+    model = shard(model, cfg, device) # FSDP2: each vision block, the vision tower, each decoder layer, the root
+"""
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def setup():
+    """(rank, world_size, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_sum(x):
+    """Sum of a number (or a float tensor) over ranks."""
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t if torch.is_tensor(x) else t.item()
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] (a list with one item on one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard(model, cfg, device):
+    """FSDP2 on every decoder layer, every vision block, the vision tower, then the root (torchrun only).
+
+    The vision tower is a unit of its own because the sampler calls it directly to encode each image
+    once per group. On CUDA, parameters are gathered in bf16 and gradients reduced in fp32.
+    """
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    if world_size() == 1:
+        return model
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for block in model.model.visual.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model.model.visual, mp_policy=mp)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    with torch.no_grad():  # FSDP2 makes the first module to run forward the root: let it be the root
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+    model.reshard()  # the root keeps its parameters gathered after forward; the optimizer needs the shards
+    return model
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model):
+    """The whole state dict on rank 0 (CPU tensors); {} on the others. Every rank must call it."""
+    return get_model_state_dict(model, options=_FULL)
+
+
+def full_optimizer_state(model, optimizer):
+    """AdamW state keyed by parameter name, on rank 0; every rank must call it."""
+    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_optimizer_state(model, optimizer, state):
+    """Rank 0 holds the full `state`; it is broadcast and each rank keeps its shard."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size() > 1)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=options)
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
