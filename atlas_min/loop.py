@@ -35,6 +35,8 @@ def parse(description, need_init=False):
             except FileNotFoundError as e:
                 die(f"--resume: {e}")
             _, saved = checkpoint.read_state(start)
+            if args.config and args.config != saved.name:
+                die(f"--resume {start} was trained with --config {saved.name}, not {args.config}: drop --config")
             cfg = get_config(overrides=args.overrides, base=saved)
             args.out = args.out or str(start.parent.parent if start.parent.name == "checkpoints" else start)
             return args, cfg, start

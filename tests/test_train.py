@@ -1,0 +1,166 @@
+"""The scripts as a user runs them: train_sft.py, train_rl.py and eval.py on the micro preset."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TRANSFORMERS_VERBOSITY="error")
+
+
+def run(*args, procs=1, check=True):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
+    out = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def weights(folder):
+    return load_file(Path(folder) / "model.safetensors")
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "run"
+    run("train_sft.py", "--config", "micro", "--out", out, "max_steps=3")
+    return out
+
+
+def test_sft_loss_is_the_mean_cross_entropy_over_reply_tokens():
+    import math
+    from atlas_min.model import reply_nll
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 6, 0]])  # prompt/padding are -100
+    expected, count = 0.0, 0
+    for b in range(2):
+        for t in range(1, 5):  # the token at t is predicted by the logits at t-1
+            if labels[b, t] != -100:
+                row = logits[b, t - 1].tolist()
+                expected += math.log(sum(math.exp(x) for x in row)) - row[labels[b, t]]
+                count += 1
+    nll = reply_nll(logits, labels)
+    assert count == 6
+    assert abs(nll.sum().item() / count - expected / count) < 1e-5
+    assert (nll[labels[:, 1:] == -100] == 0).all()
+
+
+def test_gradient_accumulation_of_micro_batches_equals_one_big_batch(tmp_path):
+    run("train_sft.py", "--config", "micro", "--out", tmp_path / "big", "max_steps=2", "batch_size=8", "micro_batch_size=8")
+    run("train_sft.py", "--config", "micro", "--out", tmp_path / "acc", "max_steps=2", "batch_size=8", "micro_batch_size=2")
+    assert max_diff(weights(tmp_path / "big"), weights(tmp_path / "acc")) < 1e-5  # Adam amplifies float32 noise
+
+
+def test_one_and_two_processes_reach_the_same_sft_weights(tmp_path, sft_run):
+    run("train_sft.py", "--config", "micro", "--out", tmp_path / "two", "max_steps=3", procs=2)
+    assert max_diff(weights(sft_run), weights(tmp_path / "two")) < 1e-5
+
+
+def _kill_after(args, folder):
+    """Start a run, SIGKILL it as soon as `folder` appears (possibly mid-write of the next one)."""
+    proc = subprocess.Popen([sys.executable] + [str(a) for a in args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not folder.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert folder.exists(), "the run ended before its checkpoint appeared"
+
+
+@pytest.mark.parametrize("script", ["train_sft.py", "train_rl.py"])
+def test_sigkill_then_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, sft_run, script):
+    init = ["--init", sft_run] if script == "train_rl.py" else []
+    common = ["max_steps=12", "save_every=2"]
+    run(script, "--config", "micro", *init, "--out", tmp_path / "straight", *common)
+    killed = tmp_path / "killed"
+    _kill_after([script, "--config", "micro", *init, "--out", killed, *common], killed / "checkpoints" / "step_000004")
+    run(script, "--resume", killed)
+    state = json.loads((killed / "trainer_state.json").read_text())
+    assert state["step"] == 12
+    a, b = weights(tmp_path / "straight"), weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_loads_with_stock_transformers(sft_run):
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from atlas_min.tokens import FUNCTIONAL_TOKENS
+    tokenizer = AutoTokenizer.from_pretrained(sft_run)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(sft_run)
+    ours = weights(sft_run)
+    theirs = model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(len(tokenizer.encode(t, add_special_tokens=False)) == 1 for t in FUNCTIONAL_TOKENS)
+    assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    for step in sorted((sft_run / "checkpoints").glob("step_*")) if (sft_run / "checkpoints").exists() else []:
+        Qwen2_5_VLForConditionalGeneration.from_pretrained(step)
+
+
+def test_one_rl_step_runs_on_one_and_two_processes_with_the_same_result(tmp_path, sft_run):
+    args = ["--config", "micro", "--init", sft_run, "max_steps=2", "prompts_per_step=2", "rl_mini_batch=8"]
+    run("train_rl.py", *args, "--out", tmp_path / "one")
+    run("train_rl.py", *args, "--out", tmp_path / "two", procs=2)
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics_rl.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics_rl.jsonl").read_text().splitlines()]
+    assert [r["completion_length"] for r in one] == [r["completion_length"] for r in two]  # the same samples
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+
+
+def test_eval_writes_every_contract_key(tmp_path, sft_run):
+    out = tmp_path / "eval.json"
+    run("eval.py", "--ckpt", sft_run, "--out", out, "--blind", "eval_max_new_tokens=4")
+    result = json.loads(out.read_text())
+    for key in ["accuracy", "format_rate", "functional_rate", "mean_functional_tokens", "mean_length", "per_task",
+                "tokens_per_s", "functional_by_task", "blind_accuracy"]:
+        assert key in result
+    assert set(result["per_task"]) == {"shape", "line", "arrow", "zoom", "text"}
+    assert result["n"] == 20
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train_sft.py", "--config", "micro", "nosuch=1"], "unknown config field 'nosuch'"),
+    (["train_sft.py", "--config", "micro", "seed=abc"], "seed='abc': expected int"),
+    (["train_sft.py", "--config", "huge"], "unknown config 'huge'"),
+    (["train_sft.py", "--resume", "/nonexistent/run"], "holds no complete checkpoint"),
+    (["train_rl.py", "--config", "micro"], "--init DIR is required"),
+    (["train_rl.py", "--config", "micro", "--init", "/nonexistent"], "not a model folder"),
+    (["eval.py", "--ckpt", "/nonexistent"], "not a model folder"),
+    (["train_sft.py", "--config", "micro", "train_data=/nonexistent.jsonl"], "no such data file"),
+])
+def test_bad_input_gives_a_one_line_error_without_traceback(args, message):
+    out = run(*args, check=False)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+
+
+def test_resuming_with_another_preset_is_refused(sft_run):
+    out = run("train_sft.py", "--resume", sft_run / "checkpoints" if False else sft_run, "--config", "toy", check=False)
+    assert out.returncode != 0 and "drop --config" in out.stderr
+
+
+def test_rl_refuses_an_init_without_functional_tokens(tmp_path, micro_cfg):
+    from atlas_min.model import build_model, build_tokenizer
+    from atlas_min.toy import corpus
+    tokenizer = build_tokenizer(corpus(micro_cfg), micro_cfg.tokenizer_vocab)
+    build_model(micro_cfg, tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    out = run("train_rl.py", "--config", "micro", "--init", tmp_path, check=False)
+    assert out.returncode != 0 and "has no functional tokens" in out.stderr and "Traceback" not in out.stderr

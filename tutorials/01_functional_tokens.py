@@ -1,0 +1,177 @@
+# %% [markdown]
+# # 01 — Functional tokens: five new words in the vocabulary (DESIGN.md, "Functional tokens")
+#
+# ATLAS adds five tokens to Qwen2.5-VL's vocabulary:
+#
+#     F = {<|Zoom|>, <|Line|>, <|Shape|>, <|Arrow|>, <|Text|>}
+#
+# Each one is an *ordinary* token: the model emits it by next-token prediction, like any word.
+# Nothing is executed and no image is drawn. Adding them takes three things:
+#   1. a tokenizer entry, so "<|Line|>" is one id and never split into pieces;
+#   2. an embedding row for that id (and an output row too, when the head is untied);
+#   3. an initial value for the new rows — here the mean of the rows that already existed.
+#
+# Implementation: `atlas_min.tokens.add_functional_tokens` and `functional_mask`.
+# Here we use the `micro` preset: a random-init Qwen2.5-VL with a tiny BPE vocabulary trained on
+# the toy world's texts (everything offline, seconds on a CPU).
+
+# %%
+import sys
+from pathlib import Path
+
+try:
+    import atlas_min  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from atlas_min.config import get_config
+from atlas_min.model import build_model, build_tokenizer
+from atlas_min.tokens import FUNCTIONAL_TOKENS, add_functional_tokens, functional_mask
+from atlas_min.toy import corpus
+
+torch.set_printoptions(precision=4, sci_mode=False)
+
+# %% [markdown]
+# ## A tokenizer and a model *without* the functional tokens
+# `init_model(cfg)` would add the tokens for us; here we build the two halves by hand to watch
+# the addition happen. The micro model ties its input embedding and its output head (one matrix).
+
+# %%
+cfg = get_config("micro")
+tokenizer = build_tokenizer(corpus(cfg), cfg.tokenizer_vocab)
+model = build_model(cfg, tokenizer)
+embed = model.get_input_embeddings().weight
+print("tokenizer size        :", len(tokenizer))
+print("embedding matrix      :", tuple(embed.shape), "(rows, hidden)")
+print("config vocab_size     :", model.config.text_config.vocab_size)
+print("head tied to embedding:", model.get_output_embeddings().weight is embed)
+
+# %% [markdown]
+# ## Before: "<|Line|>" is just characters
+# The BPE has never seen the string, so it falls apart into pieces ("Ġ" is byte-level BPE's
+# marker for a leading space): three in this sentence, four on its own. A model could still learn
+# to write the pieces one by one, but the "one word" of the paper's title would be several, with
+# no single row in the embedding (or single logit in the head) that stands for it.
+
+# %%
+text = "Let me compare the lines. <|Line|> <answer>A</answer>"
+
+
+def show(ids):
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    print(f"{len(ids)} tokens:", " | ".join(f"{p}:{i}" for p, i in zip(pieces, ids)))
+
+
+ids_before = tokenizer.encode(text, add_special_tokens=False)
+show(ids_before)
+print("'<|Line|>' alone ->", tokenizer.convert_ids_to_tokens(tokenizer.encode("<|Line|>", add_special_tokens=False)))
+
+# %% [markdown]
+# ## Add them
+# Remember the old matrix first, so we can compare.
+
+# %%
+old = embed.detach().clone()  # (n_old, hidden)
+n_old = old.shape[0]
+ids = add_functional_tokens(model, tokenizer)
+embed = model.get_input_embeddings().weight
+print("functional ids        :", dict(zip(FUNCTIONAL_TOKENS, ids)))
+print("tokenizer size        :", len(tokenizer))
+print("embedding matrix      :", tuple(embed.shape), f"(+{embed.shape[0] - n_old} rows)")
+print("config vocab_size     :", model.config.text_config.vocab_size, "(follows the matrix: logits have this width)")
+print("head still tied       :", model.get_output_embeddings().weight is embed)
+
+# %% [markdown]
+# ## After: one id each
+# Added with `normalized=False`, the tokenizer matches the whole string before BPE runs. They are
+# *not* special tokens, so `decode(..., skip_special_tokens=True)` keeps them: they stay visible in
+# the text that the reward function reads (R_ft counts them). Note the space before `<|Line|>`:
+# it no longer merges with "<|" and becomes its own "Ġ" token. The toy replies always put a
+# space there, so the model simply learns "Ġ" then `<|Line|>`.
+
+# %%
+ids_after = tokenizer.encode(text, add_special_tokens=False)
+show(ids_after)
+print("decoded, specials skipped:", repr(tokenizer.decode(ids_after, skip_special_tokens=True)))
+
+# %% [markdown]
+# ## The new rows are the mean of the old rows
+# Rows 0..n_old-1 are untouched; each new row equals their mean. Why the mean: it sits inside the
+# existing embedding cloud, so the new token starts with an ordinary norm, and (the head being
+# tied) its logit starts near the average token's — it neither dominates sampling nor starts
+# unreachable. A random row would do for a random-init model, but in a trained 7B model it would
+# sit far from everything the model has learned.
+
+# %%
+mean_row = old.mean(0)
+print("old rows unchanged, max |diff|       :", (embed[:n_old] - old).abs().max().item())
+print("new rows vs mean of old, max |diff|  :", (embed[ids] - mean_row).abs().max().item())
+print("norm of the new rows                 :", embed[ids].detach().norm(dim=-1))
+print("norms of old rows: mean %.4f, min %.4f, max %.4f" % (old.norm(dim=-1).mean(), old.norm(dim=-1).min(),
+                                                           old.norm(dim=-1).max()))
+
+# %% [markdown]
+# The mean row's norm is *smaller* than a typical row's: averaging n random vectors cancels
+# most of them out (norm ≈ typical / sqrt(n) ≈ 0.11 / sqrt(435) ≈ 0.005). The old row of norm 0
+# is the padding token's (`<|endoftext|>`, id 0), which Qwen initialises to zeros. With trained embeddings the mean keeps a shared component and is not as
+# small; either way it is a quiet, central starting point that SFT moves from.
+#
+# All five rows are identical at the start. They become different only through training: SFT
+# puts `<|Line|>` after "Let me compare the lines." and `<|Shape|>` after "Let me mark the red
+# shapes.", and the gradients through those positions pull the rows apart.
+
+# %% [markdown]
+# ## Idempotent: a second call changes nothing
+# The rows are initialised only when a token is new to the tokenizer, so calling again (say, on a
+# checkpoint that already has them) returns the same ids and leaves every weight as it is.
+
+# %%
+snapshot = embed.detach().clone()
+size = len(tokenizer)
+again = add_functional_tokens(model, tokenizer)
+print("same ids:", again == ids, "| same tokenizer size:", len(tokenizer) == size,
+      "| weights identical:", torch.equal(model.get_input_embeddings().weight, snapshot))
+
+# %% [markdown]
+# ## `functional_mask`: where the functional tokens are
+# LA-GRPO (tutorial 07) needs to know which generated positions hold a functional token. That is a
+# plain membership test on ids, same shape as its input.
+
+# %%
+line, shape = tokenizer.convert_tokens_to_ids(["<|Line|>", "<|Shape|>"])
+word = tokenizer.convert_tokens_to_ids("Let")
+eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+small = torch.tensor([[word, line, eos, eos],
+                      [shape, word, line, eos]])
+print("ids :\n", small)
+print("functional_mask:\n", functional_mask(small, ids))
+
+# %% [markdown]
+# ## The 7B case: spare rows, no resize
+# Qwen2.5-VL-7B's embedding matrix has 152,064 rows, but its tokenizer holds only ~151,665 tokens:
+# the matrix was padded to a round size (a multiple of 128, friendly to GPU kernels and to tensor
+# parallel sharding). The five new ids (151,665 … 151,669) already have rows, so nothing needs to
+# grow. Worse, the naive `model.resize_token_embeddings(len(tokenizer))` would *shrink* the matrix
+# to 151,670 rows and change the logits' width. `add_functional_tokens` grows only when an id
+# falls outside the matrix and never shrinks it.
+#
+# We mimic that with the micro model: give it 16 spare rows first, then add the tokens.
+
+# %%
+tokenizer7 = build_tokenizer(corpus(cfg), cfg.tokenizer_vocab)
+model7 = build_model(cfg, tokenizer7)
+model7.resize_token_embeddings(len(tokenizer7) + 16, mean_resizing=False)  # like 7B: rows > tokens
+rows_before = model7.get_input_embeddings().weight.shape[0]
+print(f"before: {len(tokenizer7)} tokens, {rows_before} rows")
+ids7 = add_functional_tokens(model7, tokenizer7)
+w7 = model7.get_input_embeddings().weight
+print(f"after : {len(tokenizer7)} tokens, {w7.shape[0]} rows (unchanged), ids {ids7}")
+print("the 5 rows used are the mean of the real-token rows, max |diff|:",
+      (w7[ids7] - w7[:min(ids7)].mean(0)).abs().max().item())
+
+# %% [markdown]
+# The mean is taken over the rows that hold real tokens (below the first new id), not over the
+# spare rows, which hold whatever the checkpoint put there. With an untied head (as in the 7B
+# model) `add_functional_tokens` sets the `lm_head` rows the same way, from the head's own rows.

@@ -1,0 +1,187 @@
+# %% [markdown]
+# # 04 — One SFT step by hand (DESIGN.md, "Stage 1, SFT")
+#
+# Stage 1 teaches the model *where* functional tokens go: plain next-token cross-entropy on the
+# assistant's reply, functional tokens included with no special weight; prompt, image and padding
+# positions carry no loss. Over the reply tokens R of a batch:
+#
+#     L_SFT = (1/|R|) * sum_{(b,t) in R} -log p_theta(x_{b,t} | x_{b,<t}, image_b)
+#
+# Pieces: `collate_sft` (labels, tutorial 02), `atlas_min.model.forward` (the multimodal forward
+# with explicit 3-D positions), `atlas_min.model.reply_nll` (the per-token loss).
+# `train_sft.py` is exactly this step, plus the things a real run needs (see the end).
+
+# %%
+import sys
+from pathlib import Path
+
+try:
+    import atlas_min  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from atlas_min.config import get_config
+from atlas_min.data import IGNORE, collate_sft, encode, load_jsonl
+from atlas_min.model import forward, init_model, reply_nll
+from atlas_min.tokens import FUNCTIONAL_TOKENS
+from atlas_min.toy import ensure_toy_data
+
+torch.set_printoptions(precision=3, sci_mode=False, linewidth=120)
+
+# %% [markdown]
+# ## Model, data, one batch
+# The micro preset: a random-init Qwen2.5-VL with the functional tokens (tutorial 01), and four
+# toy examples, one per task family, one of them a "perception" reply without a functional token.
+
+# %%
+cfg = get_config("micro")
+model, tokenizer, image_processor = init_model(cfg)
+model.train()
+functional_ids = tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS)
+
+train_path, _ = ensure_toy_data(cfg)
+examples = load_jsonl(train_path, need_response=True)
+chosen = [examples[i] for i in (1, 2, 3, 5)]
+encoded = [encode(ex, tokenizer, image_processor, cfg.system_prompt, with_reply=True) for ex in chosen]
+batch = collate_sft(encoded, tokenizer.pad_token_id)
+for ex in chosen:
+    print(f"{ex['task']:6s} reply: {ex['response']!r}")
+print("input_ids / labels:", tuple(batch["input_ids"].shape), "| pixel_values:", tuple(batch["pixel_values"].shape))
+print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
+
+# %% [markdown]
+# ## Forward and the per-token loss
+# `forward` encodes the images, places their features on the `<|image_pad|>` positions, computes
+# Qwen2.5-VL's 3-D (mrope) positions from the ids (never from cached state) and runs the
+# language model. Logits are (B, T, V). `reply_nll` shifts by one — the logits at position t
+# predict token t+1 — and returns −log p(label) where there is a label, 0 elsewhere: (B, T−1).
+
+# %%
+logits = forward(model, batch, batch["input_ids"], batch["attention_mask"])[0].logits
+labels = batch["labels"]
+token_loss = reply_nll(logits, labels, IGNORE)  # (B, T-1)
+has_loss = labels[:, 1:] != IGNORE  # (B, T-1): position t carries loss iff token t+1 is a reply token
+print("logits", tuple(logits.shape), "| token_loss", tuple(token_loss.shape))
+print("positions with loss per row:", has_loss.sum(1).tolist(), "of", token_loss.shape[1])
+
+# %% [markdown]
+# Row 0 around its reply: each line is "at position t, having read `input`, predict `target`".
+# The first position with a loss is the last *prompt* token (the newline after
+# "<|im_start|>assistant"): it predicts the first reply token. The last one predicts `<|im_end|>`.
+# Everything before carries 0 — including the image tokens and the question.
+
+# %%
+row = 0
+ids = batch["input_ids"][row].tolist()
+first = int(has_loss[row].nonzero()[0])
+last = int(has_loss[row].nonzero()[-1])
+
+
+def name(i):
+    return repr(tokenizer.convert_ids_to_tokens(i))[1:-1]
+
+
+print(f"{'t':>3}  {'input token t':<14} {'target t+1':<14} {'loss':>6}")
+for t in range(first - 3, min(last + 3, len(ids) - 1)):
+    loss = f"{token_loss[row, t].item():6.3f}" if has_loss[row, t] else "     -"
+    flag = "  <- functional token" if ids[t + 1] in functional_ids and has_loss[row, t] else ""
+    print(f"{t:>3}  {name(ids[t]):<14} {name(ids[t + 1]):<14} {loss}{flag}")
+
+# %% [markdown]
+# At this random init every loss is ≈ log V: the model spreads its probability almost evenly over
+# the whole vocabulary.
+
+# %%
+n_reply = has_loss.sum()
+loss = token_loss.sum() / n_reply
+print(f"mean over {int(n_reply)} reply tokens: {loss.item():.4f}   (log V = log {logits.shape[-1]} = "
+      f"{math.log(logits.shape[-1]):.4f})")
+
+# The same number with torch's cross_entropy, which skips IGNORE (-100) labels by default:
+ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+print(f"F.cross_entropy on shifted logits: {ce.item():.4f}")
+
+is_ft = torch.isin(labels[:, 1:], torch.tensor(functional_ids))  # (B, T-1): targets that are functional tokens
+print(f"loss on the {int(is_ft.sum())} functional-token positions alone: {token_loss[is_ft].mean().item():.4f} "
+      f"({int(is_ft.sum())} of {int(n_reply)} reply tokens = {is_ft.sum().item() / n_reply.item():.1%})")
+
+# %% [markdown]
+# The functional-token loss is reported on its own (`ft_loss` in train_sft.py's log) but does not
+# enter the objective separately: SFT gives these tokens no extra weight. Here they are ~5% of the
+# reply tokens; in the paper's long replies ~2.3% — the dilution that LA-GRPO addresses in stage 2
+# (tutorial 07).
+#
+# Normalisation: the sum over reply tokens divided by the number of reply tokens *in the batch*,
+# so every token weighs the same and a long reply weighs more than a short one. (GRPO, tutorial 06,
+# instead averages per output first.)
+
+# %% [markdown]
+# ## Backward, gradient norm, one AdamW step
+# The optimiser settings are train_sft.py's: AdamW with betas (0.9, 0.95), lr `cfg.sft_lr`, the
+# gradient norm clipped at `cfg.grad_clip`. `clip_grad_norm_` returns the norm *before* clipping.
+
+# %%
+optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+loss.backward()
+embed_grad = model.get_input_embeddings().weight.grad
+print("gradient on the functional rows (norm per token):", embed_grad[functional_ids].norm(dim=-1))
+grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+print(f"grad norm before clipping: {grad_norm.item():.4f}  (clipped to {cfg.grad_clip})")
+optimizer.step()
+optimizer.zero_grad(set_to_none=True)
+
+# %% [markdown]
+# The rows are printed in FUNCTIONAL_TOKENS order (Zoom, Line, Shape, Arrow, Text). The batch's
+# replies hold `<|Line|>`, `<|Arrow|>` and `<|Zoom|>`, and those rows get a real gradient (the head
+# is tied to the embedding, so each row is pushed both as an output — "predict me here" — and as
+# an input that the next tokens are predicted from). `<|Shape|>` (its example is the perception
+# reply) and `<|Text|>` get only the small output-side gradient that every vocabulary row receives
+# through the softmax ("not here"), and barely move.
+
+# %% [markdown]
+# ## The same batch after the step
+# Adam's first update is ≈ lr · sign(gradient): every weight with a gradient moves by ≈ 2e-3 in
+# the direction that lowers this batch's loss, so the loss on the same batch goes down. A few more steps on the same batch continue the
+# trend (this is memorising four examples, not learning the task; the toy preset trains on 4,000).
+
+# %%
+
+
+def batch_loss():
+    with torch.no_grad():
+        out = forward(model, batch, batch["input_ids"], batch["attention_mask"])[0].logits
+        per_token = reply_nll(out, labels, IGNORE)
+    return (per_token.sum() / n_reply).item(), per_token[is_ft].mean().item()
+
+
+after, ft_after = batch_loss()
+print(f"step 1: loss {loss.item():.4f} -> {after:.4f}   functional-token loss {token_loss[is_ft].mean().item():.4f} -> {ft_after:.4f}")
+for step in range(2, 6):
+    logits = forward(model, batch, batch["input_ids"], batch["attention_mask"])[0].logits
+    step_loss = reply_nll(logits, labels, IGNORE).sum() / n_reply
+    step_loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    after, ft_after = batch_loss()
+    print(f"step {step}: loss {step_loss.item():.4f} -> {after:.4f}   functional-token loss -> {ft_after:.4f}")
+
+# %% [markdown]
+# ## From this to `train_sft.py`
+# The script runs this same step (`forward` → `reply_nll` → sum / number of reply tokens →
+# backward → clip → AdamW), and adds:
+#   * a learning-rate schedule: linear warm-up over `sft_warmup` steps, then cosine decay;
+#   * gradient accumulation: the global batch (`batch_size`) is cut into `micro_batch_size`
+#     pieces, each backward adds its share, and the normaliser is the reply-token count of the
+#     *whole* global batch, so the result does not depend on how the batch is cut;
+#   * FSDP2 over several processes (`torchrun`), each rank taking a slice of the same global batch,
+#     and bf16 autocast on GPU;
+#   * resumable checkpoints every `save_every` steps, and a final one that loads with stock
+#     `transformers`, plus a metrics log (`loss`, `ft_loss`, `lr`, `grad_norm`, `tokens_per_s`).
+#
+#     python train_sft.py --config toy --out runs/sft      # the CPU demo
