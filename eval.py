@@ -18,7 +18,7 @@ from atlas_min.config import ConfigError, die, get_config
 from atlas_min.dist import cleanup, print0, setup, shard
 from atlas_min.evaluate import evaluate
 from atlas_min.loop import examples
-from atlas_min.model import load_pretrained
+from atlas_min.model import load_pretrained, set_pixel_bounds
 from atlas_min.toy import CHANCE
 
 p = argparse.ArgumentParser(description="Evaluate a checkpoint")
@@ -28,7 +28,7 @@ p.add_argument("--data", default=None, help="eval JSONL (default: the config's e
 p.add_argument("--out", default=None, help="where to write eval.json (default CKPT/eval.json)")
 p.add_argument("--blind", action="store_true", help="also evaluate with blank images: blind_accuracy")
 p.add_argument("overrides", nargs="*", help="field=value")
-args = p.parse_args()
+args = p.parse_intermixed_args()
 ckpt = Path(args.ckpt)
 if not (ckpt / "config.json").is_file():
     die(f"--ckpt {ckpt}: not a model folder (no config.json)")
@@ -46,6 +46,8 @@ except ConfigError as e:
 
 rank, world, device = setup()
 model, tokenizer, image_processor = load_pretrained(ckpt, cfg)
+if cfg.eval_min_pixels:  # the eval protocol's image bounds (ATLAS's harness at 7B)
+    set_pixel_bounds(image_processor, cfg.eval_min_pixels, cfg.eval_max_pixels)
 model = shard(model, cfg, device).eval()
 data = examples(cfg, "eval")
 result = evaluate(model, tokenizer, image_processor, data, cfg, device)

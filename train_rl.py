@@ -27,7 +27,7 @@ import torch
 from atlas_min import checkpoint
 from atlas_min.data import collate_prompts, encode
 from atlas_min.config import die
-from atlas_min.dist import all_sum, cleanup, print0, setup, shard
+from atlas_min.dist import all_sum, cleanup, print0, reshard, setup, shard
 from atlas_min.evaluate import decode_completion
 from atlas_min.grpo import functional_grad_share, group_advantages, grpo_loss
 from atlas_min.loop import Progress, examples, lr_at, parse, report
@@ -52,7 +52,10 @@ start = checkpoint.read_state(resume_from)[0]["step"] if resume_from else 0
 model = shard(model, cfg, device)
 reference = None
 if cfg.kl_coef > 0:
-    reference = shard(load_pretrained(init, cfg)[0], cfg, device).eval().requires_grad_(False)
+    reference = load_pretrained(init, cfg)[0].requires_grad_(False)
+    if device.type == "cuda":  # frozen: bf16 shards are enough, and half the memory
+        reference = reference.to(torch.bfloat16)
+    reference = shard(reference, cfg, device).eval()
 optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
 if resume_from:
     checkpoint.load_optimizer(resume_from, model, optimizer)
@@ -105,12 +108,13 @@ for step in range(start, total):
     t = time.time()
     first = rank * prompts_per_rank
     mine = [train[i] for i in prompt_indices(step)[first:first + prompts_per_rank]]
-    encoded = [encode(ex, tokenizer, image_processor, cfg.system_prompt) for ex in mine]
+    encoded = [encode(ex, tokenizer, image_processor, cfg.system_prompt, question_suffix=cfg.question_suffix) for ex in mine]
     row_seeds = [(cfg.seed * 1_000_003 + step) * 65_537 + (first * G + r) for r in range(len(mine) * G)]
     model.eval()
     rollout = sample(model, to_device(collate_prompts(encoded, tokenizer.pad_token_id)), tokenizer, group_size=G,
                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, row_seeds=row_seeds)
     model.train()
+    reshard(model)
     mask = rollout["completion_mask"]  # (N, C)
     fmask = functional_mask(rollout["completion_ids"], functional_ids) & mask  # (N, C)
     times["sampling"] = time.time() - t
@@ -133,6 +137,7 @@ for step in range(start, total):
     ref_logp = None
     if reference is not None:
         ref_logp = torch.cat([logprobs_of(reference, encoded, rollout, s) for s in chunks(len(mine), prompts_per_micro)])
+        reshard(reference)
     times["reference"] = time.time() - t
 
     # 4. ppo_epochs × mini-batches of grpo_loss; slices divide by their whole mini-batch's counts

@@ -27,6 +27,8 @@ args, cfg, resume_from = parse("Stage 1: SFT with functional tokens")
 rank, world, device = setup()
 run = args.out or f"runs/sft-{cfg.name}"
 total = cfg.max_steps or cfg.sft_steps
+if cfg.vocab_rows and not cfg.model_path and not resume_from:
+    die(f"config {cfg.name} trains a pretrained model: set model_path=/path/to/Qwen2.5-VL-7B-Instruct")
 if cfg.batch_size % world:
     die(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
 
@@ -69,7 +71,7 @@ for step in range(start, total):
         group["lr"] = lr
     per_rank = cfg.batch_size // world
     mine = batch_indices(step)[rank * per_rank:(rank + 1) * per_rank]
-    encoded = [encode(train[i], tokenizer, image_processor, cfg.system_prompt, with_reply=True) for i in mine]
+    encoded = [encode(train[i], tokenizer, image_processor, cfg.system_prompt, with_reply=True, question_suffix=cfg.question_suffix) for i in mine]
     n_reply = all_sum(sum(len(e["reply_ids"]) for e in encoded))  # the global normaliser
     loss_sum = ft_sum = ft_count = 0.0
     for i in range(0, len(encoded), cfg.micro_batch_size):

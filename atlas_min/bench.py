@@ -91,7 +91,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     cfg = get_config(args.config, args.overrides)
     torch.manual_seed(cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +104,7 @@ def main():
             checkpoint.save(init, model, tokenizer, image_processor, cfg, 0)
         model.eval()
         prompts = examples(cfg, "train")[:cfg.prompts_per_step]
-        batch = collate_prompts([encode(ex, tokenizer, image_processor, cfg.system_prompt) for ex in prompts],
+        batch = collate_prompts([encode(ex, tokenizer, image_processor, cfg.system_prompt, question_suffix=cfg.question_suffix) for ex in prompts],
                                 tokenizer.pad_token_id)
         result = {"config": cfg.name, "threads": torch.get_num_threads(), **compare_samplers(model, tokenizer, batch, cfg, args.repeats)}
         result["rl_step_seconds"] = rl_phases(init, args.config, args.overrides)

@@ -3,7 +3,7 @@
     cfg = get_config("toy", ["seed=3", "max_steps=50"])
 
 Presets: `micro` (tests: a forward in milliseconds), `toy` (the CPU demo, minutes), `qwen2_5_vl_7b`
-(the paper's model on one node of 8 GPUs; architecture read from `model_path`).
+(the paper's model on one node of 8 GPUs: Qwen2.5-VL-7B's architecture; weights from `model_path`).
 """
 import dataclasses
 import sys
@@ -27,6 +27,15 @@ class Config:
     vision_heads: int = 2
     vision_intermediate: int = 64
     tokenizer_vocab: int = 600  # byte-level BPE trained on the toy corpus (random-init presets only)
+    # Architecture details the small presets leave at these defaults and the 7B preset sets to Qwen's:
+    vocab_rows: int = 0  # embedding rows; 0: len(tokenizer). Qwen pads its matrix (152,064 rows)
+    tie_embeddings: bool = True  # lm_head shares the input embedding (Qwen2.5-VL-7B: untied)
+    rope_theta: float = 10000.0
+    mrope_section: str = ""  # "t,h,w" split of each head's rotary half-dim; "": half to t, a quarter each to h, w
+    rms_norm_eps: float = 1e-5
+    max_positions: int = 4096
+    vision_fullatt_every: int = 0  # every k-th vision block attends globally (k-1, 2k-1, ...); 0: only the last
+    vision_tokens_per_second: int = 4  # video time scale of the 3-D positions (unused for images)
     image_size: int = 56  # toy images are image_size x image_size pixels
     min_pixels: int = 56 * 56
     max_pixels: int = 112 * 112
@@ -38,6 +47,7 @@ class Config:
     toy_eval_size: int = 20
     toy_no_token_share: float = 0.1  # share of SFT replies without a functional token (perception data)
     toy_tasks: str = "shape,line,arrow,zoom,text"
+    toy_teacher_slip: float = 0.0  # share of train replies where the SFT teacher misreads (toy.TEACHER_SLIPS)
 
     # --- shared by both trainers ---
     max_steps: int = 0  # > 0 overrides sft_steps / rl_steps for whichever script runs
@@ -86,8 +96,11 @@ class Config:
 
     # --- eval ---
     eval_max_new_tokens: int = 32
+    eval_min_pixels: int = 0  # > 0: the eval's image bounds (else min_pixels / max_pixels)
+    eval_max_pixels: int = 0
     eval_batch_size: int = 16
     system_prompt: str = "Answer the question about the image. Put the final answer in <answer></answer>."
+    question_suffix: str = ""  # appended to every question (the 7B eval protocol appends its \boxed{} instruction)
 
 
 PRESETS = {
@@ -98,20 +111,50 @@ PRESETS = {
         vision_hidden=64, vision_depth=2, vision_heads=2, vision_intermediate=128,
         image_size=84, min_pixels=84 * 84, max_pixels=84 * 84,
         toy_train_size=4000, toy_eval_size=200,
-        sft_steps=1000, sft_lr=2e-3, sft_warmup=50, batch_size=32, micro_batch_size=32,
-        rl_steps=40, rl_lr=2e-5, prompts_per_step=8, group_size=8, rl_mini_batch=32,
+        sft_steps=300, sft_lr=2e-3, sft_warmup=30, batch_size=32, micro_batch_size=32,
+        rl_steps=150, rl_lr=1e-5, prompts_per_step=16, group_size=8, rl_mini_batch=64,
         max_new_tokens=40, len_threshold=40, len_buffer=16,
-        eval_max_new_tokens=40, eval_batch_size=50, save_every=200,
+        eval_max_new_tokens=40, eval_batch_size=50, save_every=100, log_every=10,
     ),
-    # Architecture and vocabulary come from model_path's own config.json; these fields are the recipe.
+    # Qwen2.5-VL-7B-Instruct's architecture (its config.json), so `python -m atlas_min.plan` can build it
+    # on the meta device with nothing downloaded. Training loads the checkpoint at `model_path`, whose
+    # own config.json wins; the sizes below must match it. Recipe values the paper does not give are
+    # marked "ours" with the reason.
     "qwen2_5_vl_7b": Config(
         name="qwen2_5_vl_7b",
-        min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28,
+        text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
+        vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420,
+        vocab_rows=152064, tie_embeddings=False, rope_theta=1e6, mrope_section="16,24,24", rms_norm_eps=1e-6,
+        max_positions=128000, vision_fullatt_every=8, vision_tokens_per_second=2,  # full attention: 7, 15, 23, 31
+        # ours: Qwen's usual fine-tuning bounds, 256..1280 image tokens per image, for training;
+        # eval uses ATLAS's harness bounds, 512·28²..5120·28² pixels
+        min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28, eval_min_pixels=401_408, eval_max_pixels=4_014_080,
+        # ATLAS's eval harness: Qwen's default system prompt, its instruction after the question, \boxed{}
+        # answers. Training uses the same prompt, so the model learns the format it is judged in.
+        answer_format="boxed", system_prompt="You are a helpful assistant.",
+        question_suffix="\n\nPlease think step by step, and put your final answer within \\boxed{}.",
+        activation_checkpointing=True,  # as verl's 7B recipe; `plan` shows the budget without it
+        # SFT, ours: the usual full fine-tuning lr for a 7B VLM; 2000 × 128 ≈ 1.4 epochs of ATLAS-178K
         sft_steps=2000, sft_lr=1e-5, sft_warmup=100, batch_size=128, micro_batch_size=1,
-        activation_checkpointing=True,
-        rl_steps=500, rl_lr=1e-6, prompts_per_step=64, group_size=8, rl_mini_batch=64,
-        max_new_tokens=1024, len_threshold=768, len_buffer=256, over_threshold=8,
-        eval_max_new_tokens=8192, eval_batch_size=8, save_every=100,
+        # RL: lr as verl's Qwen2.5-VL-7B GRPO recipe. G=8 (ours; verl uses 5): with a 0/1 accuracy reward,
+        # more samples leave fewer groups with all-equal rewards (zero advantage). 64 prompts × 8 = 512
+        # completions per step in 4 updates of 128, verl's ratio (512 prompts, mini-batches of 128).
+        rl_steps=500, rl_lr=1e-6, prompts_per_step=64, group_size=8, rl_mini_batch=128,
+        temperature=1.0, top_p=1.0,  # sample the policy itself: the PPO ratio starts at exactly 1
+        clip_eps=0.2,  # PPO's and GRPO's usual ε
+        kl_coef=0.01,  # β as verl's recipe
+        # λ, ours: L_anchor and L_GRPO are both means of the same clipped terms, so λ is the anchor's
+        # size relative to GRPO; 0.5 gives functional tokens (2.3% of tokens) about a third of the
+        # per-token weight while GRPO's sequence-level objective stays the larger term.
+        anchor_coef=0.5,
+        # Rewards, ours: a correct answer always outscores a wrong one (1 - 0.2 - 0.2 > 0.2); the token
+        # bonus only ranks correct answers; format is mostly learned in SFT, so its weight is small.
+        w_acc=1.0, w_ft=0.5, w_fmt=0.2, w_len=0.2, w_over=0.2,
+        # The paper's responses average 203.7 tokens with 4.8 functional tokens: allow 1024 new tokens,
+        # penalise length linearly from 768 to 1024, and functional tokens beyond 8 (1.7× the mean).
+        max_new_tokens=1024, len_threshold=768, len_buffer=256, len_max_penalty=1.0,
+        over_threshold=8, over_slope=0.25, over_max_penalty=1.0,
+        eval_max_new_tokens=8192, eval_batch_size=8, save_every=100,  # 8192: ATLAS's eval harness
     ),
 }
 

@@ -77,16 +77,17 @@ def prompt_text(question, n_images, system_prompt):
             f"<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n")
 
 
-def encode(ex, tokenizer, image_processor, system_prompt, with_reply=False, images=None):
+def encode(ex, tokenizer, image_processor, system_prompt, with_reply=False, images=None, question_suffix=""):
     """Token ids of one example (each <|image_pad|> expanded to its image's merged patches) + pixels.
 
-    `images` (PIL) replaces the example's own images when given (the blind eval passes blank ones).
+    `images` (PIL) replaces the example's own images when given (the blind eval passes blank ones);
+    `question_suffix` is appended to the question (ATLAS's eval harness appends its boxed instruction).
     """
     if images is None:
         images = [open_image(p, ex.get("where", "")) for p in ex["images"]]
     pixels = image_processor(images=images, return_tensors="pt") if images else None
     pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    ids = tokenizer.encode(prompt_text(ex["question"], len(images), system_prompt), add_special_tokens=False)
+    ids = tokenizer.encode(prompt_text(ex["question"] + question_suffix, len(images), system_prompt), add_special_tokens=False)
     if images:
         merge = image_processor.merge_size ** 2
         counts = iter((pixels["image_grid_thw"].prod(-1) // merge).tolist())

@@ -61,6 +61,11 @@ def all_gather_objects(obj):
     return out
 
 
+def fsdp_units(model):
+    """The modules `shard` wraps before the root, bottom-up: each vision block, the vision tower, each decoder layer."""
+    return [*model.model.visual.blocks, model.model.visual, *model.model.language_model.layers]
+
+
 def shard(model, cfg, device):
     """FSDP2 on every decoder layer, every vision block, the vision tower, then the root (torchrun only).
 
@@ -73,16 +78,19 @@ def shard(model, cfg, device):
     if world_size() == 1:
         return model
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
-    for block in model.model.visual.blocks:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model.model.visual, mp_policy=mp)
-    for layer in model.model.language_model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    for unit in fsdp_units(model):
+        fully_shard(unit, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)  # the root: embeddings, lm_head, final norm
     with torch.no_grad():  # FSDP2 makes the first module to run forward the root: let it be the root
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
     model.reshard()  # the root keeps its parameters gathered after forward; the optimizer needs the shards
     return model
+
+
+def reshard(model):
+    """Free gathered parameters: FSDP2 keeps the root's after a forward (it expects a backward next)."""
+    if world_size() > 1:
+        model.reshard()
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -38,10 +38,11 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
     rows, n_tokens, t0 = [], 0, time.time()
     for i in range(0, max(len(mine), 1), cfg.eval_batch_size):
         chunk = mine[i:i + cfg.eval_batch_size]
-        encoded = [encode(ex, tokenizer, image_processor, cfg.system_prompt, images=_blank(ex) if blind else None)
+        encoded = [encode(ex, tokenizer, image_processor, cfg.system_prompt, images=_blank(ex) if blind else None,
+                          question_suffix=cfg.question_suffix)
                    for ex in chunk]
         if not encoded:  # a rank without examples still steps with the others (FSDP collectives)
-            encoded = [encode(examples[0], tokenizer, image_processor, cfg.system_prompt)]
+            encoded = [encode(examples[0], tokenizer, image_processor, cfg.system_prompt, question_suffix=cfg.question_suffix)]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_prompts(encoded, tokenizer.pad_token_id).items()}
         out = sample(model, batch, tokenizer, max_new_tokens=cfg.eval_max_new_tokens, temperature=0)
         for ex, ids, mask in zip(chunk, out["completion_ids"], out["completion_mask"]):

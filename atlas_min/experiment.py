@@ -74,7 +74,7 @@ def main():
     p.add_argument("--procs", type=int, default=2, help="processes for train_rl.py (torchrun)")
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("overrides", nargs="*", help="field=value, passed to every stage")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     out = Path(args.out).resolve()
     cfg = get_config(args.config, args.overrides)
     runs = {"grpo": 0.0, "la-grpo": cfg.anchor_coef}

@@ -27,7 +27,7 @@ def parse(description, need_init=False):
     if need_init:
         p.add_argument("--init", default=None, help="the SFT checkpoint to start from")
     p.add_argument("overrides", nargs="*", help="field=value")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     try:
         if args.resume:
             try:

@@ -29,33 +29,58 @@ def build_tokenizer(texts, vocab_size):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
-def _mrope_section(head_dim):
-    # Qwen splits each head's rotary half-dimension between time, height and width (16/24/24 at 7B).
+# Qwen's own ids (Qwen2.5-VL-7B-Instruct's config.json): used when the model is built without a tokenizer.
+QWEN_IDS = {"<|endoftext|>": 151643, "<|im_end|>": 151645, "<|vision_start|>": 151652, "<|vision_end|>": 151653,
+            "<|image_pad|>": 151655, "<|video_pad|>": 151656}
+
+
+def _mrope_section(cfg, head_dim):
+    """How each head's rotary half-dimension is split between time, height and width ([16, 24, 24] at 7B)."""
+    if cfg.mrope_section:
+        return [int(x) for x in cfg.mrope_section.split(",")]
     half = head_dim // 2
     t = half // 2
     return [t, (half - t) // 2, half - t - (half - t) // 2]
 
 
-def build_model(cfg, tokenizer):
-    """A randomly initialised Qwen2.5-VL of the preset's size, with ids taken from `tokenizer`."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+def model_config(cfg, tokenizer=None):
+    """The Qwen2_5_VLConfig of the preset's sizes. Ids come from `tokenizer`, or are Qwen's own without one;
+    the vocabulary has max(cfg.vocab_rows, len(tokenizer)) rows (Qwen pads its matrix beyond the tokenizer)."""
+    if tokenizer is None:
+        if not cfg.vocab_rows:
+            raise ValueError(f"config {cfg.name!r} has vocab_rows=0: its size comes from a tokenizer; pass one")
+        ids, rows = QWEN_IDS, cfg.vocab_rows
+    else:
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+        rows = max(cfg.vocab_rows, len(tokenizer))
     head_dim = cfg.text_hidden // cfg.text_heads
-    config = Qwen2_5_VLConfig(
+    every = cfg.vision_fullatt_every
+    return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers,
+            vocab_size=rows, hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers,
             num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
-            intermediate_size=cfg.text_intermediate, max_position_embeddings=4096, tie_word_embeddings=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)},
+            intermediate_size=cfg.text_intermediate, max_position_embeddings=cfg.max_positions,
+            rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta,
+                             "mrope_section": _mrope_section(cfg, head_dim)},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(
             depth=cfg.vision_depth, hidden_size=cfg.vision_hidden, num_heads=cfg.vision_heads,
             intermediate_size=cfg.vision_intermediate, out_hidden_size=cfg.text_hidden,
-            fullatt_block_indexes=[cfg.vision_depth - 1], window_size=112),
+            fullatt_block_indexes=list(range(every - 1, cfg.vision_depth, every)) if every else [cfg.vision_depth - 1],
+            window_size=112, tokens_per_second=cfg.vision_tokens_per_second),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+        tie_word_embeddings=cfg.tie_embeddings)
+
+
+def build_model(cfg, tokenizer=None):
+    """A randomly initialised Qwen2.5-VL of the preset's sizes (see `model_config`).
+
+    Under `with torch.device("meta"):` nothing is allocated: that is how `atlas_min.plan` sizes the 7B.
+    """
     torch.manual_seed(cfg.seed)
-    return Qwen2_5_VLForConditionalGeneration(config)
+    return Qwen2_5_VLForConditionalGeneration(model_config(cfg, tokenizer))
 
 
 def image_processor_for(cfg):
@@ -73,10 +98,15 @@ def load_pretrained(path, cfg=None):
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
     else:
         image_processor = image_processor_for(cfg)
-    if cfg is not None and cfg.model_path:  # the preset's pixel bounds (the eval protocol's, at 7B) win
-        image_processor.min_pixels, image_processor.max_pixels = cfg.min_pixels, cfg.max_pixels
-        image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    if cfg is not None and cfg.model_path:  # the preset's pixel bounds win over the folder's
+        set_pixel_bounds(image_processor, cfg.min_pixels, cfg.max_pixels)
     return model, tokenizer, image_processor
+
+
+def set_pixel_bounds(image_processor, min_pixels, max_pixels):
+    """Images are resized to between min_pixels and max_pixels (aspect kept, sides multiples of 28)."""
+    image_processor.min_pixels, image_processor.max_pixels = min_pixels, max_pixels
+    image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
 
 
 def init_model(cfg):

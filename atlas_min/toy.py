@@ -40,6 +40,13 @@ LEAD_INS = {"shape": "Let me mark the red shapes.", "line": "Let me compare the 
             "text": "Let me read the numbers."}
 PLAIN_LEAD_IN = "I can see it directly."  # the no-functional-token (perception) replies
 
+# The SFT teacher's systematic misreadings, family: (true answer, what the teacher writes), each
+# made with probability cfg.toy_teacher_slip in train replies. Real SFT traces (ATLAS-178K is built
+# by a pipeline) carry such errors; imitation copies them, and RL's verifiable reward, which judges
+# against the true `answer`, can undo them. With slip 0 SFT is right everywhere and, on this toy,
+# RL only sharpens sampling without raising greedy accuracy (README, "The toy result").
+TEACHER_SLIPS = {"zoom": ("4", "1"), "text": ("4", "3")}
+
 
 def response(task, answer, with_token=True):
     lead = f"{LEAD_INS[task]} {TASK_TOKENS[task]}" if with_token else PLAIN_LEAD_IN
@@ -162,14 +169,14 @@ def _stamp(cfg):
     """Everything the generated files depend on; equal stamps mean identical data sets."""
     return {"version": VERSION, "seed": cfg.seed, "image_size": cfg.image_size, "tasks": _tasks(cfg),
             "train_size": cfg.toy_train_size, "eval_size": cfg.toy_eval_size,
-            "no_token_share": cfg.toy_no_token_share}
+            "no_token_share": cfg.toy_no_token_share, "teacher_slip": cfg.toy_teacher_slip}
 
 
 def _write_split(folder, split, size, cfg, taken):
     """Write `split`.jsonl and its images; skip any example whose params are in `taken`, add the rest."""
     # Separate streams: images do not change when toy_no_token_share changes.
     stream = f"atlas_min.toy/{cfg.seed}/{split}"  # str seeds hash the same in every process
-    rng, text_rng = random.Random(stream), random.Random(stream + "/text")
+    rng, text_rng, slip_rng = random.Random(stream), random.Random(stream + "/text"), random.Random(stream + "/slip")
     tasks = _tasks(cfg)
     decks = {task: [] for task in tasks}
     with open(folder / f"{split}.jsonl", "w") as f:
@@ -189,8 +196,12 @@ def _write_split(folder, split, size, cfg, taken):
             ex_id = f"{split}-{i:06d}-{task}"
             image.save(folder / "images" / f"{ex_id}.png")
             with_token = text_rng.random() >= cfg.toy_no_token_share
+            said = answer  # what the SFT reply claims; `answer` stays the truth that rewards and eval use
+            true, misread = TEACHER_SLIPS.get(task, (None, None))
+            if split == "train" and answer == true and slip_rng.random() < cfg.toy_teacher_slip:
+                said = misread
             f.write(json.dumps({"id": ex_id, "images": [f"images/{ex_id}.png"], "question": question, "answer": answer,
-                                "response": response(task, answer, with_token), "task": task}) + "\n")
+                                "response": response(task, said, with_token), "task": task}) + "\n")
 
 
 def _is_complete(folder, stamp):

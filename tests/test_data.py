@@ -95,3 +95,11 @@ def test_prompt_batches_are_left_padded(micro, toy_files):
     assert (batch["attention_mask"][:, -1] == 1).all()
     assert batch["attention_mask"][0, 0] == 0
     assert batch["input_ids"][0][batch["attention_mask"][0] == 1].tolist() == encoded[0]["prompt_ids"]
+
+
+def test_the_question_suffix_follows_the_question_inside_the_user_turn(micro, toy_files):
+    _, tokenizer, image_processor = micro
+    ex = load_jsonl(toy_files[0])[0]
+    suffix = "\n\nPlease think step by step, and put your final answer within \\boxed{}."
+    text = tokenizer.decode(encode(ex, tokenizer, image_processor, "sys", question_suffix=suffix)["prompt_ids"])
+    assert text.endswith(ex["question"] + suffix + "<|im_end|>\n<|im_start|>assistant\n")

@@ -142,6 +142,7 @@ def test_eval_writes_every_contract_key(tmp_path, sft_run):
     (["train_rl.py", "--config", "micro", "--init", "/nonexistent"], "not a model folder"),
     (["eval.py", "--ckpt", "/nonexistent"], "not a model folder"),
     (["train_sft.py", "--config", "micro", "train_data=/nonexistent.jsonl"], "no such data file"),
+    (["train_sft.py", "--config", "qwen2_5_vl_7b"], "set model_path="),
 ])
 def test_bad_input_gives_a_one_line_error_without_traceback(args, message):
     out = run(*args, check=False)
@@ -164,3 +165,9 @@ def test_rl_refuses_an_init_without_functional_tokens(tmp_path, micro_cfg):
     tokenizer.save_pretrained(tmp_path)
     out = run("train_rl.py", "--config", "micro", "--init", tmp_path, check=False)
     assert out.returncode != 0 and "has no functional tokens" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_overrides_may_come_before_and_after_the_options(tmp_path):
+    run("train_sft.py", "--config", "micro", "max_steps=1", "--out", tmp_path / "run", "batch_size=4")
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    assert state["step"] == 1 and state["config"]["batch_size"] == 4

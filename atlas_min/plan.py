@@ -1,0 +1,224 @@
+"""Size a preset and its FSDP plan before renting GPUs: no GPU, no download, nothing allocated.
+
+    python -m atlas_min.plan --config qwen2_5_vl_7b --gpus 8 [--gpu-mem-gb 80] [--json FILE] [field=value ...]
+    torchrun --nproc_per_node 2 -m atlas_min.plan --config qwen2_5_vl_7b --gpus 2   # also shards it, on meta
+
+The preset's model is built on the `meta` device (shapes only; `model_path` is ignored: the preset's sizes are
+Qwen2.5-VL-7B's). Its vocabulary is stood in by a tokenizer with Qwen's size and special-token ids (151,643
+ordinary + 22 special = 151,665 entries, no merges): the five functional tokens get ids 151,665..151,669, inside
+the 152,064 rows, so nothing is resized. Small presets use their own tokenizer and grow by five rows.
+Under torchrun, every rank also applies the trainers' FSDP2 wrapping (`dist.fsdp_units`, then the root) to the
+meta model and the measured local shard sizes are reported.
+
+The per-GPU budget (N GPUs, P parameters, GB = 1e9 bytes) of the plan `dist.shard` applies to policy and reference:
+fully_shard on each vision block, the vision tower, each decoder layer, then the root (embeddings, lm_head, norm),
+bf16 compute, fp32 reduce. Assumptions:
+- Persistent: fp32 params 4P/N; fp32 grads 4P/N (freed between steps, so not while sampling); AdamW m and v 8P/N.
+  RL with kl_coef > 0 adds the reference as train_rl.py holds it on GPUs: bf16 shards 2P/N (resharded after use).
+- Gathered bf16 params: the root stays gathered from forward to the end of backward, and after a no-grad forward
+  (FSDP2 never reshards the root after forward), plus two of the largest other unit (current + prefetched).
+  The root's unsharded bf16 grads live through backward (lm_head's grad is made first, reduced last).
+- Sequence: one image per prompt at max_pixels (max_pixels/28² tokens, 4× as many vision patches) + PROMPT_TEXT
+  text tokens; the reply (SFT) or completion (RL) is max_new_tokens. SFT forwards micro_batch_size rows; an RL
+  update forwards whole groups (max(1, micro_batch_size // G) prompts × G rows, images encoded once per prompt);
+  the sampler decodes all of a rank's prompts × G rows at once.
+- Activations: `layer_bytes` (20h + 8f + 4kv bytes per token and layer; 2h with activation checkpointing).
+  Attention is a fused kernel (SDPA flash / memory-efficient, or flash_attention_2): no T² scores. No dropout.
+- Logits: 14 bytes per row, position and vocabulary entry (bf16 logits, the fp32 log-softmax kept for backward, two
+  fp32 gradients in backward); SFT scores every position, RL the completion's max_new_tokens + 1.
+  KV cache: 2 (k, v) × kv width × 2 bytes per token and layer.
+- Not counted: CUDA context and NCCL buffers (~1-3 GB), allocator fragmentation, the fp32 copy of the root's grads
+  for its reduce-scatter (made after the activations are freed). Hence "fits" = peak ≤ (1 - HEADROOM) × GPU memory.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from atlas_min.config import ConfigError, die, get_config
+from atlas_min.model import build_model, build_tokenizer
+from atlas_min.tokens import add_functional_tokens
+
+GB = 1e9
+PROMPT_TEXT = 256  # system prompt + question + chat-template tokens of one prompt
+HEADROOM = 0.10
+QWEN_ORDINARY = 151_643  # Qwen2.5's BPE entries; its 22 special tokens follow, from <|endoftext|> = 151,643
+QWEN_SPECIAL = ("<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> "
+                "<|box_end|> <|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> "
+                "<|video_pad|> <tool_call> </tool_call> <|fim_prefix|> <|fim_middle|> <|fim_suffix|> <|fim_pad|> "
+                "<|repo_name|> <|file_sep|>").split()
+
+
+def qwen_vocab_standin():
+    """A real (word-level) tokenizer with Qwen2.5's size and special-token ids, built in a fraction of a second."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(QWEN_ORDINARY)} | {t: QWEN_ORDINARY + k for k, t in enumerate(QWEN_SPECIAL)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def meta_model(cfg):
+    """(model on meta with the functional tokens added, tokenizer length before, rows before, functional ids)."""
+    from atlas_min.toy import corpus
+    tokenizer = qwen_vocab_standin() if cfg.vocab_rows else build_tokenizer(corpus(cfg), cfg.tokenizer_vocab)
+    n_tokens = len(tokenizer)
+    with torch.device("meta"):
+        model = build_model(cfg, tokenizer)
+        rows = model.get_input_embeddings().weight.shape[0]
+        ids = add_functional_tokens(model, tokenizer)
+    return model, n_tokens, rows, ids
+
+
+def layer_bytes(tokens, h, f, kv):
+    """Activation bytes one transformer layer keeps for backward (bf16 compute), in the manner of Korthikanti et al.
+
+    Per token: attention half = RMSNorm (its fp32 input 4h, bf16 normalised input 2h and output 2h) + q (2h) + k, v
+    (2·2kv) + attention output (2h) = 12h + 4kv; MLP half = RMSNorm (8h) + gate, up, act(gate), act(gate)·up (4 × 2f)
+    = 8h + 8f. In all 20h + 8f + 4kv bytes per token: within 1% of the tensors autograd saves for one Qwen2.5-VL
+    decoder layer (bf16, SDPA). Vision blocks use the same formula (kv = their hidden size). With activation
+    checkpointing a layer keeps only its bf16 input (2h per token), and one layer at a time is recomputed in full.
+    """
+    return tokens * (20 * h + 8 * f + 4 * kv)
+
+
+def activations(cfg, rows, images, seq, checkpointing):
+    text = rows * seq
+    patches = images * 4 * (cfg.max_pixels // 784)
+    kv = cfg.text_kv_heads * cfg.text_hidden // cfg.text_heads
+    lm = layer_bytes(text, cfg.text_hidden, cfg.text_intermediate, kv)
+    vis = layer_bytes(patches, cfg.vision_hidden, cfg.vision_intermediate, cfg.vision_hidden)
+    if not checkpointing:
+        return cfg.text_layers * lm + cfg.vision_depth * vis
+    kept = cfg.text_layers * text * cfg.text_hidden + cfg.vision_depth * patches * cfg.vision_hidden  # layer inputs
+    return 2 * kept + max(lm, vis)
+
+
+def plan(cfg, gpus, gpu_mem_gb=80.0):
+    """Parameter counts, vocabulary, and the per-GPU budget in bytes of each phase (a dict; see the docstring)."""
+    model, n_tokens, rows_before, ids = meta_model(cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    P, vision = count(model), count(model.model.visual)
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    embeddings = embed.numel() + (head.numel() if head is not embed else 0)
+    blocks = [count(m) for m in model.model.visual.blocks]
+    unit = max(*blocks, vision - sum(blocks), *(count(m) for m in model.model.language_model.layers))
+    root = P - vision - sum(count(m) for m in model.model.language_model.layers)
+    V, G, image = embed.shape[0], cfg.group_size, cfg.max_pixels // 784  # one token per 28×28 pixels
+    prompt = image + PROMPT_TEXT
+    T = prompt + cfg.max_new_tokens
+    sft_rows, rl_prompts = cfg.micro_batch_size, max(1, cfg.micro_batch_size // G)
+    sample_rows = cfg.prompts_per_step // gpus * G
+    kv_token = cfg.text_layers * 2 * (cfg.text_kv_heads * cfg.text_hidden // cfg.text_heads) * 2  # bf16 k and v
+    logit_bytes = 14  # bf16 logits (2) + fp32 log-softmax kept for backward (4) + two fp32 grads in backward (2 × 4)
+    ref = {"reference (bf16 shards)": 2 * P / gpus if cfg.kl_coef > 0 else 0}
+
+    def phases(ckpt):
+        common = {"fp32 params (sharded)": 4 * P / gpus, "AdamW m, v (fp32, sharded)": 8 * P / gpus,
+                  "gathered bf16 params (root + 2 units)": 2 * root + 2 * 2 * unit}
+        train = {**common, "fp32 grads (sharded)": 4 * P / gpus, "unsharded bf16 grads of the root": 2 * root}
+        return {"SFT": {**train, "activations": activations(cfg, sft_rows, sft_rows, T, ckpt),
+                        "logits": sft_rows * T * V * logit_bytes},
+                "RL update": {**train, **ref, "activations": activations(cfg, rl_prompts * G, rl_prompts, T, ckpt),
+                              "logits": rl_prompts * G * (cfg.max_new_tokens + 1) * V * logit_bytes},
+                # the KV cache of all rows, or during the prefill a shorter cache + one layer's MLP (6f bytes per token)
+                "RL sampling": {**common, **ref, "KV cache / prefill": max(
+                    sample_rows * T * kv_token, sample_rows * prompt * (kv_token + 6 * cfg.text_intermediate))}}
+
+    budget, rows_after = phases(cfg.activation_checkpointing), embed.shape[0]
+    totals = {k: sum(v.values()) for k, v in budget.items()}
+    return {"config": cfg.name, "gpus": gpus, "gpu_mem_gb": gpu_mem_gb,
+            "params": {"total": P, "vision": vision, "language": P - vision - embeddings, "embeddings": embeddings},
+            "vocab": {"tokenizer": n_tokens, "functional_ids": ids, "rows_before": rows_before, "rows": rows_after,
+                      "resized": rows_after != rows_before},
+            "units": {"root": root, "largest_other": unit},
+            "sequence": {"tokens": T, "image_tokens": image, "sft_rows": sft_rows, "rl_rows": rl_prompts * G,
+                         "sample_rows": sample_rows},
+            "activation_checkpointing": cfg.activation_checkpointing, "budget": budget, "total": totals,
+            "total_checkpointing_flipped": {k: sum(v.values())
+                                            for k, v in phases(not cfg.activation_checkpointing).items()},
+            "fits": max(totals.values()) <= (1 - HEADROOM) * gpu_mem_gb * GB}
+
+
+def measure_sharding(cfg):
+    """Under torchrun: the trainers' FSDP2 wrapping on the meta model; per unit, its size and each rank's shard."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Shard
+    from atlas_min.dist import all_gather_objects, fsdp_units
+    dist.init_process_group("gloo")
+    model = meta_model(cfg)[0]
+    units = [*fsdp_units(model), model]
+    for unit in units:  # bottom-up as dist.shard; the root last
+        fully_shard(unit)
+    names = {id(m): n for n, m in model.named_modules()}
+    mine = {names[id(u)]: (sum(p.numel() for p in u.parameters()), sum(p.to_local().numel() for p in u.parameters()),
+                           all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in u.parameters()))
+            for u in units}
+    ranks = all_gather_objects(mine)
+    return {"world": len(ranks), "units": {n: {"numel": v[0], "local": [r[n][1] for r in ranks],
+                                               "shard0": all(r[n][2] for r in ranks)} for n, v in mine.items()}}
+
+
+def report(p):
+    n, v, s, u, phases = p["params"], p["vocab"], p["sequence"], p["units"], list(p["budget"])
+
+    def row(label, values):
+        print(f"  {label:<45}" + "".join(f"{x / GB:13.2f}" if x else f"{'-':>13}" for x in values))
+
+    print(f"{p['config']} on the meta device: {n['total']:,} parameters")
+    for k in ("vision", "language", "embeddings"):
+        print(f"  {k:<12}{n[k]:>15,}")
+    ids = v["functional_ids"]
+    print(f"vocabulary: {v['tokenizer']:,} tokens + {len(ids)} functional (ids {ids[0]:,}..{ids[-1]:,}) "
+          f"in {v['rows']:,} rows: " + (f"resized from {v['rows_before']:,}" if v["resized"] else "no resize"))
+    print(f"FSDP2 units: root {u['root']:,} params (embeddings, lm_head, norm), largest other {u['largest_other']:,}")
+    print(f"sequence: {s['tokens']:,} tokens ({s['image_tokens']:,} image + {PROMPT_TEXT} text + completion); "
+          f"rows per GPU: SFT {s['sft_rows']}, RL update {s['rl_rows']}, RL sampling {s['sample_rows']}")
+    title = f"per-GPU memory on {p['gpus']} GPUs (GB)"
+    print(f"\n{title:<47}" + "".join(f"{k:>13}" for k in phases))
+    for line in dict.fromkeys(k for ph in p["budget"].values() for k in ph):
+        row(line, [p["budget"][ph].get(line, 0) for ph in phases])
+    row("total", [p["total"][ph] for ph in phases])
+    row(f"total {'without' if p['activation_checkpointing'] else 'with'} activation checkpointing",
+        [p["total_checkpointing_flipped"][ph] for ph in phases])
+    print(f"fits {p['gpu_mem_gb']:g} GB with {HEADROOM:.0%} headroom: {'yes' if p['fits'] else 'NO'}")
+    if "measured" in p:
+        m, whole = p["measured"], p["measured"]["units"][""]
+        print(f"measured under torchrun ({m['world']} ranks, meta, FSDP2): local shards "
+              f"{', '.join(f'{x:,}' for x in whole['local'])} of {whole['numel']:,}; "
+              f"every unit Shard(0): {all(x['shard0'] for x in m['units'].values())}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Parameter count and per-GPU memory budget of a preset")
+    ap.add_argument("--config", default="qwen2_5_vl_7b")
+    ap.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", "8")))
+    ap.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    ap.add_argument("--json", default=None, help="also write the plan here")
+    ap.add_argument("overrides", nargs="*", help="field=value")
+    args = ap.parse_args()
+    try:
+        cfg = get_config(args.config, args.overrides)
+    except ConfigError as e:
+        die(str(e))
+    measured = measure_sharding(cfg) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if not int(os.environ.get("RANK", "0")):
+        result = plan(cfg, args.gpus, args.gpu_mem_gb) | ({"measured": measured} if measured else {})
+        report(result)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+    if measured:  # leave together, and skip interpreter teardown, where gloo's threads can abort a rank (SIGABRT)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

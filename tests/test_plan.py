@@ -1,0 +1,99 @@
+"""The 7B preset is Qwen2.5-VL-7B-Instruct's architecture, and `python -m atlas_min.plan` sizes it honestly.
+
+Everything runs on the meta device: no download, no allocation. Qwen's tokenizer is stood in by a word-level
+tokenizer of the same size with Qwen's special-token ids (atlas_min.plan.qwen_vocab_standin).
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from atlas_min.config import get_config
+from atlas_min.model import build_model
+from atlas_min.plan import plan, qwen_vocab_standin
+from atlas_min.tokens import FUNCTIONAL_TOKENS, add_functional_tokens
+
+N_7B, VISION_7B, ROWS_7B = 8_292_166_656, 676_550_144, 152_064  # DESIGN.md, "Facts already checked"
+
+
+@pytest.fixture(scope="module")
+def cfg7b():
+    return get_config("qwen2_5_vl_7b")
+
+
+@pytest.fixture(scope="module")
+def plan7b(cfg7b):
+    return plan(cfg7b, gpus=8, gpu_mem_gb=80)
+
+
+def test_7b_preset_builds_qwen2_5_vl_7b_on_meta_without_a_tokenizer(cfg7b):
+    with torch.device("meta"):
+        model = build_model(cfg7b)
+    assert sum(p.numel() for p in model.parameters()) == N_7B
+    assert sum(p.numel() for p in model.model.visual.parameters()) == VISION_7B
+    assert model.lm_head.weight is not model.get_input_embeddings().weight  # untied
+    c, t, v = model.config, model.config.text_config, model.config.vision_config
+    assert (t.vocab_size, t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
+            t.intermediate_size) == (ROWS_7B, 3584, 28, 28, 4, 18944)
+    assert (t.rms_norm_eps, t.max_position_embeddings, t.use_sliding_window) == (1e-6, 128000, False)
+    assert t.rope_parameters["rope_theta"] == 1e6 and t.rope_parameters["mrope_section"] == [16, 24, 24]
+    assert (v.depth, v.hidden_size, v.num_heads, v.intermediate_size, v.out_hidden_size, v.window_size) == (
+        32, 1280, 16, 3420, 3584, 112)
+    assert (v.patch_size, v.spatial_merge_size, v.temporal_patch_size, v.tokens_per_second) == (14, 2, 2, 2)
+    assert list(v.fullatt_block_indexes) == [7, 15, 23, 31]
+    assert (c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id,
+            t.bos_token_id, t.eos_token_id) == (151655, 151656, 151652, 151653, 151643, 151645)
+
+
+def test_functional_tokens_fit_in_the_7b_spare_rows_without_a_resize(cfg7b, monkeypatch):
+    tokenizer = qwen_vocab_standin()
+    assert len(tokenizer) == 151_665
+    with torch.device("meta"):
+        model = build_model(cfg7b, tokenizer)
+    assert model.config.image_token_id == 151655 and model.get_input_embeddings().weight.shape[0] == ROWS_7B
+    monkeypatch.setattr(model, "resize_token_embeddings", lambda *a, **k: pytest.fail("resized"))
+    ids = add_functional_tokens(model, tokenizer)
+    assert ids == list(range(151_665, 151_670))
+    assert [tokenizer.encode(f"w7 {t}", add_special_tokens=False) for t in FUNCTIONAL_TOKENS] == [[7, i] for i in ids]
+    assert model.get_input_embeddings().weight.shape[0] == model.lm_head.weight.shape[0] == ROWS_7B
+    assert model.config.text_config.vocab_size == ROWS_7B
+
+
+def test_plan_counts_and_budget_for_7b_on_8_gpus(plan7b):
+    assert plan7b["params"] == {"total": N_7B, "vision": VISION_7B, "embeddings": 2 * ROWS_7B * 3584,
+                                "language": N_7B - VISION_7B - 2 * ROWS_7B * 3584}
+    assert plan7b["vocab"]["rows"] == ROWS_7B and not plan7b["vocab"]["resized"]
+    sft, rl = plan7b["budget"]["SFT"], plan7b["budget"]["RL update"]
+    assert sft["AdamW m, v (fp32, sharded)"] == 8 * N_7B / 8  # two fp32 moments per parameter, over 8 GPUs
+    assert sft["fp32 params (sharded)"] == sft["fp32 grads (sharded)"] == 4 * N_7B / 8
+    # one image at 1280·28² pixels = 1280 tokens, + 256 text, + 1024 completion; logits at 14 bytes each
+    assert plan7b["sequence"]["tokens"] == 1280 + 256 + 1024
+    assert sft["logits"] == 1 * 2560 * ROWS_7B * 14
+    assert rl["logits"] == 8 * 1025 * ROWS_7B * 14  # an RL micro-batch is one whole group of G = 8
+    assert rl["reference (bf16 shards)"] == 2 * N_7B / 8
+    assert plan7b["fits"] and max(plan7b["total"].values()) < 0.9 * 80e9
+    assert plan7b["total_checkpointing_flipped"]["RL update"] > 80e9  # checkpointing is what makes RL fit
+
+
+def test_small_presets_grow_by_five_rows():
+    p = plan(get_config("micro"), gpus=1)
+    assert p["vocab"]["resized"] and p["vocab"]["rows"] == p["vocab"]["rows_before"] + 5 == p["vocab"]["tokenizer"] + 5
+
+
+def test_torchrun_shards_every_decoder_layer_and_vision_block_on_meta(tmp_path):
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "atlas_min.plan", "--config", "qwen2_5_vl_7b", "--gpus", "2", "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # --standalone: a free port
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "8,292,166,656 parameters" in run.stdout
+    units = json.loads(out.read_text())["measured"]["units"]
+    layers = [n for n in units if n.startswith("model.language_model.layers.")]
+    blocks = [n for n in units if n.startswith("model.visual.blocks.")]
+    assert len(layers) == 28 and len(blocks) == 32 and "model.visual" in units and "" in units
+    for name, u in units.items():
+        assert u["shard0"], name  # every parameter a DTensor with placement (Shard(0),)
+        assert sum(u["local"]) == u["numel"] and max(u["local"]) - min(u["local"]) <= u["numel"] // 100, name
+    assert units[""]["numel"] == N_7B
