@@ -152,19 +152,22 @@ def _image_order(images_per_row, repeats):
     return order
 
 
-def forward(model, batch, input_ids, attention_mask, repeats=1, logits_to_keep=0, **kwargs):
+def forward(model, batch, input_ids, attention_mask, repeats=1, logits_to_keep=0, position_ids=None, **kwargs):
     """Full forward over rows that repeat each prompt of `batch` `repeats` times (its images encoded once).
 
     `batch` holds the prompts' `pixel_values`, `image_grid_thw` and `images_per_row`; `input_ids` may
-    extend the prompts with completions. Returns (model output, rope deltas (B, 1)).
+    extend the prompts with completions; `position_ids` (3, B, T), when given, spares their computation.
+    Returns (model output, rope deltas (B, 1), or None when `position_ids` was given).
     """
     order = _image_order(batch["images_per_row"], repeats)
     features = {}
     if order:
         pooled = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True).pooler_output
         features["image"] = BaseModelOutputWithPooling(pooler_output=tuple(pooled[i] for i in order))
-    mm_token_type_ids = (input_ids == model.config.image_token_id).long()  # from the same padded ids: same side
-    positions, deltas = mrope_positions(model, input_ids, attention_mask, mm_token_type_ids, batch["image_grid_thw"][order])
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+    deltas = None
+    if position_ids is None:
+        mm_token_type_ids = (input_ids == model.config.image_token_id).long()  # from the same padded ids: same side
+        position_ids, deltas = mrope_positions(model, input_ids, attention_mask, mm_token_type_ids, batch["image_grid_thw"][order])
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 mm_encoder_outputs=features, logits_to_keep=logits_to_keep, **kwargs)
     return out, deltas

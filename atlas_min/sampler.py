@@ -12,18 +12,20 @@ sample depends on its seed and its logits only, not on which rows share its batc
 import torch
 import torch.distributed as dist
 
-from atlas_min.model import forward, token_logprobs
+from atlas_min.model import forward, mrope_positions, token_logprobs
 from atlas_min.tokens import VISION_TOKENS
 
 
 def _draw(logits, top_p, uniforms):
     """One token per row from softmax(logits) truncated to its top-p nucleus, by inverse CDF."""
-    probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)  # (B, V)
+    probs = torch.softmax(logits, dim=-1)  # (N, V)
+    order = None
+    if top_p < 1.0:  # the nucleus needs the tokens by probability; without it any order gives the same draw
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # smallest prefix with mass >= top_p
     cum = probs.cumsum(-1)
-    probs = probs.masked_fill(cum - probs >= top_p, 0.0)  # keep the smallest prefix with mass >= top_p
-    cum = probs.cumsum(-1)
-    pick = (cum < uniforms[:, None] * cum[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)  # (B,)
-    return order.gather(-1, pick[:, None]).squeeze(-1)
+    pick = (cum < uniforms[:, None] * cum[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)  # (N,)
+    return pick if order is None else order.gather(-1, pick[:, None]).squeeze(-1)
 
 
 def _all_done(done):
@@ -48,19 +50,24 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
     prompt_ids = batch["input_ids"].repeat_interleave(group_size, 0)  # (N, P), N = B·G
     prompt_mask = batch["attention_mask"].repeat_interleave(group_size, 0)
     N, device = prompt_ids.shape[0], prompt_ids.device
-    if temperature > 0:
-        generators = [torch.Generator().manual_seed(int(s)) for s in row_seeds]
+    if temperature > 0:  # all of a row's uniforms up front: one call per row, not one per row and step
+        uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(s)))
+                                for s in row_seeds]).to(device)  # (N, max_new_tokens)
 
-    out, rope_deltas = forward(model, batch, prompt_ids, prompt_mask, repeats=group_size, logits_to_keep=1, use_cache=True)
+    # positions of the distinct prompts (a Python loop per row inside transformers), then repeated
+    image_ids = (batch["input_ids"] == model.config.image_token_id).long()
+    positions, rope_deltas = mrope_positions(model, batch["input_ids"], batch["attention_mask"], image_ids, batch["image_grid_thw"])
+    positions, rope_deltas = positions.repeat_interleave(group_size, 1), rope_deltas.repeat_interleave(group_size, 0)
+    out, _ = forward(model, batch, prompt_ids, prompt_mask, repeats=group_size, logits_to_keep=1, use_cache=True,
+                     position_ids=positions)
     attention_mask, done = prompt_mask, torch.zeros(N, dtype=torch.bool, device=device)
     tokens, logprobs, masks = [], [], []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()  # (N, V)
         scaled = logits / temperature if temperature > 0 else logits
         allowed = scaled.index_fill(-1, banned.to(device), float("-inf"))
         if temperature > 0:
-            uniforms = torch.stack([torch.rand((), generator=g) for g in generators]).to(device)
-            token = _draw(allowed, top_p, uniforms)
+            token = _draw(allowed, top_p, uniforms[:, step])
         else:
             token = allowed.argmax(-1)
         token = token.masked_fill(done, pad_id)  # (N,)

@@ -138,3 +138,16 @@ def test_a_rows_sample_depends_on_its_seed_not_its_batch_mates(micro, toy_files)
     first["attention_mask"] = batch["attention_mask"][:1, batch["attention_mask"][0].argmax():]
     alone = sample(model, first, tokenizer, group_size=2, max_new_tokens=8, temperature=1.0, row_seeds=[10, 11])
     assert torch.equal(alone["completion_ids"], together["completion_ids"][:2])
+
+
+def test_draws_follow_softmax_and_top_p_keeps_the_smallest_nucleus():
+    from atlas_min.sampler import _draw
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    probs = torch.softmax(logits, -1)  # [0.533, 0.196, 0.072, 0.027, 0.119] (by hand: e^x / Σ e^x)
+    u = torch.rand(40_000, generator=torch.Generator().manual_seed(0))
+    full = _draw(logits.expand(40_000, 5), 1.0, u)
+    freq = torch.bincount(full, minlength=5).float() / 40_000
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+    nucleus = _draw(logits.expand(40_000, 5), 0.7, u)  # 0.533 < 0.7 <= 0.533 + 0.196: tokens 0 and 1 only
+    freq = torch.bincount(nucleus, minlength=5).float() / 40_000
+    torch.testing.assert_close(freq, torch.tensor([0.731, 0.269, 0, 0, 0]), atol=0.01, rtol=0)

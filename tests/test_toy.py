@@ -172,3 +172,20 @@ def test_the_corpus_holds_every_text_the_toy_world_writes(tmp_path):
     train, evals = toy.write_toy_data(tmp_path, cfg)
     for r in rows(train) + rows(evals):
         assert {r["question"], r["answer"], r["response"]} <= texts
+
+
+def test_teacher_slips_change_only_train_replies_of_their_class_never_the_answer(tmp_path):
+    cfg = get_config("micro", ["toy_train_size=400", "toy_eval_size=100", "toy_teacher_slip=0.6", "toy_no_token_share=0"])
+    train, evals = toy.write_toy_data(tmp_path, cfg)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    slipped = collections.Counter()
+    for r in rows:
+        said = r["response"].split("<answer>")[1].split("</answer>")[0]
+        if said != r["answer"]:
+            assert (r["answer"], said) == toy.TEACHER_SLIPS[r["task"]]  # only the listed misreading happens
+            slipped[r["task"]] += 1
+    for task, (true, _) in toy.TEACHER_SLIPS.items():
+        n_true = sum(r["task"] == task and r["answer"] == true for r in rows)
+        assert 0.4 < slipped[task] / n_true < 0.8  # about toy_teacher_slip of that class
+    for r in (json.loads(line) for line in evals.read_text().splitlines()):
+        assert r["response"].endswith(f"<answer>{r['answer']}</answer>")  # eval replies stay true
