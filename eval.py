@@ -58,7 +58,7 @@ tasks = result["per_task"]
 chance = {t: CHANCE.get(t) for t in tasks}
 print0(f"\n{'task':<10}{'accuracy':>10}{'chance':>8}  functional tokens used")
 for t, acc in tasks.items():
-    used = ", ".join(f"{tok} {share:.2f}" for tok, share in result["functional_by_task"][t].items()) or "-"
+    used = ", ".join(f"{tok} {share:.2f}" for tok, share in result["functional_by_task"][t].items() if share) or "-"
     print0(f"{t:<10}{acc:>10.3f}{chance[t] if chance[t] is not None else float('nan'):>8.3f}  {used}")
 print0(f"\naccuracy {result['accuracy']:.3f}" + (f" | blind {result['blind_accuracy']:.3f}" if args.blind else "")
        + f" | format {result['format_rate']:.3f} | functional {result['functional_rate']:.3f}"

@@ -25,12 +25,12 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.data import collate_prompts, encode
+from atlas_min.data import collate_prompts, encode, to_device
 from atlas_min.config import die
-from atlas_min.dist import all_sum, cleanup, print0, reshard, setup, shard
+from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, print0, reshard, setup, shard
 from atlas_min.evaluate import decode_completion
 from atlas_min.grpo import functional_grad_share, group_advantages, grpo_loss
-from atlas_min.loop import Progress, examples, lr_at, parse, report
+from atlas_min.loop import Progress, examples, lr_at, parse, report, stream_indices
 from atlas_min.model import load_pretrained
 from atlas_min.rewards import compute_reward
 from atlas_min.sampler import sample, sequence_logprobs
@@ -69,25 +69,11 @@ print0(f"RL {cfg.name} from {init}: {'LA-GRPO λ=' + str(cfg.anchor_coef) if cfg
        f"{total} steps × {cfg.prompts_per_step} prompts × G={G}, {world} process(es), {device}")
 
 
-def prompt_indices(step):
-    """The prompts of `step`: an endless stream of per-epoch shuffles, derived from (seed, step)."""
-    out = []
-    for k in range(step * cfg.prompts_per_step, (step + 1) * cfg.prompts_per_step):
-        epoch, pos = divmod(k, len(train))
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + 7919 + epoch))
-        out.append(perm[pos].item())
-    return out
-
-
-def to_device(batch):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def logprobs_of(policy, encoded, rollout, prompts, grad=False):
     """log π(o_t) for the completions of `prompts` (a range of local prompt indices), (rows, C)."""
     rows = slice(prompts.start * G, prompts.stop * G)
-    images = to_device(collate_prompts(encoded[prompts], tokenizer.pad_token_id))
-    with torch.set_grad_enabled(grad), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    images = to_device(collate_prompts(encoded[prompts], tokenizer.pad_token_id), device)
+    with torch.set_grad_enabled(grad), autocast(device):
         return sequence_logprobs(policy, images, rollout["prompt_ids"][rows], rollout["prompt_mask"][rows],
                                  rollout["completion_ids"][rows], rollout["completion_mask"][rows],
                                  repeats=G, temperature=cfg.temperature)
@@ -107,12 +93,14 @@ for step in range(start, total):
     # 1. sample G completions for each of this rank's prompts
     t = time.time()
     first = rank * prompts_per_rank
-    mine = [train[i] for i in prompt_indices(step)[first:first + prompts_per_rank]]
+    # the prompt stream is SFT's shuffle scheme under another seed, so RL does not replay SFT's order
+    mine = [train[i] for i in stream_indices(step, cfg.prompts_per_step, len(train), cfg.seed + 7919)[first:first + prompts_per_rank]]
     encoded = [encode(ex, tokenizer, image_processor, cfg.system_prompt, question_suffix=cfg.question_suffix) for ex in mine]
     row_seeds = [(cfg.seed * 1_000_003 + step) * 65_537 + (first * G + r) for r in range(len(mine) * G)]
     model.eval()
-    rollout = sample(model, to_device(collate_prompts(encoded, tokenizer.pad_token_id)), tokenizer, group_size=G,
-                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, row_seeds=row_seeds)
+    with autocast(device):
+        rollout = sample(model, to_device(collate_prompts(encoded, tokenizer.pad_token_id), device), tokenizer, group_size=G,
+                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, row_seeds=row_seeds)
     model.train()
     reshard(model)
     mask = rollout["completion_mask"]  # (N, C)
@@ -142,29 +130,30 @@ for step in range(start, total):
 
     # 4. ppo_epochs × mini-batches of grpo_loss; slices divide by their whole mini-batch's counts
     t = time.time()
-    stats_sum, grad_share, n_micro, grad_norm = {}, 0.0, 0, torch.zeros(())
+    # logged: token-mean stats averaged over micro-batches; L_anchor summed over its slices (each
+    # divides by the whole mini-batch's count), then averaged over the mini-batches
+    stats_sum, grad_share, n_micro, n_mini, anchor_sum, grad_norm = {}, 0.0, 0, 0, 0.0, 0.0
     for _ in range(cfg.ppo_epochs):
         for mini in chunks(len(mine), prompts_per_mini):
             rows = slice(mini.start * G, mini.stop * G)
-            n_out = int(all_sum(int((mask[rows].sum(1) > 0).sum())))
-            n_anchor = int(all_sum(int((fmask[rows].sum(1) > 0).sum())))
+            counts = {"num_outputs": int(all_sum(int((mask[rows].sum(1) > 0).sum()))),
+                      "num_anchor_outputs": int(all_sum(int((fmask[rows].sum(1) > 0).sum())))}
             for micro in chunks(mini.stop - mini.start, prompts_per_micro):
                 p = slice(mini.start + micro.start, mini.start + micro.stop)
                 r = slice(p.start * G, p.stop * G)
                 logp = logprobs_of(model, encoded, rollout, p, grad=True)
                 ref = None if ref_logp is None else ref_logp[r]
-                loss, st = grpo_loss(logp, old_logp[r], ref, advantages[r], mask[r], fmask[r], clip_eps=cfg.clip_eps,
-                                     kl_coef=cfg.kl_coef, anchor_coef=cfg.anchor_coef,
-                                     num_outputs=n_out, num_anchor_outputs=n_anchor)
+                args = (logp, old_logp[r], ref, advantages[r], mask[r], fmask[r])
+                coefs = dict(clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, anchor_coef=cfg.anchor_coef, **counts)
+                loss, st = grpo_loss(*args, **coefs)
                 (loss * world).backward()  # FSDP averages gradients over ranks: undo it
-                grad_share += functional_grad_share(logp, old_logp[r], ref, advantages[r], mask[r], fmask[r],
-                                                    clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, anchor_coef=cfg.anchor_coef)
+                grad_share += functional_grad_share(*args, **coefs)
                 stats_sum = {k: stats_sum.get(k, 0.0) + v for k, v in st.items()}
-                n_micro += 1
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                anchor_sum, n_micro = anchor_sum + st["anchor"], n_micro + 1
+            grad_norm = clip_grad_norm(model, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            n_mini += 1
     times["update"] = time.time() - t
 
     # 5. log (means over all ranks' completions) and save
@@ -176,12 +165,13 @@ for step in range(start, total):
                  overuse_penalty=mean["overuse_penalty"], functional_per_completion=mean["n_functional"],
                  functional_token_share=all_sum(int(fmask.sum())) / max(n_gen, 1), completion_length=n_gen / N,
                  kl=all_sum(stats_sum["kl"]) / all_sum(n_micro), clip_frac=all_sum(stats_sum["clip_frac"]) / all_sum(n_micro),
-                 anchor=all_sum(stats_sum["anchor"]) / all_sum(n_micro), grad_norm=grad_norm.item(),
+                 anchor=all_sum(anchor_sum) / n_mini, grad_norm=grad_norm,
                  functional_grad_share=all_sum(grad_share) / all_sum(n_micro), lr=lr,
                  **{f"t_{k}": round(all_sum(v) / world, 3) for k, v in times.items()})
     if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
         checkpoint.save(checkpoint.step_folder(run, step + 1), model, tokenizer, image_processor, cfg, step + 1,
                         optimizer, extra={"init": str(init)})
+        checkpoint.prune(run, cfg.keep_checkpoints)
 
 checkpoint.save(run, model, tokenizer, image_processor, cfg, total, optimizer, extra={"init": str(init)})
 report(run, f"RL ({'LA-GRPO' if cfg.anchor_coef else 'GRPO'}, {cfg.name})",

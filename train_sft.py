@@ -17,9 +17,9 @@ import torch
 
 from atlas_min import checkpoint
 from atlas_min.config import die
-from atlas_min.data import IGNORE, collate_sft, encode
-from atlas_min.dist import all_sum, cleanup, print0, setup, shard
-from atlas_min.loop import Progress, examples, lr_at, parse, report
+from atlas_min.data import IGNORE, collate_sft, encode, to_device
+from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, print0, setup, shard
+from atlas_min.loop import Progress, examples, lr_at, parse, report, stream_indices
 from atlas_min.model import forward, init_model, load_pretrained, reply_nll
 from atlas_min.tokens import FUNCTIONAL_TOKENS
 
@@ -45,21 +45,11 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.9
 if resume_from:
     checkpoint.load_optimizer(resume_from, model, optimizer)
     print0(f"resumed from {resume_from} at step {start}")
-n_params = sum(p.numel() for p in model.parameters()) * (world if world > 1 else 1)
+n_params = sum(p.numel() for p in model.parameters())  # a sharded parameter's numel() is the global one
 print0(f"SFT {cfg.name}: ~{n_params / 1e6:.2f}M parameters, {world} process(es), {device}, {total} steps")
 
 train = examples(cfg, "train", need_response=True)
 pad_id = tokenizer.pad_token_id
-
-
-def batch_indices(step):
-    """The global batch of `step`: an endless stream of per-epoch shuffles, derived from (seed, step)."""
-    out = []
-    for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
-        epoch, pos = divmod(k, len(train))
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        out.append(perm[pos].item())
-    return out
 
 
 # --- the loop ---
@@ -70,30 +60,29 @@ for step in range(start, total):
     for group in optimizer.param_groups:
         group["lr"] = lr
     per_rank = cfg.batch_size // world
-    mine = batch_indices(step)[rank * per_rank:(rank + 1) * per_rank]
+    mine = stream_indices(step, cfg.batch_size, len(train), cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
     encoded = [encode(train[i], tokenizer, image_processor, cfg.system_prompt, with_reply=True, question_suffix=cfg.question_suffix) for i in mine]
     n_reply = all_sum(sum(len(e["reply_ids"]) for e in encoded))  # the global normaliser
     loss_sum = ft_sum = ft_count = 0.0
     for i in range(0, len(encoded), cfg.micro_batch_size):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v
-                 for k, v in collate_sft(encoded[i:i + cfg.micro_batch_size], pad_id).items()}
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        batch = to_device(collate_sft(encoded[i:i + cfg.micro_batch_size], pad_id), device)
+        with autocast(device):
             logits = forward(model, batch, batch["input_ids"], batch["attention_mask"])[0].logits
         token_loss = reply_nll(logits, batch["labels"], IGNORE)  # (b, T-1)
         (token_loss.sum() / n_reply * world).backward()  # FSDP averages gradients over ranks: undo it
         is_ft = torch.isin(batch["labels"][:, 1:], functional_ids)
         loss_sum += token_loss.sum().item()
         ft_sum, ft_count = ft_sum + token_loss[is_ft].sum().item(), ft_count + is_ft.sum().item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    grad_norm = clip_grad_norm(model, cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
     loss_sum, ft_sum, ft_count = all_sum(loss_sum), all_sum(ft_sum), all_sum(ft_count)
-    progress.log(step, loss=loss_sum / n_reply, ft_loss=ft_sum / max(ft_count, 1), lr=lr, grad_norm=grad_norm.item(),
+    progress.log(step, loss=loss_sum / n_reply, ft_loss=ft_sum / max(ft_count, 1), lr=lr, grad_norm=grad_norm,
                  tokens_per_s=round(n_reply / (time.time() - t0), 1))
     if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
         checkpoint.save(checkpoint.step_folder(run, step + 1), model, tokenizer, image_processor, cfg, step + 1, optimizer)
+        checkpoint.prune(run, cfg.keep_checkpoints)
 
 checkpoint.save(run, model, tokenizer, image_processor, cfg, total, optimizer)
 report(run, f"SFT ({cfg.name})", [f"steps {start}→{total}, {world} process(es)", f"final loss {loss_sum / n_reply:.4f}",

@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 
 from atlas_min import checkpoint
 from atlas_min.config import get_config
 from atlas_min.data import collate_prompts, encode
 from atlas_min.loop import examples
-from atlas_min.model import init_model, load_pretrained
+from atlas_min.model import image_order, init_model, load_pretrained
 from atlas_min.sampler import sample
 from atlas_min.tokens import VISION_TOKENS
 
@@ -46,9 +47,9 @@ def compare_samplers(model, tokenizer, batch, cfg, repeats):
     G, eos = cfg.group_size, tokenizer.convert_tokens_to_ids("<|im_end|>")
     seeds = list(range(batch["input_ids"].shape[0] * G))
     rows = {k: v.repeat_interleave(G, 0) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-    per_row = batch["image_grid_thw"].prod(-1).repeat_interleave(torch.tensor(batch["images_per_row"]))  # patches
-    pixels = torch.cat([p.repeat(G, 1) for p in batch["pixel_values"].split(per_row.tolist())])
-    grids = torch.cat([g.repeat(G, 1) for g in batch["image_grid_thw"].split(batch["images_per_row"])])
+    spans = batch["pixel_values"].split(batch["image_grid_thw"].prod(-1).tolist())  # each image's patches
+    order = image_order(batch["images_per_row"], G)  # generate gets every row's own copy of its images
+    pixels, grids = torch.cat([spans[i] for i in order]), batch["image_grid_thw"][order]
 
     def ours(temperature):
         out = sample(model, batch, tokenizer, group_size=G, max_new_tokens=cfg.max_new_tokens,
@@ -57,11 +58,11 @@ def compare_samplers(model, tokenizer, batch, cfg, repeats):
 
     @torch.no_grad()
     def theirs(temperature):
-        kwargs = dict(do_sample=True, temperature=temperature, top_p=cfg.top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
-        ids = model.generate(**rows, pixel_values=pixels, image_grid_thw=grids,
-                             mm_token_type_ids=(rows["input_ids"] == model.config.image_token_id).long(),
-                             max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                             suppress_tokens=tokenizer.convert_tokens_to_ids(VISION_TOKENS), **kwargs)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=cfg.top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+        settings = GenerationConfig(max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                    suppress_tokens=tokenizer.convert_tokens_to_ids(VISION_TOKENS), **sampling)
+        ids = model.generate(**rows, pixel_values=pixels, image_grid_thw=grids, generation_config=settings,
+                             mm_token_type_ids=(rows["input_ids"] == model.config.image_token_id).long())
         new = ids[:, rows["input_ids"].shape[1]:]
         stopped = (new == eos).cumsum(1) - (new == eos).long()  # tokens after the first <|im_end|> are padding
         return new, int((stopped == 0).sum())
@@ -90,6 +91,7 @@ def main():
     p.add_argument("--ckpt", default=None, help="a model folder (default: a random-init model of the preset)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--readme", action="store_true", help="also write the figures into README.md")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()
     cfg = get_config(args.config, args.overrides)
@@ -108,12 +110,18 @@ def main():
                                 tokenizer.pad_token_id)
         result = {"config": cfg.name, "threads": torch.get_num_threads(), **compare_samplers(model, tokenizer, batch, cfg, args.repeats)}
         result["rl_step_seconds"] = rl_phases(init, args.config, args.overrides)
-    print(f"{cfg.name}: {result['rows']} rows ({cfg.prompts_per_step} prompts × G={cfg.group_size}), "
-          f"max_new_tokens={cfg.max_new_tokens}, temperature={cfg.temperature}, {result['threads']} threads")
-    print(f"  hand-written sampler {result['sampler_tokens_per_s']:8.0f} tokens/s   ({result['sampler_seconds']:.3f} s)")
-    print(f"  model.generate       {result['generate_tokens_per_s']:8.0f} tokens/s   ({result['generate_seconds']:.3f} s)")
-    print(f"  greedy outputs identical: {result['greedy_match']}")
-    print("  RL step: " + ", ".join(f"{k} {v:.3f} s" for k, v in result["rl_step_seconds"].items()))
+    lines = [f"`python -m atlas_min.bench {' '.join(a for a in sys.argv[1:] if a != '--readme')}`".replace("  ", " "), "",
+             f"{cfg.name}: {result['rows']} rows ({cfg.prompts_per_step} prompts × G={cfg.group_size}), "
+             f"max_new_tokens={cfg.max_new_tokens}, temperature={cfg.temperature}, {result['threads']} threads:", "",
+             f"- hand-written sampler: {result['sampler_tokens_per_s']:.0f} tokens/s ({result['sampler_seconds']:.3f} s)",
+             f"- `model.generate`: {result['generate_tokens_per_s']:.0f} tokens/s ({result['generate_seconds']:.3f} s)",
+             f"- greedy outputs identical: {result['greedy_match']}",
+             "- one RL step (train_rl.py's own timings, 3rd step): "
+             + ", ".join(f"{k} {v:.3f} s" for k, v in result["rl_step_seconds"].items())]
+    print("\n".join(lines))
+    if args.readme:
+        from atlas_min.experiment import update_readme
+        update_readme("bench", "\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

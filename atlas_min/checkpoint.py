@@ -61,8 +61,9 @@ def save(folder, model, tokenizer, image_processor, cfg, step, optimizer=None, e
             save_file(tensors, tmp / "optimizer.safetensors")
             trainer_state["param_groups"] = groups
         (tmp / STATE).write_text(json.dumps(trainer_state, indent=1))
-        if folder.exists():  # the final folder may hold checkpoints/: replace our files, keep the rest
-            for item in tmp.iterdir():
+        if folder.exists():  # the run folder holds checkpoints/ and logs: move our files in, the state last
+            (folder / STATE).unlink(missing_ok=True)  # until the new state lands, this folder is incomplete
+            for item in sorted(tmp.iterdir(), key=lambda p: p.name == STATE):
                 os.replace(item, folder / item.name)
             tmp.rmdir()
         else:
@@ -75,14 +76,14 @@ def step_folder(run, step):
 
 
 def find(path):
-    """A checkpoint folder from a run folder (its latest complete checkpoint) or a checkpoint folder."""
+    """The latest complete checkpoint of a run folder (its final model or checkpoints/step_*), or `path`
+    itself when it is one checkpoint folder."""
     path = Path(path)
-    if (path / STATE).is_file() and (path / "optimizer.safetensors").is_file():
-        return path
-    done = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / STATE).is_file())
-    if not done:
+    candidates = [p for p in [path, *(path / "checkpoints").glob("step_*")]
+                  if (p / STATE).is_file() and (p / "optimizer.safetensors").is_file()]
+    if not candidates:
         raise FileNotFoundError(f"{path} holds no complete checkpoint (looked for {path}/checkpoints/step_*/{STATE})")
-    return done[-1]
+    return max(candidates, key=lambda p: json.loads((p / STATE).read_text())["step"])
 
 
 def read_state(folder):
@@ -99,8 +100,7 @@ def load_optimizer(folder, model, optimizer):
 
 
 def prune(run, keep):
-    """Delete all but the newest `keep` complete checkpoints of a run (rank 0)."""
-    if is_main():
-        done = sorted((Path(run) / "checkpoints").glob("step_*"))
-        for old in done[:-keep]:
+    """Delete all but the newest `keep` checkpoints under RUN/checkpoints (rank 0; keep <= 0 keeps all)."""
+    if is_main() and keep > 0:
+        for old in sorted((Path(run) / "checkpoints").glob("step_*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -52,6 +52,7 @@ class Config:
     # --- shared by both trainers ---
     max_steps: int = 0  # > 0 overrides sft_steps / rl_steps for whichever script runs
     save_every: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 0  # > 0: delete all but the newest this many under RUN/checkpoints
     log_every: int = 1
     grad_clip: float = 1.0
     weight_decay: float = 0.0
@@ -117,6 +118,10 @@ PRESETS = {
         sft_steps=300, sft_lr=2e-3, sft_warmup=30, batch_size=32, micro_batch_size=32,
         # lr 1e-4: 1e-5 did not move this 0.6M model in 150 steps; 3e-4 and 1e-3 learned, then collapsed.
         rl_steps=150, rl_lr=1e-4, rl_warmup=10, prompts_per_step=16, group_size=8, rl_mini_batch=64,
+        # λ = 0 (GRPO) on the toy, as measured: here each family's functional token is fixed by its
+        # question, so the anchor has no choice to sharpen; it pushes down the token of wrong answers
+        # and the family drifts to another token (README). `python -m atlas_min.experiment` runs both.
+        anchor_coef=0.0,
         max_new_tokens=40, len_threshold=40, len_buffer=16,
         eval_max_new_tokens=40, eval_batch_size=50, save_every=100, log_every=10,
     ),
@@ -158,7 +163,8 @@ PRESETS = {
         # penalise length linearly from 768 to 1024, and functional tokens beyond 8 (1.7× the mean).
         max_new_tokens=1024, len_threshold=768, len_buffer=256, len_max_penalty=1.0,
         over_threshold=8, over_slope=0.25, over_max_penalty=1.0,
-        eval_max_new_tokens=8192, eval_batch_size=8, save_every=100,  # 8192: ATLAS's eval harness
+        eval_max_new_tokens=8192, eval_batch_size=8,  # 8192: ATLAS's eval harness
+        save_every=100, keep_checkpoints=2,  # a checkpoint is ~100 GB (fp32 weights + AdamW moments)
     ),
 }
 

@@ -47,6 +47,8 @@ import re
 import sys
 from pathlib import Path
 
+from atlas_min.rewards import extract_answer
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 ID_KEYS, TASK_KEYS = ("id", "qid", "question_id"), ("category", "task", "subject")
@@ -136,21 +138,12 @@ def scalar(value, field, where):
     return str(value).strip()
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{...}, nested braces balanced; None if there is none (or it never closes)."""
-    start, depth = text.rfind("\\boxed{"), 0
-    for i in range(start + len("\\boxed{"), len(text) if start >= 0 else 0):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth < 0:
-            return text[start + len("\\boxed{"):i].strip()
-    return None
-
-
 def final_answer(text):
-    """The last <answer>…</answer> (a \\boxed{…} inside it unwrapped), else the last \\boxed{…}, else None."""
-    tagged = re.findall(r"<answer>(.*?)</answer>", text, flags=re.S)
-    boxed = last_boxed(tagged[-1] if tagged else text)
-    return boxed if boxed is not None else tagged[-1].strip() if tagged else None
+    """The last <answer>…</answer> (a \\boxed{…} inside it unwrapped), else the last \\boxed{…}, else None:
+    the rewards' own extraction, so training data and rewards read answers the same way."""
+    tagged = extract_answer(text, "tag")
+    boxed = extract_answer(tagged if tagged is not None else text, "boxed")
+    return boxed if boxed is not None else tagged
 
 
 def convert_conversation(rec, where):

@@ -130,3 +130,7 @@ def collate_prompts(encoded, pad_id):
         input_ids[b, T - len(e["prompt_ids"]):] = torch.tensor(e["prompt_ids"])
         attention_mask[b, T - len(e["prompt_ids"]):] = 1
     return dict(_images(encoded), input_ids=input_ids, attention_mask=attention_mask)
+
+
+def to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

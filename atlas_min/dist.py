@@ -22,7 +22,8 @@ def setup():
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        # CUDA: NCCL for tensors on the GPU, gloo for the small CPU tensors and objects (counts, metrics)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 
@@ -42,6 +43,17 @@ def print0(*args, **kwargs):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (FSDP's bf16 parameters, or a single GPU's fp32 ones); fp32 on CPU."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip the global gradient norm (across FSDP shards) and return it as a float."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
 
 
 def all_sum(x):

@@ -3,6 +3,8 @@
     python -m atlas_min.experiment                      # runs/experiment: sft/, grpo/, la-grpo/, results.md, curves.png
     python -m atlas_min.experiment --procs 1 seed=1     # one process; overrides go to every stage
     python -m atlas_min.experiment --plot-only          # redraw curves.png from the metrics on disk
+    python -m atlas_min.experiment --readme             # also write the table into README.md
+    python -m atlas_min.experiment --out runs/experiment-noslip toy_teacher_slip=0 --readme toy-results-noslip
 
 Each stage is the user's own command line (train_sft.py, torchrun train_rl.py, eval.py), run as a
 subprocess; an existing stage folder with a model and eval.json is reused, so an interrupted
@@ -28,13 +30,18 @@ def _run(cmd):
 
 
 def _launcher(procs):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
 
 
 def _stage(folder, train_cmd, eval_args):
-    """Train into `folder` and evaluate it, unless both are already there; returns (eval dict, seconds)."""
+    """Train into `folder` and evaluate it, unless both are already there; returns (eval dict, seconds).
+
+    A stage killed before its end is resumed from its latest checkpoint, not restarted."""
     seconds = 0.0
     if not (folder / "model.safetensors").is_file():
+        if list((folder / "checkpoints").glob("step_*/trainer_state.json")):
+            script = next(c for c in train_cmd if str(c).endswith(".py"))
+            train_cmd = train_cmd[:train_cmd.index(script) + 1] + ["--resume", folder]
         seconds = _run(train_cmd)
     if not (folder / "eval.json").is_file():
         _run([sys.executable, "eval.py", "--ckpt", folder, *eval_args])
@@ -44,6 +51,17 @@ def _stage(folder, train_cmd, eval_args):
         timing.write_text(f"{seconds:.1f}\n")
     result["train_seconds"] = float(timing.read_text()) if timing.is_file() else float("nan")
     return result
+
+
+def update_readme(section, text, readme=ROOT / "README.md"):
+    """Replace what stands between `<!-- section -->` and `<!-- /section -->` in README.md with `text`."""
+    start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    doc = readme.read_text()
+    if start not in doc or end not in doc:
+        raise SystemExit(f"error: {readme} has no {start} ... {end} markers")
+    head, rest = doc.split(start, 1)
+    readme.write_text(head + start + "\n" + text.strip() + "\n" + end + rest.split(end, 1)[1])
+    print(f"updated the {section} section of {readme}")
 
 
 def plot(out, runs):
@@ -72,12 +90,15 @@ def main():
     p.add_argument("--out", default="runs/experiment")
     p.add_argument("--config", default="toy")
     p.add_argument("--procs", type=int, default=2, help="processes for train_rl.py (torchrun)")
+    p.add_argument("--anchor", type=float, default=0.5, help="λ of the LA-GRPO run (the GRPO run has λ = 0)")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--readme", nargs="?", const="toy-results", default=None, metavar="SECTION",
+                   help="also write the table into README.md (its toy-results section, or SECTION)")
     p.add_argument("overrides", nargs="*", help="field=value, passed to every stage")
     args = p.parse_intermixed_args()
     out = Path(args.out).resolve()
     cfg = get_config(args.config, args.overrides)
-    runs = {"grpo": 0.0, "la-grpo": cfg.anchor_coef}
+    runs = {"grpo": 0.0, "la-grpo": args.anchor}
     if args.plot_only:
         return plot(out, runs)
 
@@ -88,9 +109,13 @@ def main():
         results[name] = _stage(out / name, [*_launcher(args.procs), "train_rl.py", *base, "--init", out / "sft",
                                             "--out", out / name, f"anchor_coef={anchor}"], args.overrides)
     tasks = list(sft["per_task"])
-    lines = [f"Toy result: `python -m atlas_min.experiment {' '.join(sys.argv[1:])}`".rstrip(),
-             f"(preset {args.config}, seed {cfg.seed}, {cfg.rl_steps} RL steps × {cfg.prompts_per_step} prompts × G={cfg.group_size}, "
-             f"λ={cfg.anchor_coef}, {args.procs} process(es) for RL; held-out split of {sft['n']} examples, greedy)", "",
+    shown = (["--config", args.config] if args.config != "toy" else []) + (["--procs", str(args.procs)] if args.procs != 2 else [])
+    shown += ["--anchor", str(args.anchor)] if args.anchor != 0.5 else []
+    shown += (["--out", args.out] if args.out != "runs/experiment" else []) + list(args.overrides)
+    command = " ".join(["python -m atlas_min.experiment", *shown])
+    lines = [f"`{command}`",
+             f"(preset {args.config}, seed {cfg.seed}, {cfg.max_steps or cfg.rl_steps} RL steps × {cfg.prompts_per_step} prompts × G={cfg.group_size}, "
+             f"LA-GRPO λ={args.anchor}, {args.procs} process(es) for RL; held-out split of {sft['n']} examples, greedy)", "",
              "| model | accuracy | " + " | ".join(tasks) + " | format | functional rate | functional tokens / output | train time |",
              "|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
     for name, r in results.items():
@@ -100,6 +125,8 @@ def main():
     lines += ["", f"SFT with blank images (blind): {sft['blind_accuracy']:.3f}; average chance {sft.get('chance', float('nan')):.3f}."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.readme:
+        update_readme(args.readme, "\n".join(lines))
     try:
         plot(out, runs)
     except ImportError:

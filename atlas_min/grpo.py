@@ -118,7 +118,8 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantage
 
 def functional_grad_share(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor,
                           mask: Tensor, functional_mask: Tensor, *, clip_eps: float, kl_coef: float,
-                          anchor_coef: float) -> float:
+                          anchor_coef: float, num_outputs: int | None = None,
+                          num_anchor_outputs: int | None = None) -> float:
     """Gradient-dilution diagnostic (DESIGN.md, "LA-GRPO"): sum_{t in F} |g_t| / sum_t |g_t|, g = dloss/dlogp.
 
     The share of the policy-gradient "mass" that reaches functional-token positions. With
@@ -126,11 +127,13 @@ def functional_grad_share(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | Non
     share is roughly the functional share of tokens (~2% in the paper); the anchor adds
     lambda |A_i| / (|I_F| |F_i|) at functional positions only and lifts it. Computed on a detached
     copy of `logp`, so the model's graph and .grad are never touched. Returns 0.0 if sum |g| is 0.
+    `num_outputs` / `num_anchor_outputs` as in `grpo_loss` (the counts of the whole batch).
     """
     x = logp.detach().clone().requires_grad_(True)  # (B, T)
     ref = None if ref_logp is None else ref_logp.detach()
     loss, _ = grpo_loss(x, old_logp.detach(), ref, advantages.detach(), mask, functional_mask,
-                        clip_eps=clip_eps, kl_coef=kl_coef, anchor_coef=anchor_coef)
+                        clip_eps=clip_eps, kl_coef=kl_coef, anchor_coef=anchor_coef,
+                        num_outputs=num_outputs, num_anchor_outputs=num_anchor_outputs)
     (g,) = torch.autograd.grad(loss, x)  # (B, T)
     fmask = functional_mask.bool() & mask.bool()
     total = float(g.abs().sum())

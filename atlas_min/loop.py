@@ -8,6 +8,8 @@ import math
 import time
 from pathlib import Path
 
+import torch
+
 from atlas_min import checkpoint
 from atlas_min.config import ConfigError, die, get_config
 from atlas_min.data import DataError, load_jsonl
@@ -39,6 +41,9 @@ def parse(description, need_init=False):
                 die(f"--resume {start} was trained with --config {saved.name}, not {args.config}: drop --config")
             cfg = get_config(overrides=args.overrides, base=saved)
             args.out = args.out or str(start.parent.parent if start.parent.name == "checkpoints" else start)
+            step, total = checkpoint.read_state(start)[0]["step"], cfg.max_steps or (cfg.rl_steps if need_init else cfg.sft_steps)
+            if step >= total:
+                die(f"{start} is already at step {step} of {total}: pass max_steps=N (N > {step}) to go on")
             return args, cfg, start
         cfg = get_config(args.config or "micro", args.overrides)
     except ConfigError as e:
@@ -65,6 +70,17 @@ def examples(cfg, split, need_response=False):
         die(str(e))
 
 
+def stream_indices(step, per_step, n, seed):
+    """Indices of `step`'s global batch: an endless stream of per-epoch shuffles of range(n), derived
+    from (seed, step) alone, so a resumed run and any number of processes see the same batches."""
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(perm[pos].item())
+    return out
+
+
 def lr_at(step, total, warmup, peak):
     """Linear warm-up to `peak` over `warmup` steps, then cosine decay to 0 at `total`."""
     if step < warmup:
@@ -81,6 +97,9 @@ class Progress:
         self.t0 = time.time()
         if is_main():
             Path(run).mkdir(parents=True, exist_ok=True)
+            if self.path.exists():  # a resumed run: drop the records of steps it will redo
+                kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < start]
+                self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step, **metrics):
         elapsed = time.time() - self.t0

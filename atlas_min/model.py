@@ -143,7 +143,7 @@ def reply_nll(logits, labels, ignore_index=-100):
     return -token_logprobs(logits[:, :-1], targets.clamp(min=0)) * keep
 
 
-def _image_order(images_per_row, repeats):
+def image_order(images_per_row, repeats):
     """Image indices in the order the repeated rows hold them (prompt p's images, `repeats` times)."""
     order, start = [], 0
     for n in images_per_row:
@@ -159,7 +159,7 @@ def forward(model, batch, input_ids, attention_mask, repeats=1, logits_to_keep=0
     extend the prompts with completions; `position_ids` (3, B, T), when given, spares their computation.
     Returns (model output, rope deltas (B, 1), or None when `position_ids` was given).
     """
-    order = _image_order(batch["images_per_row"], repeats)
+    order = image_order(batch["images_per_row"], repeats)
     features = {}
     if order:
         pooled = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True).pooler_output

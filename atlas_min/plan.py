@@ -31,6 +31,8 @@ bf16 compute, fp32 reduce. Assumptions:
   for its reduce-scatter (made after the activations are freed). Hence "fits" = peak ≤ (1 - HEADROOM) × GPU memory.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -200,8 +202,9 @@ def main():
     ap.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", "8")))
     ap.add_argument("--gpu-mem-gb", type=float, default=80.0)
     ap.add_argument("--json", default=None, help="also write the plan here")
+    ap.add_argument("--readme", action="store_true", help="also write the printed plan into README.md")
     ap.add_argument("overrides", nargs="*", help="field=value")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     try:
         cfg = get_config(args.config, args.overrides)
     except ConfigError as e:
@@ -209,7 +212,14 @@ def main():
     measured = measure_sharding(cfg) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     if not int(os.environ.get("RANK", "0")):
         result = plan(cfg, args.gpus, args.gpu_mem_gb) | ({"measured": measured} if measured else {})
-        report(result)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            report(result)
+        print(printed.getvalue(), end="")
+        if args.readme:
+            from atlas_min.experiment import update_readme
+            shown = " ".join(a for a in sys.argv[1:] if a != "--readme")
+            update_readme("plan", f"`python -m atlas_min.plan {shown}`\n\n```\n{printed.getvalue().rstrip()}\n```")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)

@@ -54,7 +54,7 @@ def extract_answer(completion, answer_format):
 
 
 def _normalise(text):
-    """Strip, drop one layer of surrounding `$…$` / `$$…$$`, collapse whitespace runs."""
+    """Strip, drop the surrounding `$…$` / `$$…$$` delimiters, collapse whitespace runs."""
     text = text.strip()
     if len(text) >= 2 and text[0] == "$" and text[-1] == "$":
         text = text.strip("$")

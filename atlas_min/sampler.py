@@ -3,8 +3,8 @@
 `sample` repeats each prompt G times (its images encoded once), prefills once, then decodes one
 token per step with a KV cache and explicit mrope positions: temperature, top-p, a stop per row at
 `<|im_end|>`, never a vision placeholder. `sequence_logprobs` recomputes the same log-probs with one
-full forward; at temperature 1 the two agree to float precision, which is what keeps the PPO
-ratio exp(log π_θ − log π_old) at exactly 1 before the first update.
+full forward; at temperature 1 the two agree to 1e-4 (tests). train_rl.py takes π_old from
+`sequence_logprobs` too, so the PPO ratio exp(log π_θ − log π_old) is exactly 1 before the first update.
 
 Randomness: row r draws its uniforms from its own generator seeded with `row_seeds[r]`, so a row's
 sample depends on its seed and its logits only, not on which rows share its batch or process.
@@ -50,6 +50,8 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
     prompt_ids = batch["input_ids"].repeat_interleave(group_size, 0)  # (N, P), N = B·G
     prompt_mask = batch["attention_mask"].repeat_interleave(group_size, 0)
     N, device = prompt_ids.shape[0], prompt_ids.device
+    if temperature > 0 and row_seeds is None:
+        raise ValueError("sampling (temperature > 0) needs row_seeds: one seed per row, B·G of them")
     if temperature > 0:  # all of a row's uniforms up front: one call per row, not one per row and step
         uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(s)))
                                 for s in row_seeds]).to(device)  # (N, max_new_tokens)
@@ -75,7 +77,7 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
         logprobs.append(token_logprobs(scaled[:, None], token[:, None])[:, 0])
         masks.append(~done)
         done = done | (token == eos_id)
-        if _all_done(done):
+        if step == max_new_tokens - 1 or _all_done(done):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
         position = (attention_mask.cumsum(-1) - 1)[:, -1:] + rope_deltas  # (N, 1): continues each row's text

@@ -49,8 +49,8 @@ def test_a_small_update_raises_the_advantage_weighted_log_likelihood(micro, toy_
     assert (after - before).abs().max() > 1e-4  # the step did move the policy
 
 
-def test_the_anchor_moves_only_what_functional_positions_touch(micro, toy_files):
-    """With A = 0 for every output, GRPO's gradient vanishes; the anchor's does too (it is A-weighted)."""
+def test_a_group_of_equal_rewards_moves_nothing_anchor_included(micro, toy_files):
+    """A = 0 for every output: GRPO's gradient vanishes, and the anchor's too (it is A-weighted)."""
     G = 6
     model, tokenizer, batch, out = _setup(micro, toy_files, G)
     old, _ = _seq_logp(model, batch, out, G)

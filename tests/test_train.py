@@ -19,7 +19,7 @@ def _env():
 
 
 def run(*args, procs=1, check=True):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
     out = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     if check and out.returncode != 0:
         raise AssertionError(f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -38,7 +38,7 @@ def max_diff(a, b):
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "run"
-    run("train_sft.py", "--config", "micro", "--out", out, "max_steps=3")
+    run("train_sft.py", "--config", "micro", "--out", out, "max_steps=3", "save_every=1")
     return out
 
 
@@ -108,8 +108,11 @@ def test_a_checkpoint_loads_with_stock_transformers(sft_run):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert all(len(tokenizer.encode(t, add_special_tokens=False)) == 1 for t in FUNCTIONAL_TOKENS)
     assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
-    for step in sorted((sft_run / "checkpoints").glob("step_*")) if (sft_run / "checkpoints").exists() else []:
+    steps = sorted((sft_run / "checkpoints").glob("step_*"))
+    assert [s.name for s in steps] == ["step_000001", "step_000002"]
+    for step in steps:  # intermediate checkpoints load the same way
         Qwen2_5_VLForConditionalGeneration.from_pretrained(step)
+        AutoTokenizer.from_pretrained(step)
 
 
 def test_one_rl_step_runs_on_one_and_two_processes_with_the_same_result(tmp_path, sft_run):
@@ -153,7 +156,7 @@ def test_bad_input_gives_a_one_line_error_without_traceback(args, message):
 
 
 def test_resuming_with_another_preset_is_refused(sft_run):
-    out = run("train_sft.py", "--resume", sft_run / "checkpoints" if False else sft_run, "--config", "toy", check=False)
+    out = run("train_sft.py", "--resume", sft_run, "--config", "toy", check=False)
     assert out.returncode != 0 and "drop --config" in out.stderr
 
 
@@ -171,3 +174,19 @@ def test_overrides_may_come_before_and_after_the_options(tmp_path):
     run("train_sft.py", "--config", "micro", "max_steps=1", "--out", tmp_path / "run", "batch_size=4")
     state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
     assert state["step"] == 1 and state["config"]["batch_size"] == 4
+
+
+def test_resuming_a_finished_run_says_how_to_go_on(sft_run):
+    out = run("train_sft.py", "--resume", sft_run, check=False)
+    assert out.returncode != 0 and "pass max_steps=N" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_resume_takes_the_latest_step_and_logs_each_step_once(tmp_path, sft_run):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(sft_run, run_dir)
+    run("train_sft.py", "--resume", run_dir, "max_steps=5", "save_every=1")  # final folder (step 3) → 5
+    from atlas_min.checkpoint import find
+    assert find(run_dir) == run_dir  # the final model, step 5, is newer than checkpoints/step_000004
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics_sft.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]
