@@ -116,8 +116,9 @@ PRESETS = {
         # the slips, RL's reward judges against the truth. With 0, RL on this toy only sharpens sampling.
         toy_teacher_slip=0.6,
         sft_steps=300, sft_lr=2e-3, sft_warmup=30, batch_size=32, micro_batch_size=32,
-        # lr 1e-4: 1e-5 did not move this 0.6M model in 150 steps; 3e-4 and 1e-3 learned, then collapsed.
-        rl_steps=150, rl_lr=1e-4, rl_warmup=10, prompts_per_step=16, group_size=8, rl_mini_batch=64,
+        # lr 1e-4: 1e-5 did not move this 0.6M model in 150 steps; 3e-4 and 1e-3 learned, then collapsed;
+        # 150 steps repaired part of the slips (+0.025 held-out), 300 steps most of them (+0.085).
+        rl_steps=300, rl_lr=1e-4, rl_warmup=10, prompts_per_step=16, group_size=8, rl_mini_batch=64,
         # λ = 0 (GRPO) on the toy, as measured: here each family's functional token is fixed by its
         # question, so the anchor has no choice to sharpen; it pushes down the token of wrong answers
         # and the family drifts to another token (README). `python -m atlas_min.experiment` runs both.
