@@ -119,10 +119,6 @@ PRESETS = {
         # lr 1e-4: 1e-5 did not move this 0.6M model in 150 steps; 3e-4 and 1e-3 learned, then collapsed;
         # 150 steps repaired part of the slips (+0.025 held-out), 300 steps most of them (+0.085).
         rl_steps=300, rl_lr=1e-4, rl_warmup=10, prompts_per_step=16, group_size=8, rl_mini_batch=64,
-        # λ = 0 (GRPO) on the toy, as measured: here each family's functional token is fixed by its
-        # question, so the anchor has no choice to sharpen; it pushes down the token of wrong answers
-        # and the family drifts to another token (README). `python -m atlas_min.experiment` runs both.
-        anchor_coef=0.0,
         max_new_tokens=40, len_threshold=40, len_buffer=16,
         eval_max_new_tokens=40, eval_batch_size=50, save_every=100, log_every=10,
     ),
