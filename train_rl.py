@@ -44,11 +44,11 @@ if cfg.prompts_per_step % world or cfg.rl_mini_batch % (G * world):
     die(f"prompts_per_step={cfg.prompts_per_step} and rl_mini_batch/G={cfg.rl_mini_batch}/{G} must divide by {world} processes")
 
 # --- policy (the SFT checkpoint, or the checkpoint to resume) and the frozen reference (always the SFT one) ---
-init = checkpoint.read_state(resume_from)[0]["init"] if resume_from else args.init
+saved = checkpoint.read_state(resume_from)[0] if resume_from else {"init": args.init, "step": 0}
+init, start = saved["init"], saved["step"]
 model, tokenizer, image_processor = load_pretrained(resume_from or init, cfg)
 if any(t not in tokenizer.get_vocab() for t in FUNCTIONAL_TOKENS):
     die(f"{init} has no functional tokens: pass a checkpoint made by train_sft.py")
-start = checkpoint.read_state(resume_from)[0]["step"] if resume_from else 0
 model = shard(model, cfg, device)
 reference = None
 if cfg.kl_coef > 0:
