@@ -1,12 +1,12 @@
 """Stage 1 of ATLAS: plain supervised fine-tuning with the functional tokens in the vocabulary.
 
-    python train_sft.py --config toy --out runs/sft                       # the CPU demo, ~5 min on 2 cores
+    python train_sft.py --config toy --out runs/sft                       # the CPU demo, ~1 min on 2 cores
     torchrun --nproc_per_node 2 train_sft.py --config micro --out runs/m  # FSDP2 on CPU (gloo)
     torchrun --nproc_per_node 8 train_sft.py --config qwen2_5_vl_7b \\
         model_path=/path/to/Qwen2.5-VL-7B-Instruct train_data=atlas.jsonl --out runs/sft7b
     python train_sft.py --resume runs/sft                                 # continue from the latest checkpoint
 
-Loss (DESIGN.md, stage 1): the mean cross-entropy over the reply tokens of the global batch,
+Loss (docs/method.md, "Stage 1"): the mean cross-entropy over the reply tokens of the global batch,
 functional tokens included with no special weight; prompt, image and padding positions carry none.
 The global batch (its examples, their order, the normalising token count) is the same on any number
 of processes: each rank takes a contiguous slice and divides its summed loss by the global count.
@@ -16,23 +16,27 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.config import die
-from atlas_min.data import IGNORE, collate_sft, encode, to_device
+from atlas_min.cli import Progress, UsageError, parse_run_args, report, user_errors
+from atlas_min.data import IGNORE, collate_sft, encode, load_examples, stream_indices, to_device
 from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, print0, setup, shard
-from atlas_min.loop import Progress, examples, lr_at, parse, report, stream_indices
 from atlas_min.model import forward, init_model, load_pretrained, reply_nll
+from atlas_min.optim import adamw, lr_at, set_lr
 from atlas_min.tokens import FUNCTIONAL_TOKENS
 
-args, cfg, resume_from = parse("Stage 1: SFT with functional tokens")
-rank, world, device = setup()
-run = args.out or f"runs/sft-{cfg.name}"
+# 1. command line, processes, data
+with user_errors():
+    opts, cfg, resume_from = parse_run_args("Stage 1: SFT with functional tokens", stage="sft")
+    rank, world, device = setup()
+    if cfg.vocab_rows and not cfg.model_path and not resume_from:
+        raise UsageError(f"config {cfg.name} trains a pretrained model: "
+                         "set model_path=/path/to/Qwen2.5-VL-7B-Instruct")
+    if cfg.batch_size % world:
+        raise UsageError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
+    train = load_examples(cfg, "train", need_response=True)
+run = opts.out or f"runs/sft-{cfg.name}"
 total = cfg.max_steps or cfg.sft_steps
-if cfg.vocab_rows and not cfg.model_path and not resume_from:
-    die(f"config {cfg.name} trains a pretrained model: set model_path=/path/to/Qwen2.5-VL-7B-Instruct")
-if cfg.batch_size % world:
-    die(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
 
-# --- model, tokenizer, optimizer ---
+# 2. model (the base model + functional tokens, or the checkpoint to resume), optimizer
 if resume_from:
     model, tokenizer, image_processor = load_pretrained(resume_from, cfg)
     start = checkpoint.read_state(resume_from)[0]["step"]
@@ -41,51 +45,59 @@ else:
     start = 0
 functional_ids = torch.tensor(tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS), device=device)
 model = shard(model, cfg, device).train()
-optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+optimizer = adamw(model, cfg, "sft")
 if resume_from:
     checkpoint.load_optimizer(resume_from, model, optimizer)
     print0(f"resumed from {resume_from} at step {start}")
 n_params = sum(p.numel() for p in model.parameters())  # a sharded parameter's numel() is the global one
 print0(f"SFT {cfg.name}: ~{n_params / 1e6:.2f}M parameters, {world} process(es), {device}, {total} steps")
-
-train = examples(cfg, "train", need_response=True)
-pad_id = tokenizer.pad_token_id
+pad_id, per_rank = tokenizer.pad_token_id, cfg.batch_size // world
 
 
-# --- the loop ---
-progress = Progress(run, "sft", start, total, cfg.log_every)
-for step in range(start, total):
-    t0 = time.time()
-    lr = lr_at(step, total, cfg.sft_warmup, cfg.sft_lr)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    per_rank = cfg.batch_size // world
-    mine = stream_indices(step, cfg.batch_size, len(train), cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
-    encoded = [encode(train[i], tokenizer, image_processor, cfg.system_prompt, with_reply=True, question_suffix=cfg.question_suffix) for i in mine]
-    n_reply = all_sum(sum(len(e["reply_ids"]) for e in encoded))  # the global normaliser
-    loss_sum = ft_sum = ft_count = 0.0
+def sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world, device):
+    """Forward and backward over this rank's examples in micro-batches; the loss divides by the global
+    reply-token count `n_reply`, so accumulation and ranks add up to the global batch's mean.
+    Returns this rank's summed loss, and the summed loss and count at functional-token positions."""
+    loss_sum = ft_loss_sum = ft_count = 0.0
     for i in range(0, len(encoded), cfg.micro_batch_size):
         batch = to_device(collate_sft(encoded[i:i + cfg.micro_batch_size], pad_id), device)
         with autocast(device):
             logits = forward(model, batch, batch["input_ids"], batch["attention_mask"])[0].logits
         token_loss = reply_nll(logits, batch["labels"], IGNORE)  # (b, T-1)
         (token_loss.sum() / n_reply * world).backward()  # FSDP averages gradients over ranks: undo it
-        is_ft = torch.isin(batch["labels"][:, 1:], functional_ids)
+        is_functional = torch.isin(batch["labels"][:, 1:], functional_ids)  # (b, T-1)
         loss_sum += token_loss.sum().item()
-        ft_sum, ft_count = ft_sum + token_loss[is_ft].sum().item(), ft_count + is_ft.sum().item()
+        ft_loss_sum += token_loss[is_functional].sum().item()
+        ft_count += is_functional.sum().item()
+    return loss_sum, ft_loss_sum, ft_count
+
+
+# 3. the loop
+progress = Progress(run, "sft", start, total, cfg.log_every)
+for step in range(start, total):
+    t0 = time.time()
+    lr = lr_at(step, total, cfg.sft_warmup, cfg.sft_lr)
+    set_lr(optimizer, lr)
+    order = stream_indices(step, cfg.batch_size, len(train), seed=cfg.seed, epoch_seed_stride=cfg.epoch_seed_stride)
+    encoded = [encode(train[i], tokenizer, image_processor, cfg.system_prompt, with_reply=True,
+                      question_suffix=cfg.question_suffix) for i in order[rank * per_rank:(rank + 1) * per_rank]]
+    n_reply = all_sum(sum(len(e["reply_ids"]) for e in encoded))  # the global normaliser
+    loss_sum, ft_loss_sum, ft_count = sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world, device)
     grad_norm = clip_grad_norm(model, cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-    loss_sum, ft_sum, ft_count = all_sum(loss_sum), all_sum(ft_sum), all_sum(ft_count)
-    progress.log(step, loss=loss_sum / n_reply, ft_loss=ft_sum / max(ft_count, 1), lr=lr, grad_norm=grad_norm,
-                 tokens_per_s=round(n_reply / (time.time() - t0), 1))
+    loss = all_sum(loss_sum) / n_reply
+    progress.log(step, loss=loss, ft_loss=all_sum(ft_loss_sum) / max(all_sum(ft_count), 1), lr=lr,
+                 grad_norm=grad_norm, tokens_per_s=round(n_reply / (time.time() - t0), 1))
     if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-        checkpoint.save(checkpoint.step_folder(run, step + 1), model, tokenizer, image_processor, cfg, step + 1, optimizer)
+        checkpoint.save(checkpoint.step_folder(run, step + 1), model, tokenizer, image_processor, cfg, step + 1,
+                        optimizer)
         checkpoint.prune(run, cfg.keep_checkpoints)
 
+# 4. the final model (a resumable checkpoint too) and the run report
 checkpoint.save(run, model, tokenizer, image_processor, cfg, total, optimizer)
-report(run, f"SFT ({cfg.name})", [f"steps {start}→{total}, {world} process(es)", f"final loss {loss_sum / n_reply:.4f}",
+report(run, f"SFT ({cfg.name})", [f"steps {start}→{total}, {world} process(es)", f"final loss {loss:.4f}",
                                   f"checkpoint: {run}"])
 print0(f"saved {run}")
 cleanup()

@@ -25,7 +25,7 @@ from transformers import GenerationConfig
 from atlas_min import checkpoint
 from atlas_min.config import get_config
 from atlas_min.data import collate_prompts, encode
-from atlas_min.loop import examples
+from atlas_min.data import load_examples
 from atlas_min.model import image_order, init_model, load_pretrained
 from atlas_min.sampler import sample
 from atlas_min.tokens import VISION_TOKENS
@@ -105,7 +105,7 @@ def main():
             init = tmp
             checkpoint.save(init, model, tokenizer, image_processor, cfg, 0)
         model.eval()
-        prompts = examples(cfg, "train")[:cfg.prompts_per_step]
+        prompts = load_examples(cfg, "train")[:cfg.prompts_per_step]
         batch = collate_prompts([encode(ex, tokenizer, image_processor, cfg.system_prompt, question_suffix=cfg.question_suffix) for ex in prompts],
                                 tokenizer.pad_token_id)
         result = {"config": cfg.name, "threads": torch.get_num_threads(), **compare_samplers(model, tokenizer, batch, cfg, args.repeats)}

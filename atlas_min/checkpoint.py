@@ -22,6 +22,10 @@ from atlas_min.dist import barrier, full_model_state, full_optimizer_state, is_m
 STATE = "trainer_state.json"
 
 
+class CheckpointError(ValueError):
+    """A folder that holds no usable checkpoint; the message names it."""
+
+
 def _write_model(folder, model, state, tokenizer, image_processor):
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # one tensor, two names: safetensors stores it once
@@ -82,14 +86,18 @@ def find(path):
     candidates = [p for p in [path, *(path / "checkpoints").glob("step_*")]
                   if (p / STATE).is_file() and (p / "optimizer.safetensors").is_file()]
     if not candidates:
-        raise FileNotFoundError(f"{path} holds no complete checkpoint (looked for {path}/checkpoints/step_*/{STATE})")
+        raise CheckpointError(f"{path} holds no complete checkpoint (looked for {path}/checkpoints/step_*/{STATE})")
     return max(candidates, key=lambda p: json.loads((p / STATE).read_text())["step"])
 
 
 def read_state(folder):
     """(trainer_state dict, Config) of a checkpoint folder."""
-    state = json.loads((Path(folder) / STATE).read_text())
-    return state, from_dict(state["config"])
+    path = Path(folder) / STATE
+    try:
+        state = json.loads(path.read_text())
+        return state, from_dict(state["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a readable trainer state ({type(e).__name__}: {e})") from None
 
 
 def load_optimizer(folder, model, optimizer):

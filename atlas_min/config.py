@@ -6,7 +6,6 @@ Presets: `micro` (tests: a forward in milliseconds), `toy` (the CPU demo, minute
 (the paper's model on one node of 8 GPUs: Qwen2.5-VL-7B's architecture; weights from `model_path`).
 """
 import dataclasses
-import sys
 from dataclasses import dataclass, fields, replace
 
 
@@ -57,6 +56,13 @@ class Config:
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     activation_checkpointing: bool = False
+    # Every random draw derives from (seed, step, row) through these strides, so a resumed run and any
+    # number of processes draw the same. They are primes larger than any count they multiply past (epochs,
+    # steps, rows per step), so distinct (seed, epoch) or (seed, step, row) never share a generator seed.
+    epoch_seed_stride: int = 100_003  # the shuffle of epoch e uses seed * stride + e (data.stream_indices)
+    step_seed_stride: int = 1_000_003  # a sampled row's seed: (seed * step_stride + step) * row_stride + row
+    row_seed_stride: int = 65_537
+    rl_seed_offset: int = 7919  # RL's prompt stream is SFT's shuffle under seed + offset: not SFT's order again
 
     # --- stage 1, SFT ---
     sft_steps: int = 4
@@ -64,6 +70,10 @@ class Config:
     sft_warmup: int = 1
     batch_size: int = 8  # global batch in examples, the same on any number of processes
     micro_batch_size: int = 4  # per forward; gradient accumulation covers the rest
+    # AdamW's betas. SFT: (0.9, 0.95), the usual pair for transformer pre-training and fine-tuning (GPT-3,
+    # LLaMA); a shorter second-moment memory copes with the loss's fast early fall.
+    sft_beta1: float = 0.9
+    sft_beta2: float = 0.95
 
     # --- stage 2, GRPO / LA-GRPO ---
     rl_steps: int = 2
@@ -80,6 +90,10 @@ class Config:
     kl_coef: float = 0.01  # beta
     anchor_coef: float = 0.5  # lambda; 0 is plain GRPO
     adv_eps: float = 1e-6
+    # RL: (0.9, 0.99), as verl's and OpenRLHF's GRPO defaults; policy-gradient steps are noisy, so the
+    # second moment averages over more of them (~100 updates) than in SFT.
+    rl_beta1: float = 0.9
+    rl_beta2: float = 0.99
 
     # --- reward R = w_acc R_acc + w_ft R_ft + w_fmt R_fmt - w_len P_len - w_over P_over ---
     answer_format: str = "tag"  # "tag": <answer>...</answer>;  "boxed": \boxed{...}
@@ -209,9 +223,3 @@ def to_dict(cfg):
 def from_dict(d):
     known = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in d.items() if k in known})
-
-
-def die(message):
-    """A one-line error for the user, exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)

@@ -1,7 +1,8 @@
-"""Data: the JSONL schema (DESIGN.md, "Data"), Qwen's chat format, image-pad expansion, collation.
+"""Data: the JSONL schema, where examples come from, Qwen's chat format, image-pad expansion, collation.
 
 One example per line: {"id", "images": [paths relative to the file's folder], "question", "answer",
-"response" (SFT only, functional tokens inline), "task"}. Toy data and real data use the same loader.
+"response" (SFT only, functional tokens inline), "task"} (docs/method.md, "Data"). Toy data and real
+data use the same loader; a config with no data path draws on the toy world (`atlas_min.toy`).
 
 A sequence is `prompt + reply`, tokenised separately and concatenated, so what SFT trains on is
 token-for-token what the sampler will later produce after the same prompt:
@@ -61,6 +62,31 @@ def load_jsonl(path, need_response=False):
             paths.append(full)
         examples.append(dict(ex, images=paths, where=where))
     return examples
+
+
+def load_examples(cfg, split, need_response=False):
+    """The examples of `split` ("train" or "eval"): the config's JSONL file, or the toy world's split.
+
+    The toy's files are written atomically (`toy.write_toy_data`), so ranks may all ask at once.
+    """
+    path = cfg.train_data if split == "train" else cfg.eval_data
+    if not path:
+        from atlas_min.toy import ensure_toy_data  # only when no data is given: real data never loads the toy
+        path = ensure_toy_data(cfg)[0 if split == "train" else 1]
+    return load_jsonl(path, need_response=need_response)
+
+
+def stream_indices(step, per_step, n, *, seed, epoch_seed_stride):
+    """Indices of `step`'s global batch: an endless stream of per-epoch shuffles of range(n).
+
+    Derived from (seed, step) alone, so a resumed run and any number of processes see the same batches.
+    """
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * epoch_seed_stride + epoch))
+        out.append(perm[pos].item())
+    return out
 
 
 def open_image(path, where=""):

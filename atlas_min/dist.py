@@ -4,6 +4,7 @@
     model = shard(model, cfg, device) # FSDP2: each vision block, the vision tower, each decoder layer, the root
 """
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -125,5 +126,17 @@ def load_optimizer_state(model, optimizer, state):
 
 
 def cleanup():
+    """End a finished run: under torchrun, leave the process group together and exit 0 at once.
+
+    Skipping the interpreter's teardown is the point. gloo's worker threads (and FSDP's state) still hold
+    work objects whose tensors carry Python references; destroying them while the interpreter finalises
+    takes the GIL of a dying interpreter and aborts the process ("terminate called without an active
+    exception", exit -6), now and then, after the run's work was all done (PyTorch PR #179291). Call it
+    last: files are closed by then, and stdout/stderr are flushed here.
+    """
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -1,11 +1,13 @@
-"""Greedy evaluation with the hand-written sampler: accuracy, format, functional-token use, per task.
+"""Greedy evaluation with the hand-written sampler: accuracy, format, functional-token use, per task,
+and the token intervention probe (does the answer depend on which functional token was written?).
 
-`blind=True` replaces every image by a blank one of the same size (the background colour of the
-toy world): a model that reads the image falls to chance; one that guesses from text does not.
+`blind=True` replaces every image by a blank one of the same size, in the image processor's mean
+colour (what normalises to 0): a model that reads the image falls to chance; one that guesses from
+the question does not.
 """
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 from PIL import Image
@@ -13,47 +15,59 @@ from PIL import Image
 from atlas_min.data import collate_prompts, encode, open_image, to_device
 from atlas_min.dist import all_gather_objects, autocast, world_size
 from atlas_min.rewards import compute_reward
-from atlas_min.sampler import sample
+from atlas_min.sampler import decode_completion, sample
 from atlas_min.tokens import FUNCTIONAL_TOKENS
-from atlas_min.toy import BACKGROUND
 
 
-def decode_completion(tokenizer, ids, mask):
-    """The generated text without the stop token; functional tokens stay visible."""
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    kept = [t for t, m in zip(ids.tolist(), mask.tolist()) if m and t != eos]
-    return tokenizer.decode(kept, skip_special_tokens=False), int(mask.sum())
+def _blank(ex, image_processor):
+    colour = tuple(round(255 * m) for m in image_processor.image_mean)
+    return [Image.new("RGB", open_image(p, ex.get("where", "")).size, colour) for p in ex["images"]]
 
 
-def _blank(ex):
-    sizes = [open_image(p, ex.get("where", "")).size for p in ex["images"]]
-    return [Image.new("RGB", size, BACKGROUND) for size in sizes]
+def _rank():
+    return torch.distributed.get_rank() if world_size() > 1 else 0
+
+
+def _greedy(model, tokenizer, encoded, max_new_tokens, device):
+    """Greedy completions of encoded prompts: [(generated ids without padding, mask)] per prompt."""
+    batch = to_device(collate_prompts(encoded, tokenizer.pad_token_id), device)
+    with autocast(device):
+        out = sample(model, batch, tokenizer, max_new_tokens=max_new_tokens, temperature=0)
+    return list(zip(out["completion_ids"].cpu(), out["completion_mask"].cpu()))
+
+
+def _chunked(model, tokenizer, encoded, filler, cfg, device, max_new_tokens):
+    """`_greedy` over this rank's prompts in eval_batch_size chunks. Every rank runs the same number of
+    chunks, decoding the encoded prompt `filler` when it has run out of its own: under FSDP each decode
+    step is a collective."""
+    n_chunks = max(all_gather_objects(math.ceil(len(encoded) / cfg.eval_batch_size)))
+    outputs = []
+    for c in range(n_chunks):
+        chunk = encoded[c * cfg.eval_batch_size:(c + 1) * cfg.eval_batch_size]
+        outputs += _greedy(model, tokenizer, chunk or [filler], max_new_tokens, device)[:len(chunk)]
+    return outputs
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=False):
-    """Metrics over `examples` (split over ranks, gathered on all); keys as in DESIGN.md's eval.json."""
-    rank = torch.distributed.get_rank() if world_size() > 1 else 0
-    mine = examples[rank::world_size()]
-    rows, n_tokens, t0 = [], 0, time.time()
-    n_chunks = math.ceil(math.ceil(len(examples) / world_size()) / cfg.eval_batch_size)  # the same on every rank
-    for i in range(0, n_chunks * cfg.eval_batch_size, cfg.eval_batch_size):
-        chunk = mine[i:i + cfg.eval_batch_size]
-        encoded = [encode(ex, tokenizer, image_processor, cfg.system_prompt, images=_blank(ex) if blind else None,
-                          question_suffix=cfg.question_suffix)
-                   for ex in chunk]
-        if not encoded:  # a rank without examples still steps with the others (FSDP collectives)
-            encoded = [encode(examples[0], tokenizer, image_processor, cfg.system_prompt, question_suffix=cfg.question_suffix)]
-        batch = to_device(collate_prompts(encoded, tokenizer.pad_token_id), device)
-        with autocast(device):
-            out = sample(model, batch, tokenizer, max_new_tokens=cfg.eval_max_new_tokens, temperature=0)
-        for ex, ids, mask in zip(chunk, out["completion_ids"], out["completion_mask"]):
-            text, length = decode_completion(tokenizer, ids, mask)
-            n_tokens += length
-            reward = compute_reward(text, ex["answer"], cfg, num_tokens=length)
-            rows.append({"id": ex["id"], "task": ex["task"], "answer": ex["answer"], "output": text, "length": length,
-                         **{k: reward[k] for k in ("accuracy", "format", "n_functional")},
-                         "tokens": [t for t in FUNCTIONAL_TOKENS if t in text]})
+    """Metrics over `examples` (split over ranks, gathered on all); the eval.json keys of docs/method.md."""
+    def enc(ex):
+        images = _blank(ex, image_processor) if blind else None
+        return encode(ex, tokenizer, image_processor, cfg.system_prompt, images=images,
+                      question_suffix=cfg.question_suffix)
+
+    mine = examples[_rank()::world_size()]
+    t0 = time.time()
+    outputs = _chunked(model, tokenizer, [enc(ex) for ex in mine], enc(examples[0]), cfg, device,
+                       cfg.eval_max_new_tokens)
+    rows, n_tokens = [], 0
+    for ex, (ids, mask) in zip(mine, outputs):
+        text, length = decode_completion(tokenizer, ids, mask)
+        n_tokens += length
+        reward = compute_reward(text, ex["answer"], cfg, num_tokens=length)
+        rows.append({"id": ex["id"], "task": ex["task"], "answer": ex["answer"], "output": text, "length": length,
+                     **{k: reward[k] for k in ("accuracy", "format", "n_functional")},
+                     "tokens": [t for t in FUNCTIONAL_TOKENS if t in text]})
     seconds = time.time() - t0
     rows = [r for part in all_gather_objects(rows) for r in part]
     n_tokens, seconds = sum(all_gather_objects(n_tokens)), max(all_gather_objects(seconds))
@@ -74,3 +88,72 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
         "tokens_per_s": n_tokens / max(seconds, 1e-9),
         "samples": rows[:8],
     }
+
+
+def chance_by_task(examples):
+    """Per task, the accuracy of always giving the task's most frequent gold answer: what a model that
+    ignores the image can reach on this data (1 / #answers when the answers are balanced)."""
+    answers = defaultdict(Counter)
+    for ex in examples:
+        answers[ex["task"]][ex["answer"]] += 1
+    return {t: c.most_common(1)[0][1] / sum(c.values()) for t, c in sorted(answers.items())}
+
+
+def usual_tokens(examples):
+    """Per task, the functional token its reference replies (`response`) use most; tasks whose
+    examples carry no reply with a functional token are left out."""
+    used = defaultdict(Counter)
+    for ex in examples:
+        for tok in FUNCTIONAL_TOKENS:
+            if tok in ex.get("response", ""):
+                used[ex["task"]][tok] += 1
+    return {t: c.most_common(1)[0][0] for t, c in sorted(used.items())}
+
+
+@torch.no_grad()
+def intervene(model, tokenizer, image_processor, examples, cfg, device):
+    """The token intervention probe (docs/method.md, "Token interventions").
+
+    For each example: the model's own greedy output up to its first functional token, that token
+    replaced by each of the five in turn, then greedy continuation; each continuation is scored.
+    Returns {"intervention": {task: {token: accuracy}}, "intervention_gap": {task: accuracy with the
+    task's usual token − mean accuracy with the other four}, "intervention_skipped": {task: outputs
+    without a functional token (left out)}}. A task without a usual token (`usual_tokens`) has no gap.
+    """
+    functional_ids = tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS)
+    mine = examples[_rank()::world_size()]
+    encoded = [encode(ex, tokenizer, image_processor, cfg.system_prompt, question_suffix=cfg.question_suffix)
+               for ex in mine]
+    filler = encode(examples[0], tokenizer, image_processor, cfg.system_prompt, question_suffix=cfg.question_suffix)
+    greedy = _chunked(model, tokenizer, encoded, filler, cfg, device, cfg.eval_max_new_tokens)
+    variants, owners, skipped = [], [], Counter()  # owners: (example, prefix ids, token)
+    for ex, enc, (ids, mask) in zip(mine, encoded, greedy):
+        kept = ids[mask].tolist()
+        first = next((k for k, t in enumerate(kept) if t in functional_ids), None)
+        if first is None:
+            skipped[ex["task"]] += 1
+            continue
+        for tok, tok_id in zip(FUNCTIONAL_TOKENS, functional_ids):
+            forced = kept[:first] + [tok_id]
+            variants.append(dict(enc, prompt_ids=enc["prompt_ids"] + forced))
+            owners.append((ex, forced, tok))
+    budget = cfg.eval_max_new_tokens
+    continued = _chunked(model, tokenizer, variants, filler, cfg, device, budget)
+    hits = defaultdict(lambda: defaultdict(list))
+    for (ex, forced, tok), (ids, mask) in zip(owners, continued):
+        keep = max(0, budget - len(forced))  # the forced tokens count against the eval's token budget
+        text, length = decode_completion(tokenizer, torch.tensor(forced + ids[:keep].tolist()),
+                                         torch.cat([torch.ones(len(forced), dtype=torch.bool), mask[:keep]]))
+        hits[ex["task"]][tok].append(compute_reward(text, ex["answer"], cfg, num_tokens=length)["accuracy"])
+    merged_hits, merged_skipped = defaultdict(lambda: defaultdict(list)), Counter()
+    for part_hits, part_skipped in all_gather_objects(({t: dict(v) for t, v in hits.items()}, dict(skipped))):
+        merged_skipped.update(part_skipped)
+        for task, per_token in part_hits.items():
+            for tok, values in per_token.items():
+                merged_hits[task][tok] += values
+    accuracy = {t: {tok: sum(v) / len(v) for tok, v in per.items()} for t, per in sorted(merged_hits.items())}
+    usual = usual_tokens(examples)
+    gap = {t: acc[usual[t]] - sum(a for tok, a in acc.items() if tok != usual[t]) / (len(acc) - 1)
+           for t, acc in accuracy.items() if t in usual}
+    return {"intervention": accuracy, "intervention_gap": gap,
+            "intervention_skipped": {t: merged_skipped.get(t, 0) for t in sorted({ex["task"] for ex in examples})}}

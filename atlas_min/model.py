@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil)
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from atlas_min.tokens import add_functional_tokens
 
@@ -152,22 +151,41 @@ def image_order(images_per_row, repeats):
     return order
 
 
-def forward(model, batch, input_ids, attention_mask, repeats=1, logits_to_keep=0, position_ids=None, **kwargs):
+class EncodedImages:
+    """Image features handed to the model as `mm_encoder_outputs["image"]` (it reads `.pooler_output`).
+
+    Not a ModelOutput on purpose. The model returns the features it was given among its outputs, and
+    FSDP2 replaces the grad-requiring tensors it finds in a root module's inputs (inside dicts, tuples,
+    dataclasses) by views for its post-backward hook, then warns on meeting those views among the
+    outputs. A plain object is not searched, so nothing is replaced; the root's gradients are then
+    reduced in FSDP's end-of-backward callback, as for any root whose inputs need no gradient.
+    """
+
+    def __init__(self, pooler_output):
+        self.pooler_output = pooler_output
+
+    def to_tuple(self):  # the model's output calls it when indexed (`outputs[0]`)
+        return (self.pooler_output,)
+
+
+def forward(model, batch, input_ids, attention_mask, repeats=1, logits_to_keep=0, position_ids=None,
+            use_cache=False, **kwargs):
     """Full forward over rows that repeat each prompt of `batch` `repeats` times (its images encoded once).
 
     `batch` holds the prompts' `pixel_values`, `image_grid_thw` and `images_per_row`; `input_ids` may
     extend the prompts with completions; `position_ids` (3, B, T), when given, spares their computation.
+    `use_cache` is off unless asked for: a training or log-prob forward has no next step to cache for.
     Returns (model output, rope deltas (B, 1), or None when `position_ids` was given).
     """
     order = image_order(batch["images_per_row"], repeats)
     features = {}
     if order:
         pooled = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True).pooler_output
-        features["image"] = BaseModelOutputWithPooling(pooler_output=tuple(pooled[i] for i in order))
+        features["image"] = EncodedImages(tuple(pooled[i] for i in order))
     deltas = None
     if position_ids is None:
         mm_token_type_ids = (input_ids == model.config.image_token_id).long()  # from the same padded ids: same side
         position_ids, deltas = mrope_positions(model, input_ids, attention_mask, mm_token_type_ids, batch["image_grid_thw"][order])
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                mm_encoder_outputs=features, logits_to_keep=logits_to_keep, **kwargs)
+                mm_encoder_outputs=features, logits_to_keep=logits_to_keep, use_cache=use_cache, **kwargs)
     return out, deltas

@@ -39,7 +39,9 @@ import sys
 
 import torch
 
-from atlas_min.config import ConfigError, die, get_config
+from atlas_min.cli import die
+from atlas_min.config import ConfigError, get_config
+from atlas_min.dist import cleanup
 from atlas_min.model import build_model, build_tokenizer
 from atlas_min.tokens import add_functional_tokens
 
@@ -223,11 +225,7 @@ def main():
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
-    if measured:  # leave together, and skip interpreter teardown, where gloo's threads can abort a rank (SIGABRT)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-        sys.stdout.flush()
-        os._exit(0)
+    cleanup()
 
 
 if __name__ == "__main__":

@@ -2,18 +2,31 @@
 
 `sample` repeats each prompt G times (its images encoded once), prefills once, then decodes one
 token per step with a KV cache and explicit mrope positions: temperature, top-p, a stop per row at
-`<|im_end|>`, never a vision placeholder. `sequence_logprobs` recomputes the same log-probs with one
-full forward; at temperature 1 the two agree to 1e-4 (tests). train_rl.py takes π_old from
-`sequence_logprobs` too, so the PPO ratio exp(log π_θ − log π_old) is exactly 1 before the first update.
+`<|im_end|>`, never a vision placeholder. `sequence_logprobs` recomputes the log-probs of given
+completions with one full forward, as training does (docs/method.md, "Log-probabilities").
 
-Randomness: row r draws its uniforms from its own generator seeded with `row_seeds[r]`, so a row's
-sample depends on its seed and its logits only, not on which rows share its batch or process.
+Randomness: row r draws its uniforms from its own generator seeded with `row_seeds[r]` (see
+`rl_row_seeds`), so a row's sample depends on its seed and its logits only, not on which rows share its
+batch or process.
 """
 import torch
 import torch.distributed as dist
 
 from atlas_min.model import forward, mrope_positions, token_logprobs
 from atlas_min.tokens import VISION_TOKENS
+
+
+def rl_row_seeds(cfg, step, first_row, n_rows):
+    """Generator seeds of the global rows first_row .. first_row + n_rows - 1 of RL step `step`."""
+    base = (cfg.seed * cfg.step_seed_stride + step) * cfg.row_seed_stride
+    return [base + first_row + r for r in range(n_rows)]
+
+
+def decode_completion(tokenizer, ids, mask):
+    """(text, number of generated tokens): the text without the stop token; functional tokens stay visible."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    kept = [t for t, m in zip(ids.tolist(), mask.tolist()) if m and t != eos]
+    return tokenizer.decode(kept, skip_special_tokens=False), int(mask.sum())
 
 
 def _draw(logits, top_p, uniforms):
@@ -47,6 +60,7 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
     """
     eos_id, pad_id = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
     banned = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS))
+    n_tokens = len(tokenizer)
     prompt_ids = batch["input_ids"].repeat_interleave(group_size, 0)  # (N, P), N = B·G
     prompt_mask = batch["attention_mask"].repeat_interleave(group_size, 0)
     N, device = prompt_ids.shape[0], prompt_ids.device
@@ -58,8 +72,10 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
 
     # positions of the distinct prompts (a Python loop per row inside transformers), then repeated
     image_ids = (batch["input_ids"] == model.config.image_token_id).long()
-    positions, rope_deltas = mrope_positions(model, batch["input_ids"], batch["attention_mask"], image_ids, batch["image_grid_thw"])
-    positions, rope_deltas = positions.repeat_interleave(group_size, 1), rope_deltas.repeat_interleave(group_size, 0)
+    positions, rope_deltas = mrope_positions(model, batch["input_ids"], batch["attention_mask"], image_ids,
+                                             batch["image_grid_thw"])
+    positions = positions.repeat_interleave(group_size, 1)  # (3, N, P)
+    rope_deltas = rope_deltas.repeat_interleave(group_size, 0)  # (N, 1)
     out, _ = forward(model, batch, prompt_ids, prompt_mask, repeats=group_size, logits_to_keep=1, use_cache=True,
                      position_ids=positions)
     attention_mask, done = prompt_mask, torch.zeros(N, dtype=torch.bool, device=device)
@@ -68,6 +84,7 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
         logits = out.logits[:, -1].float()  # (N, V)
         scaled = logits / temperature if temperature > 0 else logits
         allowed = scaled.index_fill(-1, banned.to(device), float("-inf"))
+        allowed[:, n_tokens:] = float("-inf")  # rows past the tokenizer (Qwen pads its matrix) are no token
         if temperature > 0:
             token = _draw(allowed, top_p, uniforms[:, step])
         else:
@@ -82,7 +99,7 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
         position = (attention_mask.cumsum(-1) - 1)[:, -1:] + rope_deltas  # (N, 1): continues each row's text
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position.expand(3, N, 1),
-                    past_key_values=out.past_key_values, use_cache=True)
+                    cache=out.cache, use_cache=True)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": torch.stack(tokens, 1),
             "completion_mask": torch.stack(masks, 1), "logprobs": torch.stack(logprobs, 1)}
 
@@ -94,4 +111,6 @@ def sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, com
     C = completion_ids.shape[1]
     out, _ = forward(model, batch, input_ids, attention_mask, repeats=repeats, logits_to_keep=C + 1)
     logits = out.logits[:, :-1]  # (B, C, V): the logits at position P-1+t predict completion token t
-    return token_logprobs(logits / (temperature if temperature > 0 else 1.0), completion_ids)
+    if temperature not in (0, 1):  # (a division would copy the (B, C, V) logits for nothing at T = 1)
+        logits = logits / temperature
+    return token_logprobs(logits, completion_ids)
