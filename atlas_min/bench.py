@@ -1,4 +1,4 @@
-"""Speed, measured side by side in one run (DESIGN.md contract):
+"""Speed, measured side by side in one run (the figures README.md's "Speed" section shows):
 
     python -m atlas_min.bench                               # toy preset, random-init model
     python -m atlas_min.bench --ckpt runs/experiment/sft    # a trained checkpoint (realistic lengths)
@@ -23,6 +23,7 @@ import torch
 from transformers import GenerationConfig
 
 from atlas_min import checkpoint
+from atlas_min.cli import user_errors
 from atlas_min.config import get_config
 from atlas_min.data import collate_prompts, encode
 from atlas_min.data import load_examples
@@ -121,7 +122,8 @@ def main():
     print("\n".join(lines))
     if args.readme:
         from atlas_min.experiment import update_readme
-        update_readme("bench", "\n".join(lines))
+        with user_errors():
+            update_readme("bench", "\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

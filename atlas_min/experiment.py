@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from atlas_min.cli import UsageError, user_errors
 from atlas_min.config import get_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def update_readme(section, text, readme=ROOT / "README.md"):
     start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
     doc = readme.read_text()
     if start not in doc or end not in doc:
-        raise SystemExit(f"error: {readme} has no {start} ... {end} markers")
+        raise UsageError(f"{readme} has no {start} ... {end} markers")
     head, rest = doc.split(start, 1)
     readme.write_text(head + start + "\n" + text.strip() + "\n" + end + rest.split(end, 1)[1])
     print(f"updated the {section} section of {readme}")
@@ -126,7 +127,8 @@ def main():
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.readme:
-        update_readme(args.readme, "\n".join(lines))
+        with user_errors():
+            update_readme(args.readme, "\n".join(lines))
     try:
         plot(out, runs)
     except ImportError:

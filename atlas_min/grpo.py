@@ -1,4 +1,4 @@
-"""GRPO and LA-GRPO losses: pure functions over tensors (DESIGN.md, "Stage 2, GRPO" and "LA-GRPO").
+"""GRPO and LA-GRPO losses: pure functions over tensors (docs/method.md, "Stage 2: GRPO", "LA-GRPO").
 
 Shapes: N outputs in groups of G (N = prompts x G), B outputs in a batch, T generated positions.
 `logp`, `old_logp`, `ref_logp` are log-probabilities of the *sampled* tokens under pi_theta,
@@ -120,7 +120,7 @@ def functional_grad_share(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | Non
                           mask: Tensor, functional_mask: Tensor, *, clip_eps: float, kl_coef: float,
                           anchor_coef: float, num_outputs: int | None = None,
                           num_anchor_outputs: int | None = None) -> float:
-    """Gradient-dilution diagnostic (DESIGN.md, "LA-GRPO"): sum_{t in F} |g_t| / sum_t |g_t|, g = dloss/dlogp.
+    """Gradient-dilution diagnostic (docs/method.md, "LA-GRPO"): sum_{t in F} |g_t| / sum_t |g_t|, g = dloss/dlogp.
 
     The share of the policy-gradient "mass" that reaches functional-token positions. With
     anchor_coef = 0 and ratios near 1, every token of output i gets |g| = |A_i| / (B |o_i|), so the

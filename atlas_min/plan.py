@@ -39,7 +39,7 @@ import sys
 
 import torch
 
-from atlas_min.cli import die
+from atlas_min.cli import die, user_errors
 from atlas_min.config import ConfigError, get_config
 from atlas_min.dist import cleanup
 from atlas_min.model import build_model, build_tokenizer
@@ -221,7 +221,8 @@ def main():
         if args.readme:
             from atlas_min.experiment import update_readme
             shown = " ".join(a for a in sys.argv[1:] if a != "--readme")
-            update_readme("plan", f"`python -m atlas_min.plan {shown}`\n\n```\n{printed.getvalue().rstrip()}\n```")
+            with user_errors():
+                update_readme("plan", f"`python -m atlas_min.plan {shown}`\n\n```\n{printed.getvalue().rstrip()}\n```")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)

@@ -1,4 +1,4 @@
-"""The five functional tokens (DESIGN.md, "Functional tokens") and how they enter the vocabulary.
+"""The five functional tokens (docs/method.md, "Functional tokens") and how they enter the vocabulary.
 
 Each is an ordinary token, produced by next-token prediction: nothing is executed, no image drawn.
 Adding them = tokenizer entry + embedding rows (+ lm_head rows when untied) + an initialisation.

@@ -103,3 +103,20 @@ def test_the_question_suffix_follows_the_question_inside_the_user_turn(micro, to
     suffix = "\n\nPlease think step by step, and put your final answer within \\boxed{}."
     text = tokenizer.decode(encode(ex, tokenizer, image_processor, "sys", question_suffix=suffix)["prompt_ids"])
     assert text.endswith(ex["question"] + suffix + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_each_epoch_of_the_data_stream_is_a_permutation_of_the_examples():
+    from atlas_min.data import stream_indices
+    n, per_step = 10, 4  # steps 0-4 cover 20 draws: epochs 0 and 1 exactly
+    drawn = [i for step in range(5) for i in stream_indices(step, per_step, n, seed=3, epoch_seed_stride=100_003)]
+    assert sorted(drawn[:n]) == list(range(n)) and sorted(drawn[n:]) == list(range(n))
+    assert drawn[:n] != drawn[n:]  # each epoch is shuffled anew
+
+
+def test_the_data_stream_depends_on_the_seed_and_step_alone():
+    from atlas_min.data import stream_indices
+    def epoch(seed):
+        return [i for step in range(5) for i in stream_indices(step, 2, 10, seed=seed, epoch_seed_stride=100_003)]
+    assert epoch(0) == epoch(0)
+    assert epoch(0) != epoch(1)
+    assert stream_indices(3, 2, 10, seed=0, epoch_seed_stride=100_003) == epoch(0)[6:8]  # resuming at step 3

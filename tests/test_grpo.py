@@ -1,4 +1,4 @@
-"""Specification of atlas_min.grpo: GRPO and LA-GRPO as written in DESIGN.md ("Stage 2, GRPO", "LA-GRPO").
+"""Specification of atlas_min.grpo: GRPO and LA-GRPO as written in docs/method.md ("Stage 2: GRPO", "LA-GRPO").
 
 Every expected value here is computed independently of the code under test: by hand, or by a slow
 transcription of the formulas with python loops, math.exp and min (values) and hand-derived
@@ -115,7 +115,7 @@ def test_k3_kl_averaged_under_the_policy_equals_the_true_kl():
 # ----------------------------------------------------------------------------- the loop transcription
 
 def loop_grpo(logp, old, ref, A, mask, fmask, eps, beta, lam):
-    """DESIGN.md's L_LA-GRPO with python loops, and its gradient w.r.t. logp derived by hand."""
+    """docs/method.md's L_LA-GRPO with python loops, and its gradient w.r.t. logp derived by hand."""
     B, T = len(logp), len(logp[0])
     ell, dell, D, dD = {}, {}, {}, {}
     for i in range(B):
@@ -161,24 +161,40 @@ def random_batch(seed, B=6, T=7):
     return logp, old, ref, A, mask, fmask
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-@pytest.mark.parametrize("kl_coef", [0.0, 0.04])
-@pytest.mark.parametrize("anchor_coef", [0.0, 0.7])
-def test_grpo_loss_equals_a_loop_based_transcription_of_the_formula(seed, kl_coef, anchor_coef):
+def _loss_and_transcription(seed, kl_coef, anchor_coef):
     logp, old, ref, A, mask, fmask = random_batch(seed)
     ref_arg = ref if kl_coef > 0 else None
     x = logp.clone().requires_grad_(True)
     loss, stats = grpo_loss(x, old, ref_arg, A, mask, fmask, clip_eps=0.2, kl_coef=kl_coef, anchor_coef=anchor_coef)
     loss.backward()
-    want, want_anchor, want_grad = loop_grpo(logp.tolist(), old.tolist(), None if ref_arg is None else ref.tolist(),
-                                             A.tolist(), mask.tolist(), fmask.tolist(), 0.2, kl_coef, anchor_coef)
+    want = loop_grpo(logp.tolist(), old.tolist(), None if ref_arg is None else ref.tolist(),
+                     A.tolist(), mask.tolist(), fmask.tolist(), 0.2, kl_coef, anchor_coef)
+    return loss, stats, x.grad, want
+
+
+COEFS = [(seed, kl_coef, anchor_coef) for seed in range(4) for kl_coef in (0.0, 0.04) for anchor_coef in (0.0, 0.7)]
+
+
+@pytest.mark.parametrize("seed, kl_coef, anchor_coef", COEFS)
+def test_grpo_loss_equals_a_loop_based_transcription_of_the_formula(seed, kl_coef, anchor_coef):
+    loss, _, _, (want, _, _) = _loss_and_transcription(seed, kl_coef, anchor_coef)
     assert loss.item() == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed, kl_coef, anchor_coef", COEFS)
+def test_grpo_loss_gradient_equals_the_hand_derived_gradient(seed, kl_coef, anchor_coef):
+    _, _, grad, (_, _, want_grad) = _loss_and_transcription(seed, kl_coef, anchor_coef)
+    assert not torch.isnan(grad).any()
+    assert torch.allclose(grad, torch.tensor(want_grad), atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_logged_anchor_is_the_anchor_term_of_the_transcription(seed):
+    _, stats, _, (_, want_anchor, _) = _loss_and_transcription(seed, 0.04, 0.7)
     assert stats["anchor"] == pytest.approx(want_anchor, abs=1e-12)
-    assert torch.allclose(x.grad, torch.tensor(want_grad), atol=1e-12)
-    assert not torch.isnan(x.grad).any()
 
 
-def test_stats_hand_computed():
+def _hand_batch():
     # row 0: A = +1, r = (1.5, 1, 1); row 1: A = -1, r = (0.5, 1), one padding position
     old = torch.zeros(2, 3)
     logp = torch.tensor([[math.log(1.5), 0.0, 0.0], [math.log(0.5), 0.0, 0.0]])
@@ -186,17 +202,30 @@ def test_stats_hand_computed():
     ref[0, 2] += 1.0  # D = e - 2 at that one token
     mask = torch.tensor([[True, True, True], [True, True, False]])
     fmask = torch.tensor([[False, True, False], [False, False, False]])
-    loss, s = grpo_loss(logp, old, ref, torch.tensor([1.0, -1.0]), mask, fmask,
-                        clip_eps=0.2, kl_coef=0.1, anchor_coef=0.5)
+    return grpo_loss(logp, old, ref, torch.tensor([1.0, -1.0]), mask, fmask,
+                     clip_eps=0.2, kl_coef=0.1, anchor_coef=0.5)
+
+
+def test_loss_terms_hand_computed():
+    loss, s = _hand_batch()
     # l row 0 = (-1.2, -1, -1), row 1 = (0.8, 1): pg = ((-3.2 / 3) + 0.9) / 2 = -1/12
     assert s["pg_loss"] == pytest.approx(-1 / 12)
     assert s["anchor"] == pytest.approx(-1.0)
-    assert s["clip_frac"] == pytest.approx(2 / 5)
-    assert s["ratio_mean"] == pytest.approx(1.0)
-    assert s["kl"] == pytest.approx((math.e - 2) / 5)
-    assert s["functional_share"] == pytest.approx(1 / 5)
     assert loss.item() == pytest.approx(-1 / 12 + 0.1 * (math.e - 2) / 3 / 2 + 0.5 * -1.0)
     assert s["loss"] == pytest.approx(loss.item())
+
+
+def test_clip_fraction_counts_the_tokens_whose_clipped_branch_is_taken():
+    _, s = _hand_batch()
+    # row 0 token 0: A > 0 and r = 1.5 > 1.2; row 1 token 0: A < 0 and r = 0.5 < 0.8: 2 of 5 tokens
+    assert s["clip_frac"] == pytest.approx(2 / 5)
+
+
+def test_token_mean_stats_hand_computed():
+    _, s = _hand_batch()
+    assert s["ratio_mean"] == pytest.approx((1.5 + 1 + 1 + 0.5 + 1) / 5)
+    assert s["kl"] == pytest.approx((math.e - 2) / 5)
+    assert s["functional_share"] == pytest.approx(1 / 5)
 
 
 # ----------------------------------------------------------------------------- LA-GRPO anchor

@@ -15,7 +15,7 @@ from atlas_min.model import build_model
 from atlas_min.plan import plan, qwen_vocab_standin
 from atlas_min.tokens import FUNCTIONAL_TOKENS, add_functional_tokens
 
-N_7B, VISION_7B, ROWS_7B = 8_292_166_656, 676_550_144, 152_064  # DESIGN.md, "Facts already checked"
+N_7B, VISION_7B, ROWS_7B = 8_292_166_656, 676_550_144, 152_064  # Qwen2.5-VL-7B-Instruct's config.json, built on meta
 
 
 @pytest.fixture(scope="module")

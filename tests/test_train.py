@@ -108,11 +108,20 @@ def test_a_checkpoint_loads_with_stock_transformers(sft_run):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert all(len(tokenizer.encode(t, add_special_tokens=False)) == 1 for t in FUNCTIONAL_TOKENS)
     assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
-    steps = sorted((sft_run / "checkpoints").glob("step_*"))
-    assert [s.name for s in steps] == ["step_000001", "step_000002"]
-    for step in steps:  # intermediate checkpoints load the same way
-        Qwen2_5_VLForConditionalGeneration.from_pretrained(step)
+
+
+def test_intermediate_checkpoints_are_folders_named_by_step(sft_run):
+    # max_steps=3, save_every=1: steps 1 and 2 are intermediate; step 3 is the run folder itself
+    assert sorted(s.name for s in (sft_run / "checkpoints").glob("step_*")) == ["step_000001", "step_000002"]
+
+
+def test_intermediate_checkpoints_load_with_stock_transformers(sft_run):
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    for step in sorted((sft_run / "checkpoints").glob("step_*")):
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(step)
         AutoTokenizer.from_pretrained(step)
+        saved = weights(step)
+        assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k in saved)
 
 
 def test_one_rl_step_runs_on_one_and_two_processes_with_the_same_result(tmp_path, sft_run):
@@ -190,3 +199,30 @@ def test_resume_takes_the_latest_step_and_logs_each_step_once(tmp_path, sft_run)
     assert find(run_dir) == run_dir  # the final model, step 5, is newer than checkpoints/step_000004
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics_sft.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4]
+
+
+def test_eval_intervene_writes_the_intervention_table_and_gap(tmp_path, sft_run):
+    out = tmp_path / "eval.json"
+    run("eval.py", "--ckpt", sft_run, "--out", out, "--intervene", "eval_max_new_tokens=4")
+    result = json.loads(out.read_text())
+    assert {"intervention", "intervention_gap", "intervention_skipped"} <= result.keys()
+    assert set(result["intervention_skipped"]) == {"shape", "line", "arrow", "zoom", "text"}
+
+
+def _warning_lines(out):
+    return [line for line in (out.stdout + out.stderr).splitlines() if "Warning" in line]
+
+
+def test_a_users_sft_run_prints_no_warning(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # transformers' logger at its default level
+    out = subprocess.run([sys.executable, "train_sft.py", "--config", "micro", "--out", tmp_path / "run",
+                          "max_steps=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and not _warning_lines(out), out.stderr[-2000:]
+
+
+def test_a_users_two_process_rl_run_prints_no_warning(tmp_path, sft_run):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "train_rl.py", "--config", "micro", "--init", str(sft_run), "--out", str(tmp_path / "rl"),
+                          "max_steps=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and not _warning_lines(out), out.stderr[-2000:]

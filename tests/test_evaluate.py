@@ -1,0 +1,79 @@
+"""The eval's own rules (atlas_min.evaluate): chance from the data, each task's usual token, and the
+token intervention probe (docs/method.md, "Token interventions")."""
+import pytest
+import torch
+
+import atlas_min.evaluate as evaluate_module
+from atlas_min.data import load_jsonl
+from atlas_min.evaluate import chance_by_task, intervene, usual_tokens
+from atlas_min.tokens import FUNCTIONAL_TOKENS
+
+
+def test_chance_is_the_share_of_each_tasks_most_frequent_answer():
+    data = [{"task": "a", "answer": x} for x in "xxxy"] + [{"task": "b", "answer": x} for x in "pq"]
+    assert chance_by_task(data) == {"a": 3 / 4, "b": 1 / 2}
+
+
+def test_a_tasks_usual_token_is_the_one_its_reference_replies_use_most():
+    data = [{"task": "a", "response": "look <|Line|> <answer>A</answer>"},
+            {"task": "a", "response": "look <|Line|> then <|Zoom|> <answer>B</answer>"},
+            {"task": "a", "response": "look <|Zoom|> <answer>B</answer>"},
+            {"task": "a", "response": "look <|Line|> <answer>A</answer>"},
+            {"task": "b", "response": "no token <answer>1</answer>"},
+            {"task": "c"}]
+    assert usual_tokens(data) == {"a": "<|Line|>"}
+
+
+def fake_sampler(tokenizer, greedy_text, answer_after):
+    """A `sample` whose continuation after a forced functional token is `answer_after[token]`; without one
+    (the first, greedy pass) it writes `greedy_text`. Stands in for a model whose answer depends on the token."""
+    functional = dict(zip(tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS), FUNCTIONAL_TOKENS))
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def sample(model, batch, tok, *, max_new_tokens, temperature, **_):
+        rows = []
+        for ids in batch["input_ids"].tolist():
+            forced = functional.get(ids[-1])
+            text = greedy_text if forced is None else answer_after[forced]
+            rows.append(tokenizer.encode(text, add_special_tokens=False)[:max_new_tokens - 1] + [eos])
+        width = max(map(len, rows))
+        return {"completion_ids": torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows]),
+                "completion_mask": torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows])}
+    return sample
+
+
+@pytest.fixture
+def shape_examples(micro_cfg, toy_files):
+    data = [ex for ex in load_jsonl(toy_files[1]) if ex["task"] == "shape"][:3]
+    return [dict(ex, answer="2", response="Let me mark the red shapes. <|Shape|> <answer>2</answer>") for ex in data]
+
+
+def test_forcing_each_token_scores_the_continuation_it_leads_to(micro, micro_cfg, shape_examples, monkeypatch):
+    model, tokenizer, image_processor = micro
+    answers = {tok: "<answer>3</answer>" for tok in FUNCTIONAL_TOKENS} | {"<|Shape|>": "<answer>2</answer>"}
+    monkeypatch.setattr(evaluate_module, "sample",
+                        fake_sampler(tokenizer, "Let me look. <|Zoom|> <answer>3</answer>", answers))
+    result = intervene(model, tokenizer, image_processor, shape_examples, micro_cfg, torch.device("cpu"))
+    # the model's own output used <|Zoom|> (wrong); forcing <|Shape|> gives "2" (right), any other "3"
+    assert result["intervention"] == {"shape": {tok: 1.0 if tok == "<|Shape|>" else 0.0 for tok in FUNCTIONAL_TOKENS}}
+
+
+def test_the_gap_is_the_usual_tokens_accuracy_minus_the_mean_of_the_other_four(micro, micro_cfg, shape_examples,
+                                                                                monkeypatch):
+    model, tokenizer, image_processor = micro
+    # right after <|Shape|> and after <|Line|>; wrong after the other three: gap = 1 - (1 + 0 + 0 + 0) / 4
+    answers = {tok: "<answer>2</answer>" if tok in ("<|Shape|>", "<|Line|>") else "<answer>3</answer>"
+               for tok in FUNCTIONAL_TOKENS}
+    monkeypatch.setattr(evaluate_module, "sample",
+                        fake_sampler(tokenizer, "Let me look. <|Shape|> <answer>2</answer>", answers))
+    result = intervene(model, tokenizer, image_processor, shape_examples, micro_cfg, torch.device("cpu"))
+    assert result["intervention_gap"] == {"shape": pytest.approx(0.75)}
+
+
+def test_outputs_without_a_functional_token_are_counted_and_left_out(micro, micro_cfg, shape_examples, monkeypatch):
+    model, tokenizer, image_processor = micro
+    monkeypatch.setattr(evaluate_module, "sample",
+                        fake_sampler(tokenizer, "I can see it directly. <answer>2</answer>", {}))
+    result = intervene(model, tokenizer, image_processor, shape_examples, micro_cfg, torch.device("cpu"))
+    assert result["intervention"] == {} and result["intervention_gap"] == {}
+    assert result["intervention_skipped"] == {"shape": 3}
