@@ -1,10 +1,13 @@
-"""Convert public data layouts into atlas_min's JSONL schema (DESIGN.md, "Data").
+"""Convert public data layouts into atlas_min's JSONL schema (the one atlas_min.data.load_jsonl reads).
 
 Usage:
     python -m atlas_min.convert conversations IN.json[l] OUT.jsonl [--image-root DIR] [--task NAME]
     python -m atlas_min.convert choice IN.json[l] OUT.jsonl [--image-root DIR] [--task NAME]
+    python -m atlas_min.convert harness IN.{json,jsonl,csv,parquet} OUT.jsonl [--image-root DIR] [--task NAME]
 
-IN is `.jsonl` (one object a line; errors say `IN:LINE`) or `.json` (a list; errors say `IN[INDEX]`, from 0).
+IN is `.jsonl` (one object a line; errors say `IN:LINE`), `.json` (a list; errors say `IN[INDEX]`, from 0),
+`.csv` (a header row, then one record a row; errors say `IN:LINE`) or `.parquet` (errors say `IN[INDEX]`;
+needs pandas and pyarrow, which atlas_min does not install: `pip install pandas pyarrow`).
 Every record converts or the run stops, OUT unwritten, with one line such as
 `error: data.jsonl:17: field 'conversations': no assistant turn` and exit code 2. Nothing is skipped.
 
@@ -26,8 +29,17 @@ choice (RL/eval data, benchmarks laid out like V*, BLINK, WeMath). `question`; o
 text of exactly one option; images in `images`, `image`, `image_path` or `image_1`, `image_2`, ... (at least
 one). question = the question, then one line `(A) text` per option; answer = the letter.
 
-Both: id = `id`/`qid`/`question_id`, else `STEM-INDEX`; task = --task, else `category`/`task`/`subject`,
-else IN's file stem.
+harness (eval data in the layout of ATLAS's own eval harness, ZiyuGuo99/ATLAS@4b09aef: one file per
+benchmark, read by prompts_dataset.py:40-58 and experience_maker.py:1271-1314). `qid` -> id; `question`
+(options written inline) kept as is, except that `<image>` placeholders are removed: the harness swaps
+each for the image (and adds one `<image>\n` in front when there is none), while our prompt puts every
+image before the question, so their count must be 0 or the number of images; `image` or `image_path` (a
+path or a list; in a .csv cell a list is a JSON list string; none is fine) -> images; `gt_answer`, else
+`answer` (what the harness reads from .parquet) -> answer, a `\boxed{…}` around it unwrapped as the
+harness's judge does (judge_results.py:73). task = --task, else IN's file stem (the benchmark's name).
+
+All: id = `id`/`qid`/`question_id`, else `STEM-INDEX`; task (conversations, choice) = --task, else
+`category`/`task`/`subject`, else IN's file stem.
 
 Image paths. A relative path in IN starts at --image-root (default: IN's folder); the file must exist.
 OUT stores it relative to OUT's folder, and because our loader refuses image paths that leave the data
@@ -41,6 +53,7 @@ and no functional tokens, so export images to files first. Its authors train wit
 `messages` + `images` records are handled above.
 """
 import argparse
+import csv
 import json
 import os
 import re
@@ -69,15 +82,55 @@ def _json(text, where):
         raise ConvertError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
 
 
+def _csv_rows(path, text):
+    """[(where, record)] of a CSV text with a header row; `where` is the line a record starts on."""
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    rows, start = [], 2  # line 1 is the header
+    try:
+        for rec in reader:
+            rows.append((f"{path}:{start}", rec))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise ConvertError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    for where, rec in rows:
+        if None in rec:  # csv puts the cells beyond the header under the key None
+            raise ConvertError(f"{where}: more cells than the header has columns")
+    return rows
+
+
+def _parquet_rows(path):
+    """[(where, record)] of a parquet file, read with pandas + pyarrow if they are installed."""
+    try:
+        import pandas
+        import pyarrow  # noqa: F401  (pandas' parquet engine; imported here to name it in the error)
+    except ImportError:
+        raise ConvertError(f"{path}: reading .parquet needs pandas and pyarrow, which atlas_min does not "
+                           "install: pip install pandas pyarrow") from None
+    try:
+        records = pandas.read_parquet(path).to_dict(orient="records")
+    except (OSError, ValueError) as e:
+        raise ConvertError(f"{path}: not a readable parquet file ({e})") from None
+
+    def plain(value):  # numpy arrays (list columns) -> lists, NaN/None cells -> None
+        value = value.tolist() if hasattr(value, "tolist") else value
+        return None if isinstance(value, float) and value != value else value
+    return [(f"{path}[{i}]", {k: plain(v) for k, v in rec.items()}) for i, rec in enumerate(records)]
+
+
 def read_records(path):
-    """[(where, record)] of a .jsonl (one object a line) or .json (a list of objects) file."""
+    """[(where, record)] of a .jsonl (one object a line), .json (a list of objects), .csv (a header row,
+    then one record a row) or .parquet file."""
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"{path}: no such input file")
+    if path.suffix == ".parquet":
+        return _parquet_rows(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConvertError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix == ".csv":
+        return _csv_rows(path, text)
     if path.suffix == ".jsonl":
         rows = [(f"{path}:{n}", _json(line, f"{path}:{n}"))
                 for n, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -87,17 +140,18 @@ def read_records(path):
             raise ConvertError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
         rows = [(f"{path}[{i}]", rec) for i, rec in enumerate(data)]
     else:
-        raise ConvertError(f"{path}: expected a .json or .jsonl file")
+        raise ConvertError(f"{path}: expected a .json, .jsonl, .csv or .parquet file")
     for where, rec in rows:
         if not isinstance(rec, dict):
             raise ConvertError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     return rows
 
 
-def meta(rec, index, stem, task):
-    """id (`id`/`qid`/`question_id`, else STEM-INDEX) and task (--task, else a record field, else STEM)."""
-    rid = next((rec[k] for k in ID_KEYS if rec.get(k) not in (None, "")), f"{stem}-{index}")
-    task = task or next((rec[k] for k in TASK_KEYS if isinstance(rec.get(k), str) and rec[k].strip()), stem)
+def meta(rec, index, stem, task, id_keys=ID_KEYS, task_keys=TASK_KEYS):
+    """id (the first `id_keys` field, else STEM-INDEX) and task (--task, else the first `task_keys` field,
+    else STEM)."""
+    rid = next((rec[k] for k in id_keys if rec.get(k) not in (None, "")), f"{stem}-{index}")
+    task = task or next((rec[k] for k in task_keys if isinstance(rec.get(k), str) and rec[k].strip()), stem)
     return str(rid), task
 
 
@@ -146,6 +200,14 @@ def final_answer(text):
     return boxed if boxed is not None else tagged
 
 
+def strip_placeholders(question, n_images, where, field):
+    """`question` without its `<image>` placeholders (and the newline after each); their count must be 0
+    or `n_images`, since our prompt puts every image before the question."""
+    if question.count("<image>") not in (0, n_images):
+        fail(where, field, f"{question.count('<image>')} <image> placeholders for {n_images} images")
+    return re.sub(r"<image>\n?", "", question).strip()
+
+
 def convert_conversation(rec, where):
     """question / answer / response / images of one `conversations` (LLaVA) or `messages` record."""
     key = next((k for k in ("messages", "conversations") if k in rec), None)
@@ -164,9 +226,7 @@ def convert_conversation(rec, where):
     if not users or not replies:
         fail(where, key, "no user turn" if not users else "no assistant turn")
     images, question, response = image_fields(rec, where), turns[users[0]][1], turns[replies[0]][1].strip()
-    if question.count("<image>") not in (0, len(images)):
-        fail(where, f"{key}[{users[0]}]", f"{question.count('<image>')} <image> placeholders for {len(images)} images")
-    question = re.sub(r"<image>\n?", "", question).strip()
+    question = strip_placeholders(question, len(images), where, f"{key}[{users[0]}]")
     if rec.get("answer") is not None:  # the data set's gold answer wins over the text of the response
         gold = scalar(rec["answer"], "answer", where)
         answer = final_answer(gold) or gold
@@ -223,8 +283,33 @@ def convert_choice(rec, where):
     return {"images": images, "question": "\n".join(lines), "answer": letter}
 
 
+def convert_harness(rec, where):
+    """question (options inline, `<image>` placeholders removed) / answer / images of one record of ATLAS's
+    eval-harness layout: qid, question, image or image_path, gt_answer (or answer)."""
+    for key in ("image", "image_path"):
+        value = rec.get(key)
+        if isinstance(value, str) and value.strip().startswith("["):  # a list written into a CSV cell
+            value = _json(value, f"{where}: field '{key}'")
+        if isinstance(value, list):  # the harness skips empty entries of a list (prompts_dataset.py:49)
+            value = [path for path in value if path not in (None, "")]
+        rec = dict(rec, **{key: value})
+    images = image_fields({k: rec.get(k) for k in ("image", "image_path")}, where)
+    question = scalar(rec.get("question"), "question", where)
+    question = strip_placeholders(question, len(images), where, "question")
+    absent = (None, "")
+    field = "answer" if rec.get("gt_answer") in absent and rec.get("answer") not in absent else "gt_answer"
+    gold = scalar(rec.get(field), field, where)
+    answer = extract_answer(gold, "boxed") or gold
+    if not question:
+        fail(where, "question", "empty once its <image> placeholders are removed")
+    return {"images": images, "question": question, "answer": answer}
+
+
+CONVERTERS = {"conversations": convert_conversation, "choice": convert_choice, "harness": convert_harness}
+
+
 def convert_file(kind, in_path, out_path, image_root=None, task=None):
-    """Convert IN to OUT (kind: "conversations" or "choice"); OUT is written only if every record converts."""
+    """Convert IN to OUT (kind: a key of CONVERTERS); OUT is written only if every record converts."""
     in_path, out_path = Path(in_path), Path(out_path)
     root = Path(image_root) if image_root else in_path.parent
     if not root.is_dir():
@@ -232,8 +317,10 @@ def convert_file(kind, in_path, out_path, image_root=None, task=None):
     out_dir = out_path.parent.resolve()
     examples = []
     for index, (where, rec) in enumerate(read_records(in_path)):
-        ex = convert_conversation(rec, where) if kind == "conversations" else convert_choice(rec, where)
-        rid, ex_task = meta(rec, index, in_path.stem, task)
+        ex = CONVERTERS[kind](rec, where)
+        # The harness keys records by qid, and keeps one file per benchmark: one task per file.
+        keys = {"id_keys": ("qid",), "task_keys": ()} if kind == "harness" else {}
+        rid, ex_task = meta(rec, index, in_path.stem, task, **keys)
         images = relocate(ex.pop("images"), where, root, out_dir)
         examples.append({"id": rid, "images": images, **ex, "task": ex_task})
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,12 +332,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m atlas_min.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="kind", required=True)
-    for kind in ("conversations", "choice"):
+    for kind in CONVERTERS:
         command = commands.add_parser(kind)
-        command.add_argument("input", help="IN.json (a list) or IN.jsonl (one object a line)")
+        command.add_argument("input", help="IN.json (a list), .jsonl (one object a line), .csv or .parquet")
         command.add_argument("output", help="OUT.jsonl; its folder must contain the images")
         command.add_argument("--image-root", help="folder that relative image paths in IN start from (default: IN's)")
-        command.add_argument("--task", help="task of every example (default: category/task/subject, or IN's stem)")
+        command.add_argument("--task", help="task of every example (default: IN's stem; conversations and "
+                                            "choice first try the fields category/task/subject)")
     args = parser.parse_args(argv)
     try:
         examples = convert_file(args.kind, args.input, args.output, args.image_root, args.task)

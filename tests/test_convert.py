@@ -1,4 +1,5 @@
 """atlas_min.convert: public layouts (LLaVA/ms-swift conversations, multiple-choice benchmarks) → our JSONL."""
+import csv
 import json
 import subprocess
 import sys
@@ -6,8 +7,10 @@ import sys
 import pytest
 from PIL import Image
 
-from atlas_min.convert import ConvertError, convert_file, final_answer
+from atlas_min.config import get_config
+from atlas_min.convert import ConvertError, convert_file, final_answer, main
 from atlas_min.data import load_jsonl
+from atlas_min.rewards import compute_reward
 
 
 @pytest.fixture
@@ -196,3 +199,111 @@ def test_cli_prints_one_line_error_and_exits_2(folder):
     write(raw, [LLAVA])
     good = subprocess.run(cmd, capture_output=True, text=True)
     assert good.returncode == 0 and "wrote 1 examples" in good.stdout
+
+
+# --- harness: the data layout of ATLAS's own eval harness (qid, question, image/image_path, gt_answer) ----
+
+VSTAR = {"qid": "vstar_12", "image": "img/a.png", "gt_answer": "B",
+         "question": "What is the color of the woman's bag?\n(A) black\n(B) white\n(C) red\n(D) blue"}
+WEMATH = {"qid": 7, "image_path": ["img/b.png"], "gt_answer": "\\boxed{A}",
+          "question": "<image>\nAs shown in the figure, the length of segment AB is ( ).\n"
+                      "A. 5cm; B. 6cm; C. 7cm"}
+BLINK = {"qid": "blink_art_3", "image": '["img/a.png", "img/b.png"]', "gt_answer": "(B)",
+         "question": "Which image has the same art style as the reference?\n"
+                     "(A) the right one\n(B) the left one"}
+
+
+def write_csv(path, records):
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    return path
+
+
+def write_any(path, records):
+    return write_csv(path, records) if path.suffix == ".csv" else write(path, records)
+
+
+@pytest.mark.parametrize("name, record, expected", [
+    ("vstar.jsonl", VSTAR, {"id": "vstar_12", "images": ["img/a.png"], "question": VSTAR["question"],
+                            "answer": "B", "task": "vstar"}),
+    ("wemath.json", WEMATH, {"id": "7", "images": ["img/b.png"], "answer": "A", "task": "wemath",
+                             "question": "As shown in the figure, the length of segment AB is ( ).\n"
+                                         "A. 5cm; B. 6cm; C. 7cm"}),
+    ("blink.csv", BLINK, {"id": "blink_art_3", "images": ["img/a.png", "img/b.png"],
+                          "question": BLINK["question"], "answer": "(B)", "task": "blink"}),
+], ids=["vstar-jsonl", "wemath-json", "blink-csv-two-images"])
+def test_harness_records_map_exactly_and_load_as_eval_data(folder, name, record, expected):
+    out = folder / "out.jsonl"
+    convert_file("harness", write_any(folder / name, [record]), out)
+    assert read(out) == [expected]
+    loaded = load_jsonl(out)[0]
+    assert loaded["images"] == [(folder / p).resolve() for p in expected["images"]]
+
+
+def test_harness_task_option_names_the_benchmark(folder):
+    convert_file("harness", write(folder / "test-00000.jsonl", [VSTAR]), folder / "out.jsonl", task="vstar")
+    assert read(folder / "out.jsonl")[0]["task"] == "vstar"
+
+
+def test_harness_answer_field_is_read_when_there_is_no_gt_answer(folder):
+    record = {k: v for k, v in VSTAR.items() if k != "gt_answer"} | {"answer": "B"}  # the parquet layout
+    convert_file("harness", write(folder / "vstar.jsonl", [record]), folder / "out.jsonl")
+    assert read(folder / "out.jsonl")[0]["answer"] == "B"
+
+
+def test_harness_record_without_an_image_is_text_only(folder):
+    record = {k: v for k, v in VSTAR.items() if k != "image"}
+    convert_file("harness", write(folder / "vstar.jsonl", [record]), folder / "out.jsonl")
+    assert read(folder / "out.jsonl")[0]["images"] == []
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"gt_answer": None}, "field 'gt_answer': expected a non-empty string or number, got None"),
+    ({"question": ""}, "field 'question': expected a non-empty string or number"),
+    ({"image": "img/missing.png"}, "field 'image': image "),
+    ({"image": 3}, "field 'image': expected an image path (str), got int"),
+    ({"image": '["img/a.png"'}, "field 'image': not valid JSON"),
+    ({"question": "<image><image>Which is red?"}, "field 'question': 2 <image> placeholders for 1 images"),
+], ids=["no-answer", "no-question", "missing-image", "image-not-a-path", "bad-list", "placeholders"])
+def test_a_bad_harness_record_is_a_one_record_error(folder, change, message):
+    error = convert_error(folder, "harness", [VSTAR, dict(VSTAR, **change)])
+    assert error.startswith(f"{folder / 'raw.jsonl'}:2: ") and message in error
+
+
+def test_a_csv_error_names_the_line_the_record_starts_on(folder):
+    raw = write_csv(folder / "blink.csv", [BLINK, dict(BLINK, gt_answer="")])  # each question spans 3 lines
+    with pytest.raises(ConvertError, match=rf"blink\.csv:5: field 'gt_answer'"):
+        convert_file("harness", raw, folder / "out.jsonl")
+
+
+def test_parquet_without_pandas_is_an_error_saying_what_to_install(folder, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)  # makes `import pandas` fail, installed or not
+    (folder / "vstar.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ConvertError, match="pip install pandas pyarrow"):
+        convert_file("harness", folder / "vstar.parquet", folder / "out.jsonl")
+
+
+def test_harness_cli_converts_a_file(folder, capsys):
+    raw = write(folder / "vstar.jsonl", [VSTAR])
+    assert main(["harness", str(raw), str(folder / "out.jsonl")]) == 0
+    assert "wrote 1 examples" in capsys.readouterr().out
+
+
+BOXED = get_config("micro", ["answer_format=boxed"])
+
+
+def test_the_reward_scores_a_letter_and_text_reply_to_the_converted_blink_item_correct(folder):
+    convert_file("harness", write_csv(folder / "blink.csv", [BLINK]), folder / "out.jsonl")
+    ex = load_jsonl(folder / "out.jsonl")[0]
+    reply = "The brushwork of the left painting matches. \\boxed{(B) the left one}"
+    assert compute_reward(reply, ex["answer"], BOXED, question=ex["question"])["accuracy"] == 1.0
+
+
+def test_the_reward_maps_an_option_text_reply_to_its_letter_with_the_converted_question(folder):
+    convert_file("harness", write_csv(folder / "blink.csv", [BLINK]), folder / "out.jsonl")
+    ex = load_jsonl(folder / "out.jsonl")[0]
+    left = compute_reward("\\boxed{the left one}", ex["answer"], BOXED, question=ex["question"])
+    right = compute_reward("\\boxed{the right one}", ex["answer"], BOXED, question=ex["question"])
+    assert (left["accuracy"], right["accuracy"]) == (1.0, 0.0)

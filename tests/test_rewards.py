@@ -1,9 +1,9 @@
-"""The composite reward of DESIGN.md, "Stage 2, GRPO", as a specification.
+"""The composite reward of docs/method.md, "Reward", as a specification.
 
-Every expected value below was worked out by hand from the equations, not copied from the code.
+Every expected value below was worked out by hand from the equations and from the rules of ATLAS's eval
+harness (docs/eval_protocol.md), not copied from the code. No test is timed: the hostile inputs are sized
+so that a quadratic scan would hang the run instead.
 """
-import time
-
 import pytest
 
 from atlas_min.config import get_config
@@ -14,7 +14,9 @@ from atlas_min.rewards import (
     extract_answer,
     format_reward,
     length_penalty,
+    normalise_answer,
     overuse_penalty,
+    parse_options,
 )
 
 MICRO = get_config("micro")
@@ -66,7 +68,8 @@ def test_equivalent_answers(pred, gold):
     ("²", "2"),  # only ASCII digits are digits
     ("1/0", "0"),  # a zero denominator is not a number
     ("\\frac{1}{2", "0.5"),  # unclosed \frac
-    ("\\sqrt{4}", "2"),  # only fractions are understood, no other LaTeX
+    ("\\sqrt[3]{8}", "2"),  # only square roots are understood (\sqrt{4} = 2 is: see the roots test)
+    ("\\log{100}", "2"),  # no other LaTeX
     ("", ""),  # an empty answer is never correct
     ("   ", "3"),
     ("left", "right"),
@@ -84,7 +87,7 @@ def test_missing_prediction_is_not_equivalent():
 
 def test_tag_extraction_takes_the_last_complete_answer():
     assert extract_answer("<answer>1</answer> no wait <answer> 2 </answer>", "tag") == "2"
-    assert extract_answer("<answer>1</answer> then <answer>2", "tag") == "1"  # the unclosed one does not count
+    assert extract_answer("<answer>1</answer> then <answer>2", "tag") == "1"  # an unclosed one does not count
     assert extract_answer("the answer is 2", "tag") is None
     assert extract_answer("</answer>2<answer>", "tag") is None
 
@@ -98,7 +101,8 @@ def test_boxed_extraction_with_unbalanced_braces_gives_none():
     assert extract_answer("\\boxed{\\frac{1}{2}", "boxed") is None
     assert extract_answer("\\boxed{", "boxed") is None
     assert extract_answer("no box {here}", "boxed") is None
-    assert extract_answer("\\boxed{1} then \\boxed{2", "boxed") == "1"  # the last *balanced* one
+    # The harness reads the last \boxed{ only (judge_results.py:33): an earlier complete box is no fallback.
+    assert extract_answer("\\boxed{1} then \\boxed{2", "boxed") is None
 
 
 def test_unknown_answer_format_is_a_config_error():
@@ -226,14 +230,314 @@ HOSTILE = [
 
 @pytest.mark.parametrize("text", HOSTILE, ids=lambda t: repr(t[:20]))
 @pytest.mark.parametrize("answer_format", ["tag", "boxed"])
-def test_hostile_strings_are_judged_quickly_and_never_raise(text, answer_format):
+def test_hostile_strings_never_raise(text, answer_format):
     cfg = get_config("micro", [f"answer_format={answer_format}"])
     for completion, answer in [(text, "1"), (f"<answer>{text}</answer>", text), (f"\\boxed{{{text}}}", text)]:
-        start = time.perf_counter()
-        r = compute_reward(completion, answer, cfg)
-        assert time.perf_counter() - start < 0.5
+        r = compute_reward(completion, answer, cfg, question=text)
         assert set(r) == {"accuracy", "functional", "format", "length_penalty",
                           "overuse_penalty", "n_functional", "total"}
-    start = time.perf_counter()
-    assert answers_equivalent(text, "\\frac{1}{2}") in (True, False)
-    assert time.perf_counter() - start < 0.5
+    assert answers_equivalent(text, "\\frac{1}{2}", question=text) in (True, False)
+
+
+# --- Extraction as ATLAS's harness does it (judge_results.py:29-43, 79-81) --------------------------
+
+BOXED = get_config("micro", ["answer_format=boxed"])
+
+
+def test_the_last_box_is_the_answer_even_when_an_earlier_box_differs():
+    assert extract_answer("First guess \\boxed{A}. On reflection it is white: \\boxed{B}", "boxed") == "B"
+
+
+def test_a_reply_cut_off_inside_its_last_box_scores_zero_even_after_a_complete_box():
+    # A reply that hit the token limit while writing its second box: the harness finds no answer in it.
+    r = compute_reward("The bag looks white, \\boxed{B}. Let me double-check the colour: \\boxed{", "B",
+                       BOXED)
+    assert (r["accuracy"], r["format"]) == (0.0, 0.0)
+
+
+def test_an_empty_last_box_is_no_answer():
+    assert extract_answer("\\boxed{B} ... \\boxed{  }", "boxed") is None
+    assert compute_reward("so \\boxed{}", "B", BOXED)["accuracy"] == 0.0
+
+
+def test_a_box_inside_the_last_box_is_read_from_the_innermost_box():
+    # "\boxed{\boxed{3}}": the last "\boxed{" is the inner one, as in the harness.
+    assert extract_answer("\\boxed{\\boxed{3}}", "boxed") == "3"
+
+
+def test_boxed_format_reward_follows_the_extraction_rule():
+    assert format_reward("\\boxed{B} then \\boxed{", "boxed") == 0.0
+    assert format_reward("\\boxed{ } then \\boxed{B}.", "boxed") == 1.0
+
+
+# --- Normalisation rules, one test each --------------------------------------------------------------
+
+def test_text_commands_around_the_answer_are_dropped():
+    assert answers_equivalent("\\text{B}", "B")
+    assert answers_equivalent("\\textbf{white}", "white")
+    assert answers_equivalent("\\text{\\textbf{yes}}", "yes")  # nested
+    assert answers_equivalent("12\\mathrm{cm}", "12 cm")
+
+
+def test_markdown_bold_and_dollar_signs_are_dropped():
+    assert answers_equivalent("**B**", "B")
+    assert answers_equivalent("$\\frac{3}{4}$", "0.75")
+    assert answers_equivalent("\\$25", "25")
+
+
+def test_markdown_bold_is_dropped_only_in_pairs():
+    assert not answers_equivalent("10**3", "103")  # "**" here is a power sign, not bold
+
+
+def test_a_unicode_minus_is_a_minus():
+    assert answers_equivalent("\u22123", "-3")
+
+
+def test_tex_spacing_is_a_space():
+    assert answers_equivalent("5\\,cm", "5 cm")
+
+
+def test_a_braced_tex_comma_is_a_thousands_comma():
+    assert answers_equivalent("1{,}000", "1000")
+
+
+def test_thousands_commas_are_optional():
+    assert answers_equivalent("12,500", "12500")
+
+
+def test_an_announcing_prefix_is_dropped():
+    assert answers_equivalent("The answer is B", "B")
+    assert answers_equivalent("Answer: 42", "42")
+    assert answers_equivalent("Option (C)", "C")
+
+
+def test_an_announcing_word_inside_a_longer_word_is_kept():
+    assert not answers_equivalent("Optional", "al")
+
+
+def test_a_trailing_period_is_dropped():
+    assert answers_equivalent("yes.", "Yes")
+    assert answers_equivalent("The answer is B.", "B")
+
+
+def test_a_named_value_equals_the_value():
+    assert answers_equivalent("x = 5", "5")
+    assert answers_equivalent("\\angle ABC = 30^\\circ", "30")
+
+
+def test_a_comparison_is_not_a_named_value():
+    assert not answers_equivalent("x <= 5", "5")
+
+
+def test_a_unit_after_a_number_may_be_omitted():
+    assert answers_equivalent("5 cm", "5")
+    assert answers_equivalent("5", "5cm")
+    assert answers_equivalent("12 \\text{cm}^2", "12 cm²")
+
+
+def test_different_units_are_different_answers():
+    assert not answers_equivalent("5 m", "5 cm")
+
+
+def test_a_letter_after_a_number_is_not_a_unit():
+    assert not answers_equivalent("2x", "2")  # a product, not "2 of unit x"
+    assert not answers_equivalent("2\\pi", "2")
+
+
+def test_degree_marks_may_be_omitted():
+    for written in ("30°", "30^\\circ", "30^{\\circ}", "30 degrees"):
+        assert answers_equivalent(written, "30")
+
+
+def test_a_percent_sign_may_be_omitted():
+    assert answers_equivalent("50\\%", "50")
+    assert answers_equivalent("50%", "50")
+
+
+def test_a_percentage_does_not_equal_its_fraction():
+    assert not answers_equivalent("0.5", "50%")
+
+
+def test_fractions_in_any_notation_equal_their_decimal():
+    for written in ("\\frac12", "\\frac{1}{2}", "\\dfrac{1}{2}", "1/2", "\\frac1{2}"):
+        assert answers_equivalent(written, "0.5")
+
+
+def test_roots_compare_by_exact_value():
+    assert answers_equivalent("2\\sqrt{3}", "\\sqrt{12}")  # 2²·3 = 12
+    assert answers_equivalent("√2", "\\sqrt2")
+    assert answers_equivalent("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2")
+    assert answers_equivalent("\\sqrt{4}", "2")
+    assert not answers_equivalent("\\sqrt{2}", "1.414")  # a rounded root is another number
+    assert not answers_equivalent("-\\sqrt{2}", "\\sqrt{2}")
+
+
+# --- Choices -----------------------------------------------------------------------------------------
+
+VSTAR_Q = "What is the color of the woman's bag?\n(A) black\n(B) white\n(C) red\n(D) blue"
+WEMATH_Q = "As shown in the figure, the length of segment AB is ( ).\nA. 5cm; B. 6cm; C. 7cm; D. 8cm"
+BLINK_Q = ("Which image shows the same object as the reference image?\nSelect from the following choices.\n"
+           "(A) the left one\n(B) the right one")
+
+
+@pytest.mark.parametrize("question, options", [
+    (VSTAR_Q, {"A": "black", "B": "white", "C": "red", "D": "blue"}),
+    (WEMATH_Q, {"A": "5cm", "B": "6cm", "C": "7cm", "D": "8cm"}),
+    (BLINK_Q, {"A": "the left one", "B": "the right one"}),
+    ("Which is longer? (A) the top line (B) the bottom line", {"A": "the top line", "B": "the bottom line"}),
+    ("Which colour?\nA. red\nB. blue\nAnswer with the letter.", {"A": "red", "B": "blue"}),
+    ("Which colour? Options: A: red, B: blue", {"A": "red", "B": "blue"}),
+    ("Which colour?\nA) red\nB) blue", {"A": "red", "B": "blue"}),
+    ("How many circles are there?", {}),
+    ("Is it (A) or not?", {}),  # one marker is no list of options
+])
+def test_options_are_read_from_the_question_in_the_benchmarks_styles(question, options):
+    assert parse_options(question) == options
+
+
+def test_a_choice_letter_followed_by_its_text_is_that_letter():
+    for written in ("B. white", "(B) white", "B) white", "B: white"):
+        assert answers_equivalent(written, "B")
+
+
+def test_an_option_text_equals_its_letter_given_the_question():
+    assert answers_equivalent("white", "B", question=VSTAR_Q)
+    assert answers_equivalent("B", "white", question=VSTAR_Q)
+    assert not answers_equivalent("white", "B")  # without the question there is nothing to map
+
+
+def test_an_option_value_equals_its_letter_up_to_its_unit():
+    assert answers_equivalent("5 cm", "A", question=WEMATH_Q)
+
+
+def test_a_letter_that_is_not_an_option_is_not_a_choice():
+    assert not answers_equivalent("E", "B", question=VSTAR_Q)
+
+
+def test_a_letter_is_a_choice_only_when_the_gold_is_a_letter_or_the_question_has_options():
+    assert not answers_equivalent("A", "A. Lincoln")  # a name, not option A with text
+    assert answers_equivalent("(a)", "A")  # the gold is a letter: the reply's letter may be lower case
+
+
+def test_yes_and_no_ignore_case_and_a_trailing_period():
+    assert answers_equivalent("Yes.", "yes")
+    assert not answers_equivalent("No.", "yes")
+
+
+def test_free_text_compares_words_not_meaning():
+    assert answers_equivalent("The Left One", "the left one")
+    assert not answers_equivalent("the one on the left", "the left one")  # that needs the LLM judge
+
+
+def test_normalisation_rules_apply_in_order():
+    assert normalise_answer("\\text{The answer is **x = 5**.}") == "5"
+
+
+# --- Hostile inputs ------------------------------------------------------------------------------------
+# Sized so that a quadratic scan (10¹⁰ steps or more) would hang the test run; a linear one finishes.
+
+HOSTILE_ANSWERS = [
+    "{" * 100_000 + "}" * 100_000,
+    "\\text{" * 50_000 + "B" + "}" * 50_000,
+    "9" * 1_000_000,
+    "1/" * 200_000,
+    "\\sqrt{" * 50_000,
+    "\\frac" * 50_000,
+    "=" * 100_000,
+    "a" * 100_000 + "1",
+    "**" * 100_000 + "*",
+    "The answer is " * 20_000,
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE_ANSWERS, ids=lambda t: repr(t[:12]))
+def test_hostile_answers_are_judged_by_linear_scans(text):
+    assert answers_equivalent(text, text[:50] + "x") in (True, False)
+    assert compute_reward(f"\\boxed{{{text}}}", "B", BOXED, question=text)["accuracy"] in (0.0, 1.0)
+
+
+def test_a_hostile_question_is_parsed_by_a_linear_scan():
+    question = "(A) " * 50_000 + "A. B. " * 50_000  # 50,000 one-option runs, then 50,000 two-option runs
+    assert parse_options(question) == {"A": "", "B": ""}  # the last of the longest runs, texts empty
+    assert not answers_equivalent("A", "B", question=question)
+
+
+def test_hostile_nested_text_commands_unwrap_to_their_content():
+    depth = 50_000
+    assert answers_equivalent("\\text{" * depth + "B" + "}" * depth, "B")
+
+
+# --- The harness's verdict, case by case ---------------------------------------------------------------
+# Expected values written by hand as ATLAS's judge (judge_results.py) would rule: no box, an unclosed or
+# empty last box -> 0 unjudged; else the same option, an equivalent value or the same words -> 1.
+
+ANGLE_Q = "As shown in the figure, AB ∥ CD and ∠1 = 60°. What is the measure of ∠2?"
+AREA_Q = "What is the area of the rectangle shown in the figure?"
+YESNO_Q = "Is the number of red cubes greater than the number of blue spheres?"
+FREE_Q = "Which side of the image is the lamp on?"
+
+HARNESS_CASES = [
+    # V*: letters, option texts, LaTeX and Markdown wrappers
+    ("The bag is white. \\boxed{B}", "B", VSTAR_Q, True),
+    ("\\boxed{(B)}", "B", VSTAR_Q, True),
+    ("\\boxed{(B) white}", "B", VSTAR_Q, True),
+    ("\\boxed{B. white}", "(B)", VSTAR_Q, True),
+    ("\\boxed{white}", "B", VSTAR_Q, True),
+    ("\\boxed{White.}", "B", VSTAR_Q, True),
+    ("\\boxed{\\text{B}}", "B", VSTAR_Q, True),
+    ("\\boxed{Option B}", "B", VSTAR_Q, True),
+    ("\\boxed{The answer is B.}", "B", VSTAR_Q, True),
+    ("$\\boxed{**B**}$", "B", VSTAR_Q, True),
+    ("\\boxed{C}", "B", VSTAR_Q, False),
+    ("\\boxed{red}", "B", VSTAR_Q, False),
+    ("\\boxed{E}", "B", VSTAR_Q, False),
+    ("At first \\boxed{B}; no, it is dark: \\boxed{A}", "B", VSTAR_Q, False),
+    ("It is white, \\boxed{B}. Let me zoom in once more to be sure: \\boxed{", "B", VSTAR_Q, False),
+    ("\\boxed{}", "B", VSTAR_Q, False),
+    ("The bag is white, so the answer is B.", "B", VSTAR_Q, False),
+    # WeMath: options with units, separated by semicolons
+    ("\\boxed{A}", "A", WEMATH_Q, True),
+    ("\\boxed{5cm}", "A", WEMATH_Q, True),
+    ("\\boxed{5 cm}", "A", WEMATH_Q, True),
+    ("\\boxed{A. 5cm}", "A", WEMATH_Q, True),
+    ("\\boxed{6cm}", "A", WEMATH_Q, False),
+    ("\\boxed{B}", "A", WEMATH_Q, False),
+    # BLINK: "(B)" gold, option texts
+    ("\\boxed{(B) the right one}", "(B)", BLINK_Q, True),
+    ("\\boxed{B}", "(B)", BLINK_Q, True),
+    ("\\boxed{B)}", "(B)", BLINK_Q, True),
+    ("\\boxed{the right one}", "(B)", BLINK_Q, True),
+    ("\\boxed{(A)}", "(B)", BLINK_Q, False),
+    # MathVista-like: numbers, units, fractions, percentages, angles, roots
+    ("\\boxed{120^\\circ}", "120", ANGLE_Q, True),
+    ("\\boxed{120°}", "120", ANGLE_Q, True),
+    ("\\boxed{\\angle 2 = 120^{\\circ}}", "120", ANGLE_Q, True),
+    ("\\boxed{60}", "120", ANGLE_Q, False),
+    ("\\boxed{24 \\text{cm}^2}", "24", AREA_Q, True),
+    ("\\boxed{24 m^2}", "24 cm^2", AREA_Q, False),
+    ("\\boxed{\\frac{1}{2}}", "0.5", "", True),
+    ("\\boxed{\\dfrac12}", "0.5", "", True),
+    ("\\boxed{0.25}", "0.5", "", False),
+    ("\\boxed{50\\%}", "50", "", True),
+    ("\\boxed{1{,}000}", "1000", "", True),
+    ("\\boxed{1,000}", "1000", "", True),
+    ("\\boxed{\u22123}", "-3", "", True),
+    ("\\boxed{2\\sqrt{3}}", "\\sqrt{12}", "", True),
+    ("\\boxed{\\sqrt{2}}", "√2", "", True),
+    ("\\boxed{x = 7.}", "7", "", True),
+    ("\\boxed{$7$}", "7", "", True),
+    ("\\boxed{8}", "7", "", False),
+    ("\\boxed{3}", "\\boxed{3}", "", True),  # the harness unboxes a boxed gold too
+    # free text and yes/no
+    ("\\boxed{Yes.}", "yes", YESNO_Q, True),
+    ("\\boxed{no}", "Yes", YESNO_Q, False),
+    ("\\boxed{\\text{left}}", "left", FREE_Q, True),
+    ("\\boxed{Right}", "left", FREE_Q, False),
+]
+
+
+@pytest.mark.parametrize("completion, gold, question, expected", HARNESS_CASES)
+def test_rule_based_verdict_equals_the_harness_verdict_on_benchmark_style_cases(completion, gold, question,
+                                                                                 expected):
+    r = compute_reward(completion, gold, BOXED, question=question)
+    assert r["accuracy"] == (1.0 if expected else 0.0)

@@ -1,0 +1,181 @@
+"""An optional LLM judge: ask a local instruction model whether an extracted answer matches the gold one.
+
+ATLAS's eval harness scores a reply 0 when its last `\\boxed{…}` is missing, unclosed or empty, and asks
+an LLM judge about every other reply: Qwen/Qwen3-VL-235B-A22B-Instruct served by vLLM (judge.sh:6), sent
+one user message that holds the question, the gold answer, the extracted answer and three rules (the same
+option, an equivalent value, the same meaning), at temperature 0 and at most 50 new tokens
+(judge_results.py:12-26, 78-100; all at ZiyuGuo99/ATLAS@4b09aef, see docs/eval_protocol.md). This module
+does the same with any local causal LM that fits the machine: judge_prompt states those rules in our own
+words, parse_verdict reads the reply, judge runs the model. The rule-based verdict of atlas_min.rewards
+needs no model; this judge is for the meaning-level cases that rules cannot decide.
+
+    judge("/models/Qwen2.5-7B-Instruct",
+          [{"question": q, "gold": "B", "answer": "the right one"}])
+"""
+import re
+import string
+from pathlib import Path
+
+DEFAULT_TEMPLATE = """You grade a model's answer to a question against the reference answer.
+
+Judge it by these rules:
+- Multiple choice: the answer is right only if it picks the same option (letter) as the reference.
+- Numbers, formulas, measurements: the answer is right if its value equals the reference's, in any notation.
+- Free text: the answer is right if it means essentially the same thing as the reference.
+
+Question: {question}
+Reference answer: {gold}
+Model's answer: {answer}
+
+Reply with exactly one word: Correct or Incorrect."""
+
+# Placeholders a template must hold, and the names the authors' own template file uses for two of them.
+FIELDS = ("question", "gold", "answer")
+ALIASES = {"gt": "gold", "pred": "answer"}
+
+
+class JudgeError(ValueError):
+    """A judge that cannot run: a folder that holds no model, a bad template or item; the message names it."""
+
+
+class Verdicts(list):
+    """The verdicts, one bool per item, as a list; also `replies` (the judge's raw text per item, None
+    where it was not asked) and `unparsed` (how many replies held no verdict and so count as False)."""
+
+    def __init__(self, verdicts, replies, unparsed):
+        super().__init__(verdicts)
+        self.replies = replies
+        self.unparsed = unparsed
+
+
+def judge_prompt(question, gold, answer, template=None):
+    """The judge's user message: `template` (default DEFAULT_TEMPLATE) with `{question}`, `{gold}` and
+    `{answer}` filled in. A template is a Python format string, so literal braces are doubled, as in the
+    authors' file; it may call gold and answer `{gt}` and `{pred}`, as that file does. A template missing a
+    placeholder, or naming an unknown one, raises JudgeError."""
+    template = DEFAULT_TEMPLATE if template is None else template
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise JudgeError(f"template: not a format string ({e}); "
+                         "write literal braces as {{ and }}") from None
+    unknown = sorted(name for name in names if name not in FIELDS and name not in ALIASES)
+    if unknown:
+        raise JudgeError(f"template: unknown placeholder {{{unknown[0]}}}; "
+                         "the placeholders are {question}, {gold} and {answer}")
+    present = {ALIASES.get(name, name) for name in names}
+    missing = [field for field in FIELDS if field not in present]
+    if missing:
+        raise JudgeError(f"template: no {{{missing[0]}}} placeholder "
+                         "(a template needs {question}, {gold} and {answer})")
+    values = {"question": question, "gold": gold, "answer": answer}
+    values.update({alias: values[field] for alias, field in ALIASES.items()})
+    return template.format(**values)
+
+
+_JSON_VERDICT = re.compile(r'"?correctness"?\s*[:=]\s*"?([01])\b')  # the authors' {"Correctness": 1} replies
+_WORD_VERDICT = re.compile(r"\b(not\s+)?(in)?correct\b")
+
+
+def parse_verdict(text):
+    """True for a reply that says "Correct", False for "Incorrect" (or "not correct"), None for neither.
+
+    Case, punctuation, Markdown and leading whitespace do not matter ("**Correct.**", "  incorrect");
+    the first verdict word counts, matched as a whole word, so "Incorrect" is never read as "correct" and
+    "correctness" is no verdict. A JSON verdict in the authors' form, {"Correctness": 1} or 0, is read too.
+    """
+    if not isinstance(text, str):
+        return None
+    text = text.lower()
+    m = _JSON_VERDICT.search(text)
+    if m:
+        return m[1] == "1"
+    m = _WORD_VERDICT.search(text)
+    if m is None:
+        return None
+    return not (m[1] or m[2])
+
+
+def _check_folder(path):
+    """JudgeError, naming the folder, unless `path` looks like a saved model (a folder with config.json)."""
+    if not path.is_dir():
+        raise JudgeError(f"judge model {path}: no such folder")
+    if not (path / "config.json").is_file():
+        raise JudgeError(f"judge model {path}: not a model folder (no config.json)")
+
+
+def _load(path, device):
+    """(tokenizer, model) from a local folder; JudgeError names the folder when they cannot be loaded."""
+    _check_folder(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # here: importing rewards needs no torch
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="auto")
+    except (OSError, ValueError, KeyError) as e:
+        raise JudgeError(f"judge model {path}: cannot load a causal LM and its tokenizer ({e})") from None
+    tokenizer.padding_side = "left"  # rows end where generation starts
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model.to(device).eval()
+
+
+def _chat_text(tokenizer, prompt):
+    """The model's input text: the prompt as one user message in the tokenizer's chat template (as the
+    harness sends it: no system message), or the bare prompt for a tokenizer without a template."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def _generate(model, tokenizer, texts, max_new_tokens, device):
+    """Greedy continuations (temperature 0, as the harness) of `texts`, decoded without special tokens."""
+    import torch
+    from transformers import GenerationConfig
+
+    plain = not getattr(tokenizer, "chat_template", None)  # a chat template writes its own BOS, if any
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=plain).to(device)
+    eos = model.generation_config.eos_token_id
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
+                              pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id if eos is None else eos)
+    with torch.inference_mode():
+        out = model.generate(**batch, generation_config=config)
+    new = out[:, batch["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, device="cpu"):
+    """Verdicts (a list of bools, one per item) of the local model in `model_path` on `items`, each a
+    mapping with "question", "gold" and "answer" (the extracted answer, or None when there is none).
+
+    An item whose answer is None or blank is False without asking the model, as the harness scores a
+    missing box 0 (judge_results.py:79-81). Every other item is asked with judge_prompt, greedily, at
+    most `max_new_tokens` new tokens (the harness: 50), `batch_size` prompts at a time; a reply with no
+    verdict is False and counted in the result's `unparsed`. The model is loaded only if some item is
+    asked, but the folder and the template are checked first.
+    """
+    items = list(items)
+    prompts = []
+    for k, item in enumerate(items):
+        for field in FIELDS:
+            if not hasattr(item, "get") or field not in item:
+                raise JudgeError(f"items[{k}]: no field '{field}' (an item holds question, gold and answer)")
+        answer = item["answer"]
+        asked = isinstance(answer, str) and bool(answer.strip())
+        prompts.append(judge_prompt(item["question"], item["gold"], answer, template) if asked else None)
+    path = Path(model_path)
+    _check_folder(path)
+    asked = [k for k, prompt in enumerate(prompts) if prompt is not None]
+    replies = [None] * len(items)
+    if asked:
+        tokenizer, model = _load(path, device)
+        for start in range(0, len(asked), batch_size):
+            chunk = asked[start:start + batch_size]
+            texts = [_chat_text(tokenizer, prompts[k]) for k in chunk]
+            for k, reply in zip(chunk, _generate(model, tokenizer, texts, max_new_tokens, device)):
+                replies[k] = reply
+    parsed = [None if reply is None else parse_verdict(reply) for reply in replies]
+    unparsed = sum(1 for k in asked if parsed[k] is None)
+    return Verdicts([bool(v) for v in parsed], replies, unparsed)
