@@ -3,11 +3,14 @@
     python eval.py --ckpt runs/sft --out runs/sft/eval.json            # toy held-out split
     python eval.py --ckpt runs/sft --blind                               # + blind_accuracy (blank images)
     python eval.py --ckpt runs/sft --intervene                           # + the token intervention probe
+    python eval.py --ckpt runs/rl7b --data bench.jsonl --judge /models/Qwen2.5-7B-Instruct  # + judge_accuracy
     python eval.py --ckpt runs/rl7b --config qwen2_5_vl_7b --data bench.jsonl
     torchrun --nproc_per_node 8 eval.py --ckpt runs/rl7b --config qwen2_5_vl_7b --data bench.jsonl
 
 The config defaults to the one the checkpoint was trained with; `field=value` overrides apply on top.
-eval.json's keys are listed in docs/method.md, "Evaluation".
+eval.json's keys are listed in docs/method.md, "Evaluation". `accuracy` is the rule-based verdict
+(atlas_min.rewards); `--judge` adds `judge_accuracy`, the verdict of a local instruction model asked as
+ATLAS's harness asks its judge (docs/eval_protocol.md; the authors used Qwen3-VL-235B-A22B-Instruct).
 """
 import argparse
 import json
@@ -19,17 +22,23 @@ from atlas_min.config import get_config
 from atlas_min.data import load_examples
 from atlas_min.dist import cleanup, print0, setup, shard
 from atlas_min.evaluate import chance_by_task, evaluate, intervene
+from atlas_min.judge import judge, judge_prompt
 from atlas_min.model import load_pretrained, set_pixel_bounds
+from atlas_min.rewards import extract_answer
 
 # 1. command line, config, data
 p = argparse.ArgumentParser(description="Evaluate a checkpoint")
 p.add_argument("--ckpt", required=True, help="a model folder written by train_sft.py / train_rl.py")
-p.add_argument("--config", default=None, help="preset for eval settings (default: the checkpoint's own config)")
-p.add_argument("--data", default=None, help="eval JSONL (default: the config's eval_data, else the toy eval split)")
+p.add_argument("--config", default=None, help="preset for eval settings (default: the checkpoint's config)")
+p.add_argument("--data", default=None, help="eval JSONL (default: the config's eval_data, else the toy's)")
 p.add_argument("--out", default=None, help="where to write eval.json (default CKPT/eval.json)")
 p.add_argument("--blind", action="store_true", help="also evaluate with blank images: blind_accuracy")
 p.add_argument("--intervene", action="store_true",
                help="also replace each output's first functional token by each of the five: intervention")
+p.add_argument("--judge", default=None, metavar="MODEL_PATH",
+               help="a local instruction model that also judges each extracted answer: judge_accuracy")
+p.add_argument("--judge-prompt", default=None, metavar="FILE",
+               help="the judge's prompt template ({question}, {gold}, {answer}); default: atlas_min.judge's")
 p.add_argument("overrides", nargs="*", help="field=value")
 opts = p.parse_intermixed_args()
 quiet_libraries()
@@ -51,6 +60,16 @@ with user_errors():
     data = load_examples(cfg, "eval")
     if not data:
         raise UsageError(f"{opts.data or cfg.eval_data or 'the eval split'} holds no examples")
+    template = None
+    if opts.judge_prompt:
+        if not opts.judge:
+            raise UsageError("--judge-prompt goes with --judge MODEL_PATH")
+        if not Path(opts.judge_prompt).is_file():
+            raise UsageError(f"--judge-prompt {opts.judge_prompt}: no such file")
+        template = Path(opts.judge_prompt).read_text()
+        judge_prompt("q", "g", "a", template)  # a template missing a placeholder fails here, before decoding
+    if opts.judge and not (Path(opts.judge) / "config.json").is_file():
+        raise UsageError(f"--judge {opts.judge}: not a model folder (no config.json)")
 
 # 2. the model, sharded under torchrun
 rank, world, device = setup()
@@ -62,22 +81,37 @@ model = shard(model, cfg, device).eval()
 # 3. greedy decoding, scored; optional probes
 result = evaluate(model, tokenizer, image_processor, data, cfg, device)
 if opts.blind:
-    result["blind_accuracy"] = evaluate(model, tokenizer, image_processor, data, cfg, device, blind=True)["accuracy"]
+    blind = evaluate(model, tokenizer, image_processor, data, cfg, device, blind=True)
+    result["blind_accuracy"] = blind["accuracy"]
 if opts.intervene:
     result.update(intervene(model, tokenizer, image_processor, data, cfg, device))
+outputs = result.pop("outputs")
+if opts.judge and rank == 0:  # a missing, unclosed or empty final answer is 0 without asking, as the harness
+    items = [{"question": r["question"], "gold": r["answer"],
+              "answer": extract_answer(r["output"], cfg.answer_format)} for r in outputs]
+    with user_errors():
+        verdicts = judge(opts.judge, items, template=template, device=str(device))
+    result["judge_accuracy"] = sum(verdicts) / len(verdicts)
+    result["judge_unparsed"] = verdicts.unparsed
 chance = chance_by_task(data)
 result["chance"] = sum(chance.values()) / len(chance)
 
 # 4. the table, eval.json
 print0(f"\n{'task':<14}{'accuracy':>10}{'chance':>8}  functional tokens used")
 for task, acc in result["per_task"].items():
-    used = ", ".join(f"{tok} {share:.2f}" for tok, share in result["functional_by_task"][task].items() if share)
+    shares = result["functional_by_task"][task].items()
+    used = ", ".join(f"{tok} {share:.2f}" for tok, share in shares if share)
     print0(f"{task:<14}{acc:>10.3f}{chance[task]:>8.3f}  {used or '-'}")
-print0(f"\naccuracy {result['accuracy']:.3f}" + (f" | blind {result['blind_accuracy']:.3f}" if opts.blind else "")
+blind_shown = f" | blind {result['blind_accuracy']:.3f}" if opts.blind else ""
+print0(f"\naccuracy {result['accuracy']:.3f}{blind_shown}"
        + f" | format {result['format_rate']:.3f} | functional {result['functional_rate']:.3f}"
-       + f" | {result['mean_functional_tokens']:.2f} functional tokens / output | length {result['mean_length']:.1f}"
+       + f" | {result['mean_functional_tokens']:.2f} functional tokens / output"
+       + f" | length {result['mean_length']:.1f}"
        + f" | {result['tokens_per_s']:.0f} tokens/s | n={result['n']}")
 print0(f"chance (always the task's most frequent answer), averaged over tasks: {result['chance']:.3f}")
+if "judge_accuracy" in result:
+    print0(f"judge_accuracy {result['judge_accuracy']:.3f} ({opts.judge}; "
+           f"{result['judge_unparsed']} verdicts unread)")
 if opts.intervene:
     print0("\nintervention: accuracy with each functional token forced at the output's first one")
     for task, per_token in result["intervention"].items():

@@ -26,7 +26,7 @@ import torch
 
 from atlas_min import checkpoint
 from atlas_min.cli import Progress, UsageError, parse_run_args, report, user_errors
-from atlas_min.data import collate_prompts, encode, load_examples, stream_indices, to_device
+from atlas_min.data import collate_prompts, encode_example, load_examples, stream_indices, to_device
 from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, print0, reshard, setup, shard
 from atlas_min.grpo import functional_grad_share, group_advantages, grpo_loss
 from atlas_min.model import load_pretrained
@@ -41,8 +41,8 @@ with user_errors():
     rank, world, device = setup()
     G = cfg.group_size
     if cfg.prompts_per_step % world or cfg.rl_mini_batch % (G * world):
-        raise UsageError(f"prompts_per_step={cfg.prompts_per_step} and rl_mini_batch/G={cfg.rl_mini_batch}/{G} "
-                         f"must divide by {world} processes")
+        raise UsageError(f"prompts_per_step={cfg.prompts_per_step} and rl_mini_batch/G="
+                         f"{cfg.rl_mini_batch}/{G} must divide by {world} processes")
     train = load_examples(cfg, "train")
 run = opts.out or f"runs/rl-{cfg.name}"
 total = cfg.max_steps or cfg.rl_steps
@@ -93,13 +93,12 @@ def completion_logprobs(policy, encoded, rollout, prompt_slice, cfg, pad_id, dev
 
 def sample_groups(model, tokenizer, image_processor, prompts, cfg, step, first_row, device):
     """Step 1: G completions of each prompt, drawn from π_old (the current weights, no grad)."""
-    encoded = [encode(ex, tokenizer, image_processor, cfg.system_prompt, question_suffix=cfg.question_suffix)
-               for ex in prompts]
+    encoded = [encode_example(ex, tokenizer, image_processor, cfg) for ex in prompts]
     batch = to_device(collate_prompts(encoded, tokenizer.pad_token_id), device)
     model.eval()
     with autocast(device):
-        rollout = sample(model, batch, tokenizer, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_p=cfg.top_p,
+        rollout = sample(model, batch, tokenizer, group_size=cfg.group_size,
+                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                          row_seeds=rl_row_seeds(cfg, step, first_row, len(prompts) * cfg.group_size))
     model.train()
     reshard(model)  # the root stays gathered after a forward; the update wants its shards back
@@ -111,12 +110,14 @@ def score(tokenizer, prompts, rollout, cfg):
     scores = []
     for i, (ids, mask) in enumerate(zip(rollout["completion_ids"], rollout["completion_mask"])):
         text, length = decode_completion(tokenizer, ids, mask)
-        scores.append(compute_reward(text, prompts[i // cfg.group_size]["answer"], cfg, num_tokens=length))
+        ex = prompts[i // cfg.group_size]
+        scores.append(compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length))
     rewards = torch.tensor([s["total"] for s in scores])  # (N,)
     return scores, group_advantages(rewards, cfg.group_size, cfg.adv_eps)
 
 
-def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, fmask, cfg, world, pad_id, device):
+def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, fmask, cfg, world, pad_id,
+           device):
     """Step 4: `ppo_epochs` passes of mini-batch steps on L_LA-GRPO; returns the step's logged loss terms.
 
     Every micro-batch divides by its whole mini-batch's counts (num_outputs, num_anchor_outputs, summed
@@ -137,7 +138,8 @@ def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, f
             for micro in chunks(mini.stop - mini.start, max(1, cfg.micro_batch_size // G)):
                 prompt_slice = slice(mini.start + micro.start, mini.start + micro.stop)
                 rows = rows_of(prompt_slice, G)
-                logp = completion_logprobs(model, encoded, rollout, prompt_slice, cfg, pad_id, device, grad=True)
+                logp = completion_logprobs(model, encoded, rollout, prompt_slice, cfg, pad_id, device,
+                                           grad=True)
                 loss_inputs = (logp, old_logp[rows], None if ref_logp is None else ref_logp[rows],
                                advantages[rows], mask[rows], fmask[rows])
                 loss, stats = grpo_loss(*loss_inputs, **coefs, **counts)
@@ -180,7 +182,8 @@ for step in range(start, total):
     prompts = [train[i] for i in order[first_prompt:first_prompt + prompts_per_rank]]
 
     t0 = time.time()
-    encoded, rollout = sample_groups(model, tokenizer, image_processor, prompts, cfg, step, first_prompt * G, device)
+    encoded, rollout = sample_groups(model, tokenizer, image_processor, prompts, cfg, step, first_prompt * G,
+                                     device)
     mask = rollout["completion_mask"]  # (N, C)
     fmask = functional_mask(rollout["completion_ids"], functional_ids) & mask  # (N, C)
     seconds["sampling"] = time.time() - t0
@@ -193,34 +196,36 @@ for step in range(start, total):
     # log π_old before any update, log π_ref from the frozen SFT model; no grad
     t0 = time.time()
     micro_slices = chunks(len(prompts), max(1, cfg.micro_batch_size // G))
-    old_logp = torch.cat([completion_logprobs(model, encoded, rollout, s, cfg, tokenizer.pad_token_id, device)
+    pad_id = tokenizer.pad_token_id
+    old_logp = torch.cat([completion_logprobs(model, encoded, rollout, s, cfg, pad_id, device)
                           for s in micro_slices])  # (N, C)
     seconds["old_logprobs"] = time.time() - t0
     t0 = time.time()
     ref_logp = None
     if reference is not None:
-        ref_logp = torch.cat([completion_logprobs(reference, encoded, rollout, s, cfg, tokenizer.pad_token_id, device)
+        ref_logp = torch.cat([completion_logprobs(reference, encoded, rollout, s, cfg, pad_id, device)
                               for s in micro_slices])  # (N, C)
         reshard(reference)
     seconds["reference"] = time.time() - t0
 
     t0 = time.time()
     losses = update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, fmask, cfg, world,
-                    tokenizer.pad_token_id, device)
+                    pad_id, device)
     seconds["update"] = time.time() - t0
 
     metrics = rollout_metrics(scores, mask, fmask)
     progress.log(step, **metrics, **losses, lr=lr,
                  **{f"t_{k}": round(all_sum(v) / world, 3) for k, v in seconds.items()})
     if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-        checkpoint.save(checkpoint.step_folder(run, step + 1), model, tokenizer, image_processor, cfg, step + 1,
-                        optimizer, extra={"init": str(init)})
+        checkpoint.save(checkpoint.step_folder(run, step + 1), model, tokenizer, image_processor, cfg,
+                        step + 1, optimizer, extra={"init": str(init)})
         checkpoint.prune(run, cfg.keep_checkpoints)
 
 # 4. the final model (a resumable checkpoint too) and the run report
 checkpoint.save(run, model, tokenizer, image_processor, cfg, total, optimizer, extra={"init": str(init)})
 report(run, f"RL ({'LA-GRPO' if cfg.anchor_coef else 'GRPO'}, {cfg.name})",
        [f"init {init}, steps {start}→{total}, {world} process(es)",
-        f"last step: reward {metrics['reward']:.3f}, accuracy {metrics['accuracy']:.3f}", f"checkpoint: {run}"])
+        f"last step: reward {metrics['reward']:.3f}, accuracy {metrics['accuracy']:.3f}",
+        f"checkpoint: {run}"])
 print0(f"saved {run}")
 cleanup()

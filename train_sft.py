@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 train_sft.py --config micro --out runs/m  # FSDP2 on CPU (gloo)
     torchrun --nproc_per_node 8 train_sft.py --config qwen2_5_vl_7b \\
         model_path=/path/to/Qwen2.5-VL-7B-Instruct train_data=atlas.jsonl --out runs/sft7b
-    python train_sft.py --resume runs/sft                                 # continue from the latest checkpoint
+    python train_sft.py --resume runs/sft                                 # on from the latest checkpoint
 
 Loss (docs/method.md, "Stage 1"): the mean cross-entropy over the reply tokens of the global batch,
 functional tokens included with no special weight; prompt, image and padding positions carry none.
@@ -17,7 +17,7 @@ import torch
 
 from atlas_min import checkpoint
 from atlas_min.cli import Progress, UsageError, parse_run_args, report, user_errors
-from atlas_min.data import IGNORE, collate_sft, encode, load_examples, stream_indices, to_device
+from atlas_min.data import IGNORE, collate_sft, encode_example, load_examples, stream_indices, to_device
 from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, print0, setup, shard
 from atlas_min.model import forward, init_model, load_pretrained, reply_nll
 from atlas_min.optim import adamw, lr_at, set_lr
@@ -78,11 +78,13 @@ for step in range(start, total):
     t0 = time.time()
     lr = lr_at(step, total, cfg.sft_warmup, cfg.sft_lr)
     set_lr(optimizer, lr)
-    order = stream_indices(step, cfg.batch_size, len(train), seed=cfg.seed, epoch_seed_stride=cfg.epoch_seed_stride)
-    encoded = [encode(train[i], tokenizer, image_processor, cfg.system_prompt, with_reply=True,
-                      question_suffix=cfg.question_suffix) for i in order[rank * per_rank:(rank + 1) * per_rank]]
+    order = stream_indices(step, cfg.batch_size, len(train), seed=cfg.seed,
+                           epoch_seed_stride=cfg.epoch_seed_stride)
+    encoded = [encode_example(train[i], tokenizer, image_processor, cfg, with_reply=True)
+               for i in order[rank * per_rank:(rank + 1) * per_rank]]
     n_reply = all_sum(sum(len(e["reply_ids"]) for e in encoded))  # the global normaliser
-    loss_sum, ft_loss_sum, ft_count = sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world, device)
+    loss_sum, ft_loss_sum, ft_count = sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world,
+                                               device)
     grad_norm = clip_grad_norm(model, cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -91,8 +93,8 @@ for step in range(start, total):
     progress.log(step, loss=loss, ft_loss=all_sum(ft_loss_sum) / max(all_sum(ft_count), 1), lr=lr,
                  grad_norm=grad_norm, tokens_per_s=round(n_reply / (time.time() - t0), 1))
     if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-        checkpoint.save(checkpoint.step_folder(run, step + 1), model, tokenizer, image_processor, cfg, step + 1,
-                        optimizer)
+        checkpoint.save(checkpoint.step_folder(run, step + 1), model, tokenizer, image_processor, cfg,
+                        step + 1, optimizer)
         checkpoint.prune(run, cfg.keep_checkpoints)
 
 # 4. the final model (a resumable checkpoint too) and the run report

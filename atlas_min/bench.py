@@ -25,10 +25,10 @@ from transformers import GenerationConfig
 from atlas_min import checkpoint
 from atlas_min.cli import user_errors
 from atlas_min.config import get_config
-from atlas_min.data import collate_prompts, encode
+from atlas_min.data import collate_prompts, encode_example
 from atlas_min.data import load_examples
 from atlas_min.model import image_order, init_model, load_pretrained
-from atlas_min.sampler import sample
+from atlas_min.sampler import STOP_TOKENS, sample
 from atlas_min.tokens import VISION_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def _timed(fn, repeats):
 
 
 def compare_samplers(model, tokenizer, batch, cfg, repeats):
-    G, eos = cfg.group_size, tokenizer.convert_tokens_to_ids("<|im_end|>")
+    G, stops = cfg.group_size, tokenizer.convert_tokens_to_ids(STOP_TOKENS)
     seeds = list(range(batch["input_ids"].shape[0] * G))
     rows = {k: v.repeat_interleave(G, 0) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
     spans = batch["pixel_values"].split(batch["image_grid_thw"].prod(-1).tolist())  # each image's patches
@@ -60,12 +60,13 @@ def compare_samplers(model, tokenizer, batch, cfg, repeats):
     @torch.no_grad()
     def theirs(temperature):
         sampling = dict(do_sample=True, temperature=temperature, top_p=cfg.top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
-        settings = GenerationConfig(max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        settings = GenerationConfig(max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
                                     suppress_tokens=tokenizer.convert_tokens_to_ids(VISION_TOKENS), **sampling)
         ids = model.generate(**rows, pixel_values=pixels, image_grid_thw=grids, generation_config=settings,
                              mm_token_type_ids=(rows["input_ids"] == model.config.image_token_id).long())
         new = ids[:, rows["input_ids"].shape[1]:]
-        stopped = (new == eos).cumsum(1) - (new == eos).long()  # tokens after the first <|im_end|> are padding
+        is_stop = torch.isin(new, torch.tensor(stops))
+        stopped = is_stop.cumsum(1) - is_stop.long()  # tokens after the first stop are padding
         return new, int((stopped == 0).sum())
 
     t_ours, (_, n_ours) = _timed(lambda: ours(cfg.temperature), repeats)
@@ -107,7 +108,7 @@ def main():
             checkpoint.save(init, model, tokenizer, image_processor, cfg, 0)
         model.eval()
         prompts = load_examples(cfg, "train")[:cfg.prompts_per_step]
-        batch = collate_prompts([encode(ex, tokenizer, image_processor, cfg.system_prompt, question_suffix=cfg.question_suffix) for ex in prompts],
+        batch = collate_prompts([encode_example(ex, tokenizer, image_processor, cfg) for ex in prompts],
                                 tokenizer.pad_token_id)
         result = {"config": cfg.name, "threads": torch.get_num_threads(), **compare_samplers(model, tokenizer, batch, cfg, args.repeats)}
         result["rl_step_seconds"] = rl_phases(init, args.config, args.overrides)

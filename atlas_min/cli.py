@@ -4,7 +4,7 @@
         opts, cfg, resume_from = parse_run_args("Stage 1: SFT", stage="sft")
     progress = Progress(run, "sft", start, total, cfg.log_every)   # RUN/metrics_sft.jsonl + a line per log_every
 
-Library modules raise typed errors (ConfigError, DataError, CheckpointError, UsageError); only the
+Library modules raise typed errors (ConfigError, DataError, CheckpointError, JudgeError, UsageError); only the
 scripts and the tools' `main` turn them into the one-line message, here.
 """
 import argparse
@@ -19,13 +19,14 @@ from atlas_min.checkpoint import CheckpointError
 from atlas_min.config import ConfigError, get_config
 from atlas_min.data import DataError
 from atlas_min.dist import is_main, print0
+from atlas_min.judge import JudgeError
 
 
 class UsageError(ValueError):
     """A command line that cannot work (a missing --init, a finished run to resume, ...)."""
 
 
-USER_ERRORS = (UsageError, ConfigError, DataError, CheckpointError)
+USER_ERRORS = (UsageError, ConfigError, DataError, CheckpointError, JudgeError)
 
 
 def die(message):

@@ -116,6 +116,7 @@ class Config:
     eval_batch_size: int = 16
     system_prompt: str = "Answer the question about the image. Put the final answer in <answer></answer>."
     question_suffix: str = ""  # appended to every question (the 7B eval protocol appends its \boxed{} instruction)
+    image_separator: str = ""  # between the image block(s) and the question (ATLAS's harness: a newline)
 
 
 PRESETS = {
@@ -149,9 +150,13 @@ PRESETS = {
         # ours: Qwen's usual fine-tuning bounds, 256..1280 image tokens per image, for training;
         # eval uses ATLAS's harness bounds, 512·28²..5120·28² pixels
         min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28, eval_min_pixels=401_408, eval_max_pixels=4_014_080,
-        # ATLAS's eval harness: Qwen's default system prompt, its instruction after the question, \boxed{}
-        # answers. Training uses the same prompt, so the model learns the format it is judged in.
-        answer_format="boxed", system_prompt="You are a helpful assistant.",
+        # ATLAS's released eval harness (docs/eval_protocol.md, with its source lines): its system message,
+        # a newline after the image block, its instruction after the question, \boxed{} answers read from the
+        # last box. Training uses the same prompt, so the model learns the format it is judged in.
+        answer_format="boxed",
+        system_prompt="You are a helpful assistant. Please think step by step, and put your final answer "
+                      "within \\boxed{}.",
+        image_separator="\n",
         question_suffix="\n\nPlease think step by step, and put your final answer within \\boxed{}.",
         activation_checkpointing=True,  # as verl's 7B recipe; `plan` shows the budget without it
         # SFT, ours: the usual full fine-tuning lr for a 7B VLM; 2000 × 128 ≈ 1.4 epochs of ATLAS-178K
@@ -174,7 +179,9 @@ PRESETS = {
         # penalise length linearly from 768 to 1024, and functional tokens beyond 8 (1.7× the mean).
         max_new_tokens=1024, len_threshold=768, len_buffer=256, len_max_penalty=1.0,
         over_threshold=8, over_slope=0.25, over_max_penalty=1.0,
-        eval_max_new_tokens=8192, eval_batch_size=8,  # 8192: ATLAS's eval harness
+        # 2048: the harness's generation limit (experience_maker.py:1897-1900; its --generate_max_len 8192
+        # only sizes vLLM's context window)
+        eval_max_new_tokens=2048, eval_batch_size=8,
         save_every=100, keep_checkpoints=2,  # a checkpoint is ~100 GB (fp32 weights + AdamW moments)
     ),
 }

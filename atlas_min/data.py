@@ -97,23 +97,26 @@ def open_image(path, where=""):
         raise DataError(f"{where}: image {path} cannot be read ({e})") from None
 
 
-def prompt_text(question, n_images, system_prompt):
-    image = "<|vision_start|><|image_pad|><|vision_end|>" * n_images
+def prompt_text(question, n_images, system_prompt, image_separator=""):
+    image = "<|vision_start|><|image_pad|><|vision_end|>" * n_images + (image_separator if n_images else "")
     return (f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
             f"<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n")
 
 
-def encode(ex, tokenizer, image_processor, system_prompt, with_reply=False, images=None, question_suffix=""):
+def encode(ex, tokenizer, image_processor, system_prompt, with_reply=False, images=None, question_suffix="",
+           image_separator=""):
     """Token ids of one example (each <|image_pad|> expanded to its image's merged patches) + pixels.
 
     `images` (PIL) replaces the example's own images when given (the blind eval passes blank ones);
-    `question_suffix` is appended to the question (ATLAS's eval harness appends its boxed instruction).
+    `question_suffix` is appended to the question and `image_separator` put between the images and the
+    question (ATLAS's eval harness: its boxed instruction, and a newline).
     """
     if images is None:
         images = [open_image(p, ex.get("where", "")) for p in ex["images"]]
     pixels = image_processor(images=images, return_tensors="pt") if images else None
     pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    ids = tokenizer.encode(prompt_text(ex["question"] + question_suffix, len(images), system_prompt), add_special_tokens=False)
+    text = prompt_text(ex["question"] + question_suffix, len(images), system_prompt, image_separator)
+    ids = tokenizer.encode(text, add_special_tokens=False)
     if images:
         merge = image_processor.merge_size ** 2
         counts = iter((pixels["image_grid_thw"].prod(-1) // merge).tolist())
@@ -124,6 +127,12 @@ def encode(ex, tokenizer, image_processor, system_prompt, with_reply=False, imag
     if with_reply:
         out["reply_ids"] = tokenizer.encode(ex["response"] + "<|im_end|>", add_special_tokens=False)
     return out
+
+
+def encode_example(ex, tokenizer, image_processor, cfg, with_reply=False, images=None):
+    """`encode` with the config's prompt: its system prompt, question suffix and image separator."""
+    return encode(ex, tokenizer, image_processor, cfg.system_prompt, with_reply=with_reply, images=images,
+                  question_suffix=cfg.question_suffix, image_separator=cfg.image_separator)
 
 
 def _images(encoded):

@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 import torch
 from PIL import Image
 
-from atlas_min.data import collate_prompts, encode, open_image, to_device
+from atlas_min.data import collate_prompts, encode_example, open_image, to_device
 from atlas_min.dist import all_gather_objects, autocast, world_size
 from atlas_min.rewards import compute_reward
 from atlas_min.sampler import decode_completion, sample
@@ -52,9 +52,7 @@ def _chunked(model, tokenizer, encoded, filler, cfg, device, max_new_tokens):
 def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=False):
     """Metrics over `examples` (split over ranks, gathered on all); the eval.json keys of docs/method.md."""
     def enc(ex):
-        images = _blank(ex, image_processor) if blind else None
-        return encode(ex, tokenizer, image_processor, cfg.system_prompt, images=images,
-                      question_suffix=cfg.question_suffix)
+        return encode_example(ex, tokenizer, image_processor, cfg, images=_blank(ex, image_processor) if blind else None)
 
     mine = examples[_rank()::world_size()]
     t0 = time.time()
@@ -64,8 +62,9 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
     for ex, (ids, mask) in zip(mine, outputs):
         text, length = decode_completion(tokenizer, ids, mask)
         n_tokens += length
-        reward = compute_reward(text, ex["answer"], cfg, num_tokens=length)
-        rows.append({"id": ex["id"], "task": ex["task"], "answer": ex["answer"], "output": text, "length": length,
+        reward = compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length)
+        rows.append({"id": ex["id"], "task": ex["task"], "question": ex["question"], "answer": ex["answer"],
+                     "output": text, "length": length,
                      **{k: reward[k] for k in ("accuracy", "format", "n_functional")},
                      "tokens": [t for t in FUNCTIONAL_TOKENS if t in text]})
     seconds = time.time() - t0
@@ -87,6 +86,7 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
                                for t, rs in sorted(by_task.items())},
         "tokens_per_s": n_tokens / max(seconds, 1e-9),
         "samples": rows[:8],
+        "outputs": rows,  # every row, for judging; eval.py leaves it out of eval.json
     }
 
 
@@ -122,9 +122,8 @@ def intervene(model, tokenizer, image_processor, examples, cfg, device):
     """
     functional_ids = tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS)
     mine = examples[_rank()::world_size()]
-    encoded = [encode(ex, tokenizer, image_processor, cfg.system_prompt, question_suffix=cfg.question_suffix)
-               for ex in mine]
-    filler = encode(examples[0], tokenizer, image_processor, cfg.system_prompt, question_suffix=cfg.question_suffix)
+    encoded = [encode_example(ex, tokenizer, image_processor, cfg) for ex in mine]
+    filler = encode_example(examples[0], tokenizer, image_processor, cfg)
     greedy = _chunked(model, tokenizer, encoded, filler, cfg, device, cfg.eval_max_new_tokens)
     variants, owners, skipped = [], [], Counter()  # owners: (example, prefix ids, token)
     for ex, enc, (ids, mask) in zip(mine, encoded, greedy):
@@ -144,7 +143,8 @@ def intervene(model, tokenizer, image_processor, examples, cfg, device):
         keep = max(0, budget - len(forced))  # the forced tokens count against the eval's token budget
         text, length = decode_completion(tokenizer, torch.tensor(forced + ids[:keep].tolist()),
                                          torch.cat([torch.ones(len(forced), dtype=torch.bool), mask[:keep]]))
-        hits[ex["task"]][tok].append(compute_reward(text, ex["answer"], cfg, num_tokens=length)["accuracy"])
+        reward = compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length)
+        hits[ex["task"]][tok].append(reward["accuracy"])
     merged_hits, merged_skipped = defaultdict(lambda: defaultdict(list)), Counter()
     for part_hits, part_skipped in all_gather_objects(({t: dict(v) for t, v in hits.items()}, dict(skipped))):
         merged_skipped.update(part_skipped)

@@ -22,10 +22,13 @@ def rl_row_seeds(cfg, step, first_row, n_rows):
     return [base + first_row + r for r in range(n_rows)]
 
 
+STOP_TOKENS = ["<|im_end|>", "<|endoftext|>"]  # the end of a turn, of a text; ATLAS's harness stops at both
+
+
 def decode_completion(tokenizer, ids, mask):
     """(text, number of generated tokens): the text without the stop token; functional tokens stay visible."""
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    kept = [t for t, m in zip(ids.tolist(), mask.tolist()) if m and t != eos]
+    stops = set(tokenizer.convert_tokens_to_ids(STOP_TOKENS))
+    kept = [t for t, m in zip(ids.tolist(), mask.tolist()) if m and t not in stops]
     return tokenizer.decode(kept, skip_special_tokens=False), int(mask.sum())
 
 
@@ -58,7 +61,7 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
     tokens under softmax(logits / temperature) (temperature 1 when greedy), the model's distribution
     before the sampler's masking and truncation: the quantity training's forward computes.
     """
-    eos_id, pad_id = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
+    stop_ids, pad_id = torch.tensor(tokenizer.convert_tokens_to_ids(STOP_TOKENS)), tokenizer.pad_token_id
     banned = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS))
     n_tokens = len(tokenizer)
     prompt_ids = batch["input_ids"].repeat_interleave(group_size, 0)  # (N, P), N = B·G
@@ -93,7 +96,7 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
         tokens.append(token)
         logprobs.append(token_logprobs(scaled[:, None], token[:, None])[:, 0])
         masks.append(~done)
-        done = done | (token == eos_id)
+        done = done | torch.isin(token, stop_ids.to(device))
         if step == max_new_tokens - 1 or _all_done(done):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)

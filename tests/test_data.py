@@ -120,3 +120,22 @@ def test_the_data_stream_depends_on_the_seed_and_step_alone():
     assert epoch(0) == epoch(0)
     assert epoch(0) != epoch(1)
     assert stream_indices(3, 2, 10, seed=0, epoch_seed_stride=100_003) == epoch(0)[6:8]  # resuming at step 3
+
+
+def test_the_image_separator_stands_between_the_image_block_and_the_question(micro, toy_files):
+    _, tokenizer, image_processor = micro
+    ex = load_jsonl(toy_files[0])[0]
+    text = tokenizer.decode(encode(ex, tokenizer, image_processor, "sys", image_separator="\n")["prompt_ids"])
+    assert "<|vision_end|>\n" + ex["question"] + "<|im_end|>" in text
+
+
+def test_the_7b_prompt_is_laid_out_as_atlas_harness_renders_it():
+    # docs/eval_protocol.md, "The prompt": system message, image block, newline, question, two newlines, instruction
+    from atlas_min.config import get_config
+    from atlas_min.data import prompt_text
+    cfg = get_config("qwen2_5_vl_7b")
+    instruction = "Please think step by step, and put your final answer within \\boxed{}."
+    want = (f"<|im_start|>system\nYou are a helpful assistant. {instruction}<|im_end|>\n<|im_start|>user\n"
+            f"<|vision_start|><|image_pad|><|vision_end|>\nWhat is x?\n\n{instruction}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+    assert prompt_text("What is x?" + cfg.question_suffix, 1, cfg.system_prompt, cfg.image_separator) == want

@@ -2,7 +2,7 @@ import torch
 
 from atlas_min.data import collate_prompts, encode, load_jsonl
 from atlas_min.model import forward
-from atlas_min.sampler import sample, sequence_logprobs
+from atlas_min.sampler import STOP_TOKENS, sample, sequence_logprobs
 from atlas_min.tokens import VISION_TOKENS
 
 
@@ -45,11 +45,11 @@ def test_greedy_sampler_equals_generate_token_for_token(micro, toy_files):
     assert batch["image_grid_thw"][0].tolist() != batch["image_grid_thw"][1].tolist()
     assert batch["attention_mask"][1, 0] == 0  # left padding is exercised
     ours = sample(model, batch, tokenizer, max_new_tokens=16, temperature=0)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stops = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
     theirs = model.generate(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
         image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(batch["input_ids"] == model.config.image_token_id).long(),
-        do_sample=False, max_new_tokens=16, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        do_sample=False, max_new_tokens=16, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
         suppress_tokens=tokenizer.convert_tokens_to_ids(VISION_TOKENS))[:, batch["input_ids"].shape[1]:]
     assert len(set(ours["completion_ids"].flatten().tolist())) > 3  # not a degenerate repetition
     C = theirs.shape[1]

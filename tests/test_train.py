@@ -226,3 +226,23 @@ def test_a_users_two_process_rl_run_prints_no_warning(tmp_path, sft_run):
                           "train_rl.py", "--config", "micro", "--init", str(sft_run), "--out", str(tmp_path / "rl"),
                           "max_steps=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and not _warning_lines(out), out.stderr[-2000:]
+
+
+
+def test_eval_judge_writes_judge_accuracy_and_scores_a_reply_without_an_answer_0_unasked(tmp_path, sft_run):
+    from test_judge import CHAT, _save_tiny_model
+    judge_folder = _save_tiny_model(tmp_path / "judge", CHAT)
+    out = tmp_path / "eval.json"
+    run("eval.py", "--ckpt", sft_run, "--out", out, "--judge", judge_folder, "eval_max_new_tokens=4")
+    result = json.loads(out.read_text())
+    # 4 new tokens of a barely trained micro model never close an <answer> tag: nothing to ask the judge
+    assert result["judge_accuracy"] == 0.0 and result["judge_unparsed"] == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--judge", "/nonexistent"], "--judge /nonexistent: not a model folder"),
+    (["--judge-prompt", "/nonexistent.txt"], "--judge-prompt goes with --judge"),
+])
+def test_eval_judge_input_is_checked_before_decoding(sft_run, extra, message):
+    out = run("eval.py", "--ckpt", sft_run, *extra, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and message in out.stderr
