@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from atlas_min.data import collate_prompts, encode_example, open_image, to_device
-from atlas_min.dist import all_gather_objects, autocast, world_size
+from atlas_min.dist import all_gather_objects, autocast, gathered, world_size
 from atlas_min.rewards import compute_reward
 from atlas_min.sampler import decode_completion, sample
 from atlas_min.tokens import FUNCTIONAL_TOKENS
@@ -32,19 +32,19 @@ def _greedy(model, tokenizer, encoded, max_new_tokens, device):
     """Greedy completions of encoded prompts: [(generated ids without padding, mask)] per prompt."""
     batch = to_device(collate_prompts(encoded, tokenizer.pad_token_id), device)
     with autocast(device):
-        out = sample(model, batch, tokenizer, max_new_tokens=max_new_tokens, temperature=0)
+        out = sample(model, batch, tokenizer, max_new_tokens=max_new_tokens, temperature=0, lockstep=False)
     return list(zip(out["completion_ids"].cpu(), out["completion_mask"].cpu()))
 
 
 def _chunked(model, tokenizer, encoded, filler, cfg, device, max_new_tokens):
-    """`_greedy` over this rank's prompts in eval_batch_size chunks. Every rank runs the same number of
-    chunks, decoding the encoded prompt `filler` when it has run out of its own: under FSDP each decode
-    step is a collective."""
-    n_chunks = max(all_gather_objects(math.ceil(len(encoded) / cfg.eval_batch_size)))
+    """`_greedy` over this rank's prompts in eval_batch_size chunks, with the weights gathered once
+    (`dist.gathered`): no collective per decode step, so each rank goes at its own pace. Only the first
+    forward gathers, and every rank must take part in it: a rank without prompts decodes `filler` once."""
     outputs = []
-    for c in range(n_chunks):
-        chunk = encoded[c * cfg.eval_batch_size:(c + 1) * cfg.eval_batch_size]
-        outputs += _greedy(model, tokenizer, chunk or [filler], max_new_tokens, device)[:len(chunk)]
+    with gathered(model):
+        for c in range(max(1, math.ceil(len(encoded) / cfg.eval_batch_size))):
+            chunk = encoded[c * cfg.eval_batch_size:(c + 1) * cfg.eval_batch_size]
+            outputs += _greedy(model, tokenizer, chunk or [filler], max_new_tokens, device)[:len(chunk)]
     return outputs
 
 

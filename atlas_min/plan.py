@@ -122,15 +122,17 @@ def plan(cfg, gpus, gpu_mem_gb=80.0):
     ref = {"reference (bf16 shards)": 2 * P / gpus if cfg.kl_coef > 0 else 0}
 
     def phases(ckpt):
-        common = {"fp32 params (sharded)": 4 * P / gpus, "AdamW m, v (fp32, sharded)": 8 * P / gpus,
-                  "gathered bf16 params (root + 2 units)": 2 * root + 2 * 2 * unit}
+        persistent = {"fp32 params (sharded)": 4 * P / gpus, "AdamW m, v (fp32, sharded)": 8 * P / gpus}
+        common = {**persistent, "gathered bf16 params (root + 2 units)": 2 * root + 2 * 2 * unit}
         train = {**common, "fp32 grads (sharded)": 4 * P / gpus, "unsharded bf16 grads of the root": 2 * root}
         return {"SFT": {**train, "activations": activations(cfg, sft_rows, sft_rows, T, ckpt),
                         "logits": sft_rows * T * V * logit_bytes},
                 "RL update": {**train, **ref, "activations": activations(cfg, rl_prompts * G, rl_prompts, T, ckpt),
                               "logits": rl_prompts * G * (cfg.max_new_tokens + 1) * V * logit_bytes},
-                # the KV cache of all rows, or during the prefill a shorter cache + one layer's MLP (6f bytes per token)
-                "RL sampling": {**common, **ref, "KV cache / prefill": max(
+                # dist.gathered keeps every unit gathered for the rollout: all bf16 weights at once. The KV cache
+                # of all rows, or during the prefill a shorter cache + one layer's MLP (6f bytes per token)
+                "RL sampling": {**persistent, "gathered bf16 params (all, for the rollout)": 2 * P, **ref,
+                                "KV cache / prefill": max(
                     sample_rows * T * kv_token, sample_rows * prompt * (kv_token + 6 * cfg.text_intermediate))}}
 
     budget, rows_after = phases(cfg.activation_checkpointing), embed.shape[0]

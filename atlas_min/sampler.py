@@ -53,8 +53,13 @@ def _all_done(done):
 
 
 @torch.no_grad()
-def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperature=1.0, top_p=1.0, row_seeds=None):
+def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperature=1.0, top_p=1.0, row_seeds=None,
+           lockstep=True):
     """G completions for each left-padded prompt of `batch`; temperature 0 is greedy decoding.
+
+    `lockstep`: every rank keeps stepping until all ranks' rows are done, as FSDP needs while the
+    weights are sharded (each forward is a collective). Under `dist.gathered` no step is a collective,
+    so pass False and a rank stops as soon as its own rows are done.
 
     Returns prompt_ids / prompt_mask (B·G, P), completion_ids (B·G, C), completion_mask (B·G, C) bool
     (True on generated tokens up to and including <|im_end|>), logprobs (B·G, C) of the sampled
@@ -97,7 +102,7 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
         logprobs.append(token_logprobs(scaled[:, None], token[:, None])[:, 0])
         masks.append(~done)
         done = done | torch.isin(token, stop_ids.to(device))
-        if step == max_new_tokens - 1 or _all_done(done):
+        if step == max_new_tokens - 1 or (_all_done(done) if lockstep else bool(done.all())):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
         position = (attention_mask.cumsum(-1) - 1)[:, -1:] + rope_deltas  # (N, 1): continues each row's text

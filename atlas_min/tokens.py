@@ -4,10 +4,11 @@ Each is an ordinary token, produced by next-token prediction: nothing is execute
 Adding them = tokenizer entry + embedding rows (+ lm_head rows when untied) + an initialisation.
 
 Initialisation rule: a new row is the mean of the rows that existed before (input and output
-matrices separately). The mean sits inside the existing embedding cloud, so the new token starts
-with an unremarkable norm and with logits near the average token's: it neither dominates sampling
-nor starts unreachable. (A random row of the usual std would be as good for a random-init model,
-but for a trained 7B model it would sit far from everything the model has learned.)
+matrices separately). With a tied head, the new token's logit is then exactly the mean of the old
+tokens' logits, so it neither dominates sampling nor starts unreachable. The mean row is shorter
+than a typical row: for random rows much shorter (independent rows cancel, ~1/sqrt(n)), for a trained
+model it lies inside the cloud (tutorial 01 prints both norms). A random row of the usual std would do
+for a random-init model, but for a trained 7B model it would sit far from everything it has learned.
 """
 import torch
 from tokenizers import AddedToken

@@ -97,3 +97,9 @@ def test_torchrun_shards_every_decoder_layer_and_vision_block_on_meta(tmp_path):
         assert u["shard0"], name  # every parameter a DTensor with placement (Shard(0),)
         assert sum(u["local"]) == u["numel"] and max(u["local"]) - min(u["local"]) <= u["numel"] // 100, name
     assert units[""]["numel"] == N_7B
+
+
+def test_the_rollout_holds_every_bf16_weight_gathered(plan7b):
+    # dist.gathered keeps all units gathered while sampling: 2 bytes per parameter on every GPU
+    sampling = plan7b["budget"]["RL sampling"]
+    assert sampling["gathered bf16 params (all, for the rollout)"] == 2 * N_7B

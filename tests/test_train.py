@@ -246,3 +246,19 @@ def test_eval_judge_writes_judge_accuracy_and_scores_a_reply_without_an_answer_0
 def test_eval_judge_input_is_checked_before_decoding(sft_run, extra, message):
     out = run("eval.py", "--ckpt", sft_run, *extra, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr and message in out.stderr
+
+
+def test_a_rollout_gathers_each_unit_once_whatever_its_length():
+    out = run("tests/count_gathers.py", procs=2)
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counts["sharded_9"] > counts["sharded_1"]  # the default: every decode step re-gathers (the probe works)
+    assert counts["gathered_9"] == counts["gathered_1"] > 0  # kept gathered: once per unit, then never again
+
+
+def test_eval_gives_the_same_numbers_on_one_and_two_processes(tmp_path, sft_run):
+    keys = ["n", "accuracy", "format_rate", "functional_rate", "mean_functional_tokens", "mean_length", "per_task",
+            "functional_by_task"]
+    run("eval.py", "--ckpt", sft_run, "--out", tmp_path / "one.json", "eval_max_new_tokens=8")
+    run("eval.py", "--ckpt", sft_run, "--out", tmp_path / "two.json", "eval_max_new_tokens=8", procs=2)
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert {k: one[k] for k in keys} == {k: two[k] for k in keys}

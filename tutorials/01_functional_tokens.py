@@ -1,5 +1,6 @@
 # %% [markdown]
-# # 01 — Functional tokens: five new words in the vocabulary (DESIGN.md, "Functional tokens")
+# # 01 — Functional tokens: five new words in the vocabulary
+# (docs/method.md, "Functional tokens"; paper §2.1, Tab. 1)
 #
 # ATLAS adds five tokens to Qwen2.5-VL's vocabulary:
 #
@@ -16,13 +17,7 @@
 # the toy world's texts (everything offline, seconds on a CPU).
 
 # %%
-import sys
-from pathlib import Path
-
-try:
-    import atlas_min  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import math
 
 import torch
 
@@ -98,29 +93,53 @@ print("decoded, specials skipped:", repr(tokenizer.decode(ids_after, skip_specia
 
 # %% [markdown]
 # ## The new rows are the mean of the old rows
-# Rows 0..n_old-1 are untouched; each new row equals their mean. Why the mean: it sits inside the
-# existing embedding cloud, so the new token starts with an ordinary norm, and (the head being
-# tied) its logit starts near the average token's — it neither dominates sampling nor starts
-# unreachable. A random row would do for a random-init model, but in a trained 7B model it would
-# sit far from everything the model has learned.
+# Rows 0..n_old-1 are untouched; each new row equals their mean (per matrix: the input embedding,
+# and the head's own rows when it is untied). **Ours**: the paper does not say how the rows start
+# (docs/method.md, "Functional tokens").
 
 # %%
 mean_row = old.mean(0)
-print("old rows unchanged, max |diff|       :", (embed[:n_old] - old).abs().max().item())
-print("new rows vs mean of old, max |diff|  :", (embed[ids] - mean_row).abs().max().item())
-print("norm of the new rows                 :", embed[ids].detach().norm(dim=-1))
-print("norms of old rows: mean %.4f, min %.4f, max %.4f" % (old.norm(dim=-1).mean(), old.norm(dim=-1).min(),
-                                                           old.norm(dim=-1).max()))
+print("old rows unchanged, max |diff|     :", (embed[:n_old] - old).abs().max().item())
+print("new rows vs mean of old, max |diff|:", (embed[ids] - mean_row).abs().max().item())
 
 # %% [markdown]
-# The mean row's norm is *smaller* than a typical row's: averaging n random vectors cancels
-# most of them out (norm ≈ typical / sqrt(n) ≈ 0.11 / sqrt(435) ≈ 0.005). The old row of norm 0
-# is the padding token's (`<|endoftext|>`, id 0), which Qwen initialises to zeros. With trained embeddings the mean keeps a shared component and is not as
-# small; either way it is a quiet, central starting point that SFT moves from.
+# ### How long is the mean row?
+# Much *shorter* than a typical row. At this random init the rows are independent random vectors;
+# averaging n of them cancels most of each: the mean's norm shrinks like 1/sqrt(n) (a typical
+# norm / sqrt(n) is what independent rows give). So the new rows start near the origin, not "with an
+# ordinary norm". (The old row of norm 0 is the padding token's, `<|endoftext|>`, id 0, which the
+# model's init sets to zeros.)
+
+# %%
+norms = old.norm(dim=-1)
+print(f"norm of the new rows (the mean row): {embed[ids[0]].norm().item():.4f}")
+print(f"norms of the {n_old} old rows        : mean {norms.mean():.4f}, min {norms.min():.4f}, max {norms.max():.4f}")
+print(f"typical norm / sqrt(n)            : {norms.mean():.4f} / sqrt({n_old}) = {norms.mean() / math.sqrt(n_old):.4f}")
+
+# %% [markdown]
+# With trained embeddings (the 7B case) the rows are no longer independent random vectors, so the
+# mean need not be this short. Whatever its length, it is the centre of the old rows, inside their
+# cloud, not off in a direction no trained row points to (where a random new row would be).
 #
+# What the mean guarantees, trained or not, is the new token's starting *logit*. The head is linear,
+# so in every context the new token's logit is exactly the average of the old tokens' logits:
+# h·mean_j(e_j) = mean_j(h·e_j). It is reachable (an ordinary logit, not −∞-like) and cannot
+# dominate: exp(mean logit) ≤ mean exp(logit) (Jensen), so its probability is at most 1/n.
+# Checked on the micro model, at the last position of a prompt:
+
+# %%
+with torch.no_grad():
+    x = torch.tensor([tokenizer.encode("Let me compare the lines.", add_special_tokens=False)])
+    logits = model(input_ids=x).logits[0, -1]  # (V,): text only, so plain positions are enough here
+probs = logits.softmax(-1)
+print(f"logit of <|Line|>: {logits[ids[1]].item():+.5f} | "
+      f"mean logit of the old tokens: {logits[:n_old].mean().item():+.5f}")
+print(f"p(<|Line|>) = {probs[ids[1]].item():.5f} <= 1/n = 1/{n_old} = {1 / n_old:.5f}")
+
+# %% [markdown]
 # All five rows are identical at the start. They become different only through training: SFT
 # puts `<|Line|>` after "Let me compare the lines." and `<|Shape|>` after "Let me mark the red
-# shapes.", and the gradients through those positions pull the rows apart.
+# shapes.", and the gradients through those positions pull the rows apart (tutorial 04).
 
 # %% [markdown]
 # ## Idempotent: a second call changes nothing
@@ -175,3 +194,10 @@ print("the 5 rows used are the mean of the real-token rows, max |diff|:",
 # The mean is taken over the rows that hold real tokens (below the first new id), not over the
 # spare rows, which hold whatever the checkpoint put there. With an untied head (as in the 7B
 # model) `add_functional_tokens` sets the `lm_head` rows the same way, from the head's own rows.
+
+# %% [markdown]
+# ## Where this is used
+# → `atlas_min.model.init_model` adds the tokens to every stage-1 starting model (random-init or a
+# `model_path` checkpoint): `train_sft.py`, part 2 ("model … + functional tokens").
+# `tokens.functional_mask` marks the functional positions of sampled completions in `train_rl.py`'s
+# loop (part 3, `fmask`): the positions LA-GRPO's anchor averages over (tutorial 07).

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 02 — Data, the chat format, image tokens and collation (DESIGN.md, "Data" and "Stage 1, SFT")
+# # 02 — Data, the chat format, image tokens and collation (docs/method.md, "Data" and "Stage 1: SFT")
 #
 # One JSONL schema serves SFT, RL and eval, one example a line:
 #
@@ -7,27 +7,22 @@
 #      "response" (SFT only, functional tokens inline), "task"}
 #
 # This tutorial follows one example from its JSONL line to the tensors a training step sees:
-# `load_jsonl` (validation), `prompt_text` (Qwen's chat template), `encode` (token ids, image
-# pixels, the `<|image_pad|>` expansion), `collate_sft` (labels for stage 1) and `collate_prompts`
-# (left-padded prompts for the sampler of stage 2). All of it lives in `atlas_min/data.py`.
+# `load_examples` / `load_jsonl` (where the examples come from, validation), `prompt_text` (Qwen's
+# chat template), `encode` (token ids, image pixels, the `<|image_pad|>` expansion), `collate_sft`
+# (labels for stage 1) and `collate_prompts` (left-padded prompts for the sampler of stage 2). All
+# of it lives in `atlas_min/data.py`.
 
 # %%
-import sys
-from pathlib import Path
-
-try:
-    import atlas_min  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import json
 import shutil
 import tempfile
+from pathlib import Path
 
 import torch
 
 from atlas_min.config import get_config
-from atlas_min.data import IGNORE, DataError, collate_prompts, collate_sft, encode, load_jsonl, prompt_text
+from atlas_min.data import (IGNORE, DataError, collate_prompts, collate_sft, encode, load_examples, load_jsonl,
+                            prompt_text)
 from atlas_min.model import init_model
 from atlas_min.tokens import FUNCTIONAL_TOKENS
 from atlas_min.toy import ensure_toy_data
@@ -36,9 +31,11 @@ torch.set_printoptions(linewidth=120)
 
 # %% [markdown]
 # ## The toy data set
-# `ensure_toy_data` draws the toy world's images and writes `train.jsonl` / `eval.jsonl` in this
-# same schema, once: the folder name is a hash of everything the data depends on (seed, image size,
-# sizes, tasks), so a second call is a no-op. It lives under $ATLAS_MIN_CACHE (default ~/.cache/atlas_min).
+# A config names its data files (`train_data=…`, `eval_data=…`); when it names none, as the presets
+# do, the toy world supplies them. `ensure_toy_data` draws the toy images and writes `train.jsonl` /
+# `eval.jsonl` in this same schema, once: the folder name is a hash of everything the data depends
+# on (seed, image size, sizes, tasks), so a second call is a no-op. It lives under $ATLAS_MIN_CACHE
+# (default ~/.cache/atlas_min).
 
 # %%
 cfg = get_config("micro")
@@ -48,11 +45,13 @@ print("first line of the file, as written:\n ", train_path.read_text().splitline
 
 # %% [markdown]
 # ## Loading: validated, image paths resolved
-# `load_jsonl` checks every field's presence and type (with `need_response=True` for SFT), resolves
-# each image path inside the file's folder, and records `where` (file:line) for later error messages.
+# `load_examples(cfg, split)` is what the scripts call: it picks the config's file for the split (or
+# the toy's) and reads it with `load_jsonl`. That checks every field's presence and type (with
+# `need_response=True` for SFT), resolves each image path inside the file's folder, and records
+# `where` (file:line) for later error messages.
 
 # %%
-examples = load_jsonl(train_path, need_response=True)
+examples = load_examples(cfg, "train", need_response=True)  # here: load_jsonl(train_path, need_response=True)
 print(len(examples), "examples; the second one:")
 for key, value in examples[1].items():
     print(f"  {key:9s}: {value!r}")
@@ -73,7 +72,8 @@ print(prompt_text(examples[1]["question"], n_images=1, system_prompt=cfg.system_
 # The image processor cuts the image into 14x14 patches, (t, h, w) = `image_grid_thw`. The vision
 # tower then merges each 2x2 block of patches into one vector (merge_size = 2), and each vector
 # replaces one `<|image_pad|>` in the text. So the prompt must hold grid.prod() // 4 copies of the
-# placeholder — we expand it ourselves (the stock processor needs torchvision; see DESIGN.md).
+# placeholder. `encode` expands it itself, with the PIL image processor: the stock
+# `Qwen2_5_VLProcessor` would do it too, but it carries a video processor that needs torchvision.
 # The micro preset's 56x56 images give a 4x4 patch grid, hence 4 image tokens.
 #
 # The tokenizer and image processor are the micro preset's, functional tokens included
@@ -210,3 +210,11 @@ for what, bad in bad_lines.items():
     except DataError as e:
         print(f"{what:24s} -> DataError: {e}")
 shutil.rmtree(folder)
+
+# %% [markdown]
+# ## Where this is used
+# → `train_sft.py`: part 1 (`load_examples(cfg, "train", need_response=True)`) and part 3, the loop,
+# where each step's examples go through `encode_example(…, with_reply=True)` (`encode` with the
+# config's prompt pieces: `system_prompt`, `question_suffix`, `image_separator`) and `sft_step`
+# collates them with `collate_sft`. `train_rl.py`'s `sample_groups` encodes prompts without replies and collates them
+# with `collate_prompts` for the sampler (tutorial 03); `eval.py` does the same for greedy decoding.

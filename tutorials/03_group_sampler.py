@@ -1,32 +1,28 @@
 # %% [markdown]
-# # 03 — The group sampler (DESIGN.md, "Stage 2, GRPO": "sample a group of G outputs o_1..o_G from π_old")
+# # 03 — The group sampler (docs/method.md, "Stage 2: GRPO" and "Log-probabilities"; paper §2.2)
+#
+# "For each prompt q, sample a group of G outputs o_1..o_G from π_old."
 #
 # GRPO needs, for every prompt q, G sampled outputs and the log-probability π_old(o_t | q, o_<t)
 # of every sampled token. `atlas_min.sampler.sample` produces both in one pass:
 #   * each prompt is repeated G times (its image encoded once, its features reused G times);
 #   * one prefill forward over the left-padded prompts fills a KV cache;
-#   * then one token per step for every row: temperature, top-p, a per-row random generator,
-#     a stop per row at `<|im_end|>`, and the vision placeholders banned.
+#   * then one token per step for every row, at an explicit 3-D position (explained below):
+#     temperature, top-p, a per-row random generator, a stop per row at `<|im_end|>` (or
+#     `<|endoftext|>`), and the vision placeholders banned.
 # `sequence_logprobs` recomputes the same log-probs with one full forward — that is the forward
 # the GRPO update differentiates.
 
 # %%
-import sys
-from pathlib import Path
-
-try:
-    import atlas_min  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import math
 
 import torch
 
 from atlas_min.config import get_config
-from atlas_min.data import collate_prompts, encode, load_jsonl
-from atlas_min.model import init_model
+from atlas_min.data import collate_prompts, encode_example, load_examples
+from atlas_min.model import forward, init_model, mrope_positions
 from atlas_min.sampler import sample, sequence_logprobs
 from atlas_min.tokens import VISION_TOKENS
-from atlas_min.toy import ensure_toy_data
 
 torch.set_printoptions(precision=2, sci_mode=False, linewidth=120)
 
@@ -60,14 +56,53 @@ with torch.no_grad():
 # (tutorial 02). No replies: the sampler writes those.
 
 # %%
-train_path, _ = ensure_toy_data(cfg)
-examples = load_jsonl(train_path)
+examples = load_examples(cfg, "train")
 chosen = [examples[1], examples[0]]
-batch = collate_prompts([encode(ex, tokenizer, image_processor, cfg.system_prompt) for ex in chosen],
+batch = collate_prompts([encode_example(ex, tokenizer, image_processor, cfg) for ex in chosen],
                         tokenizer.pad_token_id)
 for ex, n in zip(chosen, batch["attention_mask"].sum(1).tolist()):
     print(f"{ex['task']:5s} {n} prompt tokens: {ex['question']!r}")
 print("input_ids", tuple(batch["input_ids"].shape))
+
+# %% [markdown]
+# ## Positions in three dimensions (mrope)
+# Qwen2.5-VL's rotary position embedding is multimodal ("mrope"): every token has three position
+# ids (t, h, w), time, height and width, and each head's rotary dimensions are split between the
+# three (`mrope_section`; at 7B [16, 24, 24] of its 64 frequency pairs).
+#   * Text tokens have t = h = w, running 1-D: 0, 1, 2, …
+#   * The image tokens of one image all get the same t (the next position), and h, w = that
+#     position + the row and column of their merged patch in the image's grid.
+#   * After the image, text continues from the largest position used so far + 1.
+# So an image of k tokens advances the positions by less than k: here 4 image tokens (a 2 x 2 grid)
+# use rows and columns 0..1 and advance them by 2. From there on, a token's 3-D position is its 1-D
+# index among the real tokens plus a fixed offset, `rope_deltas` (−2 here). Left padding gets
+# position 0 and attention 0.
+#
+# `model.mrope_positions` (transformers' `get_rope_index`) computes all of this from the ids and the
+# image grids; `atlas_min.model.forward` calls it on every full forward, never relying on state
+# cached by an earlier call.
+
+# %%
+image_token = model.config.image_token_id
+positions, rope_deltas = mrope_positions(model, batch["input_ids"], batch["attention_mask"],
+                                         (batch["input_ids"] == image_token).long(), batch["image_grid_thw"])
+print("positions", tuple(positions.shape), "(t/h/w, row, column) | rope_deltas", rope_deltas.flatten().tolist())
+row = batch["input_ids"][0]
+at = (row == image_token).nonzero().flatten()
+span = slice(at[0].item() - 2, at[-1].item() + 4)
+print("row 0 around its image:", tokenizer.convert_ids_to_tokens(row[span].tolist()))
+print(positions[:, 0, span])
+n_real = batch["attention_mask"].sum(1)
+print("real tokens per row:", n_real.tolist(), "| last position per row:", positions[0, :, -1].tolist(),
+      "| next position = real tokens + rope_delta:", (n_real + rope_deltas.flatten()).tolist())
+
+# %% [markdown]
+# This is why the decode loop passes explicit `position_ids`. The cached decode feeds one token at a
+# time, so nothing in its input says where the image was; the sampler keeps `rope_deltas` from the
+# prefill and gives each new token the position (its 1-D index among the row's real tokens) +
+# `rope_deltas`, the same on all three axes, exactly what a full forward over prompt + completion
+# assigns to it. With the wrong positions the cached decode would condition on different positions
+# than the training forward, and the two log-probs of the same token would differ.
 
 # %% [markdown]
 # ## Let it stop sometimes
@@ -132,23 +167,54 @@ print(torch.where(mask, out["logprobs"], torch.nan))
 # off log softmax(logits)[token] at each completion position.
 
 # %%
-with torch.no_grad():  # in training this forward runs with grad: it is the one the GRPO loss differentiates
+with torch.no_grad():
     recomputed = sequence_logprobs(model, batch, out["prompt_ids"], out["prompt_mask"], ids, mask, repeats=G)
 diff = (recomputed - out["logprobs"]).abs()[mask]
 print("sequence_logprobs (nan where masked):")
 print(torch.where(mask, recomputed, torch.nan))
-print(f"max |sampler - full forward| over {int(mask.sum())} tokens: {diff.max().item():.2e}")
+print(f"max |sampler - full forward| over {int(mask.sum())} tokens: {diff.max().item():.3e}")
 
 # %% [markdown]
-# Why it matters: GRPO's ratio is r = exp(log π_θ − log π_old). The sampler's log-probs *are*
-# log π_old; the first update over a fresh batch computes log π_θ with `sequence_logprobs` on the
-# very same weights, so r must be exactly 1 there (up to float rounding), and the clipped
-# surrogate reduces to −A per token (tutorial 06). If the two paths disagreed — a different
-# position scheme for the cached decode, the temperature applied in one and not the other,
-# the image features placed on the wrong rows — r would start away from 1, clipping would fire
-# on a policy that has not moved, and the "KL to π_old" would be noise. The sampler therefore
-# computes its log-probs from the model's own distribution at the sampling temperature, before
-# its top-p truncation and the ban on vision tokens.
+# What the printed difference is: the same quantity computed twice, a cached one-token-at-a-time
+# decode and one full forward, whose floating-point sums may run in a different order. On a CPU in
+# fp32 it can print exactly 0 (both paths round alike at these sizes); it need not be 0 (other
+# kernels, thread counts, bf16 autocast on a GPU round differently; on the SFT-trained model of
+# tutorial 08 it is ~1e-6). The test `test_sampler_logprobs_equal_the_training_forward` holds it
+# within 1e-4 (docs/method.md, "Log-probabilities"). A real disagreement (a wrong position scheme,
+# the temperature applied in one path only, image features on the wrong rows) would be far larger.
+#
+# ### Which of the two is log π_old?
+# GRPO's ratio is r = exp(log π_θ − log π_old). The sampler's log-probs are log π_old already: the
+# log-probs of the drawn tokens under the weights that drew them. Yet `train_rl.py` does not use
+# them. Before any update it runs `sequence_logprobs` without grad on the same weights and takes
+# *that* as log π_old; during the update log π_θ comes from the same function on the same inputs.
+# So before the first optimiser step the two are one computation, and r is exactly 1, bit for bit
+# (not 1 ± the difference above; tutorial 08 prints it). The clipped surrogate then reduces to −A
+# per token (tutorial 06), and clipping cannot fire on a policy that has not moved. The price is one
+# extra no-grad forward per step.
+#
+# Both are log-probs under softmax(logits / T) over the *whole* vocabulary, computed before the
+# sampler's top-p truncation and its ban on vision tokens: the distribution the update differentiates.
+# With top-p < 1 the sampler draws only from the nucleus, the smallest set of tokens holding
+# probability ≥ top_p, renormalised. A token in it is drawn with probability π/mass, not π, and one
+# outside it never is. The samples then come from a different distribution than the π_old in the
+# ratio: the update is off-policy by that truncation. For the first step of the model above (the
+# stop hook included):
+
+# %%
+with torch.no_grad():
+    first = forward(model, batch, batch["input_ids"], batch["attention_mask"], logits_to_keep=1)[0].logits[:, -1]
+probs = first.softmax(-1).sort(-1, descending=True).values  # (B, V)
+for top_p in (0.9, 0.5):
+    kept = (probs.cumsum(-1) - probs) < top_p  # the nucleus: the smallest prefix holding >= top_p
+    mass = (probs * kept).sum(-1)
+    print(f"top_p {top_p}: the nucleus keeps {kept.sum(-1).tolist()} of {probs.shape[-1]} tokens, mass "
+          f"{[round(m, 3) for m in mass.tolist()]}: a kept token is drawn at log π + "
+          f"{[round(-math.log(m), 3) for m in mass.tolist()]}")
+
+# %% [markdown]
+# Both presets sample with T = 1 and top_p = 1: the samples come from π_old itself, up to the ban on
+# vision placeholders, a truncation of the same kind but of the tiny mass a trained model gives them.
 
 # %%
 hook.remove()  # back to the plain (lively) model
@@ -156,8 +222,8 @@ hook.remove()  # back to the plain (lively) model
 # %% [markdown]
 # ## Greedy decoding matches `model.generate` token for token
 # Temperature 0 means argmax. Our loop passes explicit 3-D (mrope) positions at every cached step
-# (DESIGN.md, "Facts already checked"); if those were wrong, the continuation would drift from what
-# Hugging Face's `generate` produces. `generate` needs `mm_token_type_ids` (1 at the image tokens)
+# (above); if those were wrong, the continuation would drift from what Hugging Face's `generate`
+# produces. `generate` needs `mm_token_type_ids` (1 at the image tokens)
 # for the same positions, and `suppress_tokens` for the same ban on vision placeholders.
 
 # %%
@@ -180,3 +246,10 @@ print("identical:", torch.equal(ours[:, :C], theirs))
 # seeds each row independently, encodes each image once for the G copies of its prompt, keeps all
 # FSDP ranks stepping until every rank is done (a rank that stops early would deadlock the
 # others), and is short enough to read.
+
+# %% [markdown]
+# ## Where this is used
+# → `train_rl.py`, step 1 (`sample_groups`): `sample` with `rl_row_seeds`, G = `group_size` rows per
+# prompt. Its `completion_logprobs` (`sequence_logprobs`) gives log π_old and log π_ref before the
+# update (step 3) and log π_θ inside `update` (step 4). `atlas_min.evaluate.evaluate` (`eval.py`) decodes
+# greedily with the same `sample` (temperature 0). Tutorial 08 runs one such step on a trained model.

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 04 — One SFT step by hand (DESIGN.md, "Stage 1, SFT")
+# # 04 — One SFT step by hand (docs/method.md, "Stage 1: SFT"; paper §2.2)
 #
 # Stage 1 teaches the model *where* functional tokens go: plain next-token cross-entropy on the
 # assistant's reply, functional tokens included with no special weight; prompt, image and padding
@@ -8,28 +8,21 @@
 #     L_SFT = (1/|R|) * sum_{(b,t) in R} -log p_theta(x_{b,t} | x_{b,<t}, image_b)
 #
 # Pieces: `collate_sft` (labels, tutorial 02), `atlas_min.model.forward` (the multimodal forward
-# with explicit 3-D positions), `atlas_min.model.reply_nll` (the per-token loss).
+# with explicit 3-D positions, tutorial 03), `atlas_min.model.reply_nll` (the per-token loss),
+# `atlas_min.optim.adamw` (the optimiser).
 # `train_sft.py` is exactly this step, plus the things a real run needs (see the end).
 
 # %%
-import sys
-from pathlib import Path
-
-try:
-    import atlas_min  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import math
 
 import torch
 import torch.nn.functional as F
 
 from atlas_min.config import get_config
-from atlas_min.data import IGNORE, collate_sft, encode, load_jsonl
+from atlas_min.data import IGNORE, collate_sft, encode_example, load_examples
 from atlas_min.model import forward, init_model, reply_nll
+from atlas_min.optim import adamw
 from atlas_min.tokens import FUNCTIONAL_TOKENS
-from atlas_min.toy import ensure_toy_data
 
 torch.set_printoptions(precision=3, sci_mode=False, linewidth=120)
 
@@ -44,10 +37,9 @@ model, tokenizer, image_processor = init_model(cfg)
 model.train()
 functional_ids = tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS)
 
-train_path, _ = ensure_toy_data(cfg)
-examples = load_jsonl(train_path, need_response=True)
+examples = load_examples(cfg, "train", need_response=True)
 chosen = [examples[i] for i in (1, 2, 3, 5)]
-encoded = [encode(ex, tokenizer, image_processor, cfg.system_prompt, with_reply=True) for ex in chosen]
+encoded = [encode_example(ex, tokenizer, image_processor, cfg, with_reply=True) for ex in chosen]
 batch = collate_sft(encoded, tokenizer.pad_token_id)
 for ex in chosen:
     print(f"{ex['task']:6s} reply: {ex['response']!r}")
@@ -57,8 +49,8 @@ print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
 # %% [markdown]
 # ## Forward and the per-token loss
 # `forward` encodes the images, places their features on the `<|image_pad|>` positions, computes
-# Qwen2.5-VL's 3-D (mrope) positions from the ids (never from cached state) and runs the
-# language model. Logits are (B, T, V). `reply_nll` shifts by one — the logits at position t
+# Qwen2.5-VL's 3-D (mrope) positions from the ids (tutorial 03; never from cached state) and runs
+# the language model. Logits are (B, T, V). `reply_nll` shifts by one — the logits at position t
 # predict token t+1 — and returns −log p(label) where there is a label, 0 elsewhere: (B, T−1).
 
 # %%
@@ -122,11 +114,13 @@ print(f"loss on the {int(is_ft.sum())} functional-token positions alone: {token_
 
 # %% [markdown]
 # ## Backward, gradient norm, one AdamW step
-# The optimiser settings are train_sft.py's: AdamW with betas (0.9, 0.95), lr `cfg.sft_lr`, the
-# gradient norm clipped at `cfg.grad_clip`. `clip_grad_norm_` returns the norm *before* clipping.
+# The optimiser is train_sft.py's, `optim.adamw(model, cfg, "sft")`: AdamW with betas
+# (`sft_beta1`, `sft_beta2`) = (0.9, 0.95), lr `cfg.sft_lr`, weight decay `cfg.weight_decay`; the
+# gradient norm is clipped at `cfg.grad_clip`. `clip_grad_norm_` returns the norm *before* clipping.
 
 # %%
-optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+optimizer = adamw(model, cfg, "sft")
+print("AdamW:", {k: optimizer.defaults[k] for k in ("lr", "betas", "weight_decay")})
 loss.backward()
 embed_grad = model.get_input_embeddings().weight.grad
 print("gradient on the functional rows (norm per token):", embed_grad[functional_ids].norm(dim=-1))
@@ -173,9 +167,13 @@ for step in range(2, 6):
 
 # %% [markdown]
 # ## From this to `train_sft.py`
-# The script runs this same step (`forward` → `reply_nll` → sum / number of reply tokens →
-# backward → clip → AdamW), and adds:
-#   * a learning-rate schedule: linear warm-up over `sft_warmup` steps, then cosine decay;
+# → `train_sft.py`, part 3 (the loop) and `sft_step`: `sft_step` runs this same step (`forward` →
+# `reply_nll` → sum / number of reply tokens → backward), then the loop clips and steps AdamW.
+# It adds:
+#   * a learning-rate schedule, `optim.lr_at`: linear warm-up over `sft_warmup` steps, then cosine
+#     decay to 0;
+#   * each step's examples from `data.stream_indices` (per-epoch shuffles, derived from the seed and
+#     the step alone, so a resumed run sees the same batches);
 #   * gradient accumulation: the global batch (`batch_size`) is cut into `micro_batch_size`
 #     pieces, each backward adds its share, and the normaliser is the reply-token count of the
 #     *whole* global batch, so the result does not depend on how the batch is cut;
@@ -184,4 +182,6 @@ for step in range(2, 6):
 #   * resumable checkpoints every `save_every` steps, and a final one that loads with stock
 #     `transformers`, plus a metrics log (`loss`, `ft_loss`, `lr`, `grad_norm`, `tokens_per_s`).
 #
-#     python train_sft.py --config toy --out runs/sft      # the CPU demo
+#     python train_sft.py --config toy --out runs/sft-toy      # the CPU demo
+#
+# Tutorial 08 runs 150 of these steps on the micro model, then one RL step on the result.

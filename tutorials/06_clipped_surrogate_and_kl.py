@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 06 — The clipped surrogate, the k3 KL, and the GRPO loss (DESIGN.md, "Stage 2, GRPO")
+# # 06 — The clipped surrogate, the k3 KL, and the GRPO loss (docs/method.md, "Stage 2: GRPO"; paper §2.2)
 #
 # Per token t of output i, with the probability ratio r = exp(log pi_theta - log pi_old):
 #
@@ -10,16 +10,6 @@
 # Implementations: `clipped_surrogate`, `kl_k3`, `grpo_loss` in `atlas_min.grpo`.
 
 # %%
-import sys
-from pathlib import Path
-
-try:
-    import atlas_min  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import math
-
 import torch
 
 from atlas_min.grpo import clipped_surrogate, grpo_loss, kl_k3
@@ -30,7 +20,8 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # ## The ratio
 # The sampler stored log pi_old(token) for every sampled token. After a few optimiser steps on the
 # same batch, pi_theta has moved: r > 1 means the token became more likely, r < 1 less likely.
-# r = 1 exactly on the first step over a fresh batch (pi_theta == pi_old), where l = -A per token.
+# r = 1 exactly on the first step over a fresh batch (pi_theta == pi_old, computed by the same
+# forward: tutorial 03; docs/method.md, "Log-probabilities"), where l = -A per token.
 
 # %%
 logp_old = torch.tensor([[-1.2, -0.3, -2.0]])
@@ -112,20 +103,48 @@ print("ratio r (masked):\n", torch.where(mask, torch.exp(logp - old_logp), torch
 loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, mask, functional_mask,
                         clip_eps=0.2, kl_coef=0.04, anchor_coef=0.0)
 print("L_GRPO =", round(loss.item(), 4))
-print({k: round(v, 4) for k, v in stats.items()})
+shown = ("pg_loss", "kl", "clip_frac", "ratio_mean", "functional_share")  # `anchor`: tutorial 07
+print({k: round(stats[k], 4) for k in shown})
 
 # %% [markdown]
-# The stats: `pg_loss` is the l part of L_GRPO (the rest is beta * KL); `kl` the token-mean of D;
-# `clip_frac` the share of tokens whose gradient was cut by clipping; `ratio_mean` drifts above 1
-# as the policy moves; `anchor` (the LA-GRPO term of tutorial 07) is reported even when its weight
-# is 0, and `functional_share` is 2 functional tokens out of 16 generated positions.
+# The stats (`train_rl.py` logs `kl`, `clip_frac` and `anchor` of them): `pg_loss` is the l part of
+# L_GRPO (its sequence-mean of token-means); `kl` is the *token*-mean of D over all 16 generated
+# tokens; `clip_frac` the share of tokens whose gradient was cut by clipping; `ratio_mean` drifts
+# above 1 as the policy moves; `functional_share` is 2 functional tokens out of 16 generated
+# positions. (`grpo_loss` also reports `anchor`, the LA-GRPO term of tutorial 07, even when its
+# weight is 0.)
+#
+# `pg_loss + beta * kl` is *not* the loss: the loss averages D per output first (sequence-mean of
+# token-means), `kl` over all tokens at once, and with outputs of 6, 4, 5 and 1 tokens the two
+# means differ. The terms that do add up, by hand:
+
+# %%
+ell = clipped_surrogate(logp, old_logp, advantages, 0.2)  # (B, T)
+D = kl_k3(logp, ref_logp)  # (B, T)
+
+
+def seq_mean_token_mean(x):
+    return sum(x[i][mask[i]].mean() for i in range(B)) / B
+
+
+pg_part, kl_part = seq_mean_token_mean(ell), seq_mean_token_mean(0.04 * D)
+print(f"seq-mean of l       : {pg_part.item():+.4f}   (= stats['pg_loss'] {stats['pg_loss']:+.4f})")
+print(f"seq-mean of beta*D  : {kl_part.item():+.4f}   (beta * stats['kl'], a token-mean: {0.04 * stats['kl']:+.4f})")
+print(f"sum                 : {(pg_part + kl_part).item():+.4f}   = L_GRPO {loss.item():+.4f}")
 
 # %% [markdown]
 # Why "seq-mean-token-mean": each output weighs the same, whatever its length. Output 3 has one
 # token, so that token weighs as much as all six tokens of output 0 together. A plain token-mean
-# over the batch would instead let long outputs dominate. Below, the same number by hand:
+# over the batch would instead let long outputs dominate:
 
 # %%
-per_token = clipped_surrogate(logp, old_logp, advantages, 0.2) + 0.04 * kl_k3(logp, ref_logp)
-by_hand = sum(per_token[i][mask[i]].mean() for i in range(B)) / B
-print("by hand:", round(by_hand.item(), 4), "  token-mean instead:", round(per_token[mask].mean().item(), 4))
+per_token = ell + 0.04 * D
+print("seq-mean-token-mean:", round(seq_mean_token_mean(per_token).item(), 4),
+      "  token-mean instead:", round(per_token[mask].mean().item(), 4))
+
+# %% [markdown]
+# ## Where this is used
+# → `train_rl.py`, step 4 (`update`): `grpo_loss(logp, old_logp, ref_logp, advantages, mask, fmask,
+# clip_eps=…, kl_coef=…, anchor_coef=…)` on every micro-batch, each slice divided by its whole
+# mini-batch's counts (`num_outputs`), so the slices add up to the mini-batch's loss; the step's log
+# carries `kl` and `clip_frac`. Tutorial 07 adds the anchor; tutorial 08 runs the loss on a model.

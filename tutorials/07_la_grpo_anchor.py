@@ -1,25 +1,18 @@
 # %% [markdown]
-# # 07 — LA-GRPO: gradient dilution and the functional-token anchor (DESIGN.md, "LA-GRPO")
+# # 07 — LA-GRPO: gradient dilution and the functional-token anchor (docs/method.md, "LA-GRPO"; paper §2.3)
 #
 # In ATLAS an output has ~203.7 generated tokens, of which ~4.8 (2.3%) are functional tokens such
 # as `<|Line|>`. GRPO gives every token of output i the same advantage A_i and averages over the
 # output's tokens, so each token gets 1/|o_i| of the output's signal: the few functional tokens get
-# ~2% of it. LA-GRPO adds a second average, over the functional positions F_i only:
+# ~2% of it. LA-GRPO adds a second average, over the functional positions F_i only (the
+# normalisation and lambda's value are our reading of the paper's text, docs/method.md):
 #
-#     L_anchor    = mean_{i in I_F} [ (1/|F_i|) sum_{t in F_i} l_{i,t} ]    (0 when no F_i is non-empty)
+#     L_anchor    = mean_{i in I_F} [ (1/|F_i|) sum_{t in F_i} l_{i,t} ]    (0 when I_F is empty)
 #     L_LA-GRPO   = L_GRPO + lambda * L_anchor
 #
 # Implementations: `grpo_loss(..., anchor_coef=lambda)` and the diagnostic `functional_grad_share`.
 
 # %%
-import sys
-from pathlib import Path
-
-try:
-    import atlas_min  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 from atlas_min.grpo import functional_grad_share, group_advantages, grpo_loss
@@ -54,10 +47,14 @@ print("advantages:", advantages)
 # ## The functional share of the gradient, for several lambda
 # `functional_grad_share` differentiates the loss w.r.t. the per-token log-probs and returns
 # sum_{functional} |g| / sum_{all} |g|: how much of the policy-gradient "mass" lands on the
-# functional tokens. With ratios ~1 and no KL, token t of output i gets
-#     |g| = |A_i| / (B |o_i|)  +  lambda [t in F_i] |A_i| / (|I_F| |F_i|),
-# so, if every output had functional tokens in the same proportion f, the share would be
-#     (f + lambda) / (1 + lambda).
+# functional tokens. With ratios ~1 (no clipping) and no KL, token t of output i gets
+#     |g| = |A_i| / (B |o_i|)  +  lambda [t in F_i] |A_i| / (|I_F| |F_i|).
+# Summed over all tokens that is sum_i |A_i| / B + lambda sum_{i in I_F} |A_i| / |I_F|; over the
+# functional ones sum_i |A_i| f_i / B + the same anchor sum, with f_i = |F_i| / |o_i|. The share is
+#     (f + lambda) / (1 + lambda)
+# only under three assumptions: every |A_i| is equal, every output is in I_F (has a functional
+# token), and every output has the same proportion f_i = f. Then the total is |A| (1 + lambda) and
+# the functional part |A| (f + lambda). Below, f is the batch's overall functional share of tokens.
 
 # %%
 print(f"{'lambda':>6} | {'functional grad share':>21} | {'(f + lambda)/(1 + lambda)':>25} | {'anchor':>7} | {'loss':>8}")
@@ -72,8 +69,9 @@ for lam in (0.0, 0.5, 1.0, 2.0):
 # With lambda = 0 (plain GRPO) the functional tokens receive ~2% of the gradient, about their share
 # of the tokens: this is the dilution. lambda = 1 already gives them about half of it, lambda = 2
 # about two thirds, whatever the output length. The measured values differ a little from the
-# formula because outputs differ in length, in functional-token count and in |A_i|, the eighth
-# output has no functional token at all, and r is not exactly 1 (and a small KL term). The
+# formula because the assumptions above do not quite hold: outputs differ in length, in
+# functional-token count and in |A_i| (0.5, 0.866 or 1.5 here), the eighth output has no functional
+# token at all (I_F has 7 of the 8), and r is not exactly 1 (and there is a small KL term). The
 # anchor does not change *which* direction each functional token is pushed (it reuses the same
 # A_i and the same clipped l), only how hard.
 
@@ -112,3 +110,10 @@ print("positions where the anchor's gradient is non-zero:", nonzero.sum().item()
       "| functional positions:", functional_mask.sum().item(),
       "| same set:", torch.equal(nonzero, functional_mask))
 print("largest |anchor gradient| off functional positions:", anchor_grad[~functional_mask].abs().max().item())
+
+# %% [markdown]
+# ## Where this is used
+# → `train_rl.py`, step 4 (`update`): `grpo_loss(…, anchor_coef=cfg.anchor_coef)` with `fmask` from
+# `tokens.functional_mask` on the sampled completions, and `functional_grad_share` logged per step
+# as `functional_grad_share` (with the anchor's value as `anchor`). `anchor_coef=0` on the command
+# line gives plain GRPO. Tutorial 08 computes both on a model's own samples and takes the step.
