@@ -27,13 +27,13 @@ import torch
 from atlas_min import checkpoint
 from atlas_min.cli import Progress, UsageError, parse_run_args, report, user_errors
 from atlas_min.data import collate_prompts, encode_example, load_examples, stream_indices, to_device
-from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, print0, reshard, setup, shard
+from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, gathered, print0, reshard, setup, shard
 from atlas_min.grpo import functional_grad_share, group_advantages, grpo_loss
 from atlas_min.model import load_pretrained
 from atlas_min.optim import adamw, lr_at, set_lr
 from atlas_min.rewards import compute_reward
-from atlas_min.sampler import decode_completion, rl_row_seeds, sample, sequence_logprobs
-from atlas_min.tokens import FUNCTIONAL_TOKENS, functional_mask
+from atlas_min.sampler import decode_completion, rl_row_seeds, rl_run_seed, sample, sequence_logprobs
+from atlas_min.tokens import FUNCTIONAL_TOKENS, first_functional, functional_mask
 
 # 1. command line, processes, data
 with user_errors():
@@ -96,12 +96,12 @@ def sample_groups(model, tokenizer, image_processor, prompts, cfg, step, first_r
     encoded = [encode_example(ex, tokenizer, image_processor, cfg) for ex in prompts]
     batch = to_device(collate_prompts(encoded, tokenizer.pad_token_id), device)
     model.eval()
-    with autocast(device):
+    with gathered(model), autocast(device):  # one all-gather per unit for the rollout, not one per token
         rollout = sample(model, batch, tokenizer, group_size=cfg.group_size,
                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                         row_seeds=rl_row_seeds(cfg, step, first_row, len(prompts) * cfg.group_size))
+                         row_seeds=rl_row_seeds(cfg, step, first_row, len(prompts) * cfg.group_size),
+                         lockstep=False)
     model.train()
-    reshard(model)  # the root stays gathered after a forward; the update wants its shards back
     return encoded, rollout
 
 
@@ -112,6 +112,8 @@ def score(tokenizer, prompts, rollout, cfg):
         text, length = decode_completion(tokenizer, ids, mask)
         ex = prompts[i // cfg.group_size]
         scores.append(compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length))
+        if "token" in ex:  # the example names its right token: did the output's first one match?
+            scores[-1]["right_token"] = float(first_functional(text) == ex["token"])
     rewards = torch.tensor([s["total"] for s in scores])  # (N,)
     return scores, group_advantages(rewards, cfg.group_size, cfg.adv_eps)
 
@@ -161,13 +163,16 @@ def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, f
 def rollout_metrics(scores, mask, fmask):
     """Means over all ranks' completions: reward components, lengths, functional-token use."""
     n_outputs = all_sum(len(scores))
-    mean = {k: all_sum(sum(s[k] for s in scores)) / n_outputs for k in scores[0]}
+    mean = {k: all_sum(sum(s[k] for s in scores)) / n_outputs for k in scores[0] if k != "right_token"}
     n_generated = all_sum(int(mask.sum()))
+    n_named = all_sum(sum("right_token" in s for s in scores))  # outputs whose example names its token
+    n_right = all_sum(sum(s.get("right_token", 0.0) for s in scores))
+    right = {"right_token_rate": n_right / n_named} if n_named else {}
     return {"reward": mean["total"], "accuracy": mean["accuracy"], "format": mean["format"],
             "functional_reward": mean["functional"], "length_penalty": mean["length_penalty"],
             "overuse_penalty": mean["overuse_penalty"], "functional_per_completion": mean["n_functional"],
             "functional_token_share": all_sum(int(fmask.sum())) / max(n_generated, 1),
-            "completion_length": n_generated / n_outputs}
+            "completion_length": n_generated / n_outputs, **right}
 
 
 # 3. the loop: sample, score, log-probs before the update, update, log, save
@@ -177,7 +182,7 @@ for step in range(start, total):
     lr = lr_at(step, total, cfg.rl_warmup, cfg.rl_lr)
     set_lr(optimizer, lr)
     first_prompt = rank * prompts_per_rank
-    order = stream_indices(step, cfg.prompts_per_step, len(train), seed=cfg.seed + cfg.rl_seed_offset,
+    order = stream_indices(step, cfg.prompts_per_step, len(train), seed=rl_run_seed(cfg) + cfg.rl_seed_offset,
                            epoch_seed_stride=cfg.epoch_seed_stride)
     prompts = [train[i] for i in order[first_prompt:first_prompt + prompts_per_rank]]
 

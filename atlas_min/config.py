@@ -63,6 +63,9 @@ class Config:
     step_seed_stride: int = 1_000_003  # a sampled row's seed: (seed * step_stride + step) * row_stride + row
     row_seed_stride: int = 65_537
     rl_seed_offset: int = 7919  # RL's prompt stream is SFT's shuffle under seed + offset: not SFT's order again
+    # An RL run's own draws (prompt order, samples) come from seed + rl_seed * epoch_seed_stride: RL seeds
+    # vary from one SFT checkpoint while `seed` (which also fixes the toy data and its eval split) stays.
+    rl_seed: int = 0
 
     # --- stage 1, SFT ---
     sft_steps: int = 4

@@ -1,8 +1,9 @@
 """Data: the JSONL schema, where examples come from, Qwen's chat format, image-pad expansion, collation.
 
 One example per line: {"id", "images": [paths relative to the file's folder], "question", "answer",
-"response" (SFT only, functional tokens inline), "task"} (docs/method.md, "Data"). Toy data and real
-data use the same loader; a config with no data path draws on the toy world (`atlas_min.toy`).
+"response" (SFT only, functional tokens inline), "task"}, and optionally "token": the functional token
+the example calls for (the toy knows it; logged as the right-token rate) (docs/method.md, "Data").
+Toy data and real data use the same loader; a config with no data path draws on the toy world (`atlas_min.toy`).
 
 A sequence is `prompt + reply`, tokenised separately and concatenated, so what SFT trains on is
 token-for-token what the sampler will later produce after the same prompt:
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+
+from atlas_min.tokens import FUNCTIONAL_TOKENS
 
 IGNORE = -100  # label of positions without loss (torch's cross_entropy default ignore_index)
 FIELDS = {"id": str, "question": str, "answer": str, "task": str, "images": list}
@@ -47,9 +50,13 @@ def load_jsonl(path, need_response=False):
             if field not in ex:
                 raise DataError(f"{where}: missing field '{field}'")
             if not isinstance(ex[field], kind):
-                raise DataError(f"{where}: field '{field}' must be {kind.__name__}, got {type(ex[field]).__name__}")
+                got = type(ex[field]).__name__
+                raise DataError(f"{where}: field '{field}' must be {kind.__name__}, got {got}")
         if "response" in ex and not isinstance(ex["response"], str):
             raise DataError(f"{where}: field 'response' must be str, got {type(ex['response']).__name__}")
+        if "token" in ex and ex["token"] not in FUNCTIONAL_TOKENS:
+            raise DataError(f"{where}: field 'token' must be one of {', '.join(FUNCTIONAL_TOKENS)}, "
+                            f"got {ex['token']!r}")
         paths = []
         for k, rel in enumerate(ex["images"]):
             if not isinstance(rel, str):

@@ -16,7 +16,7 @@ from atlas_min.data import collate_prompts, encode_example, open_image, to_devic
 from atlas_min.dist import all_gather_objects, autocast, gathered, world_size
 from atlas_min.rewards import compute_reward
 from atlas_min.sampler import decode_completion, sample
-from atlas_min.tokens import FUNCTIONAL_TOKENS
+from atlas_min.tokens import FUNCTIONAL_TOKENS, first_functional
 
 
 def _blank(ex, image_processor):
@@ -52,7 +52,8 @@ def _chunked(model, tokenizer, encoded, filler, cfg, device, max_new_tokens):
 def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=False):
     """Metrics over `examples` (split over ranks, gathered on all); the eval.json keys of docs/method.md."""
     def enc(ex):
-        return encode_example(ex, tokenizer, image_processor, cfg, images=_blank(ex, image_processor) if blind else None)
+        images = _blank(ex, image_processor) if blind else None
+        return encode_example(ex, tokenizer, image_processor, cfg, images=images)
 
     mine = examples[_rank()::world_size()]
     t0 = time.time()
@@ -66,7 +67,8 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
         rows.append({"id": ex["id"], "task": ex["task"], "question": ex["question"], "answer": ex["answer"],
                      "output": text, "length": length,
                      **{k: reward[k] for k in ("accuracy", "format", "n_functional")},
-                     "tokens": [t for t in FUNCTIONAL_TOKENS if t in text]})
+                     "tokens": [t for t in FUNCTIONAL_TOKENS if t in text],
+                     "right_token": None if "token" not in ex else first_functional(text) == ex["token"]})
     seconds = time.time() - t0
     rows = [r for part in all_gather_objects(rows) for r in part]
     n_tokens, seconds = sum(all_gather_objects(n_tokens)), max(all_gather_objects(seconds))
@@ -82,8 +84,11 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
         "mean_functional_tokens": sum(r["n_functional"] for r in rows) / n,
         "mean_length": sum(r["length"] for r in rows) / n,
         "per_task": {t: sum(r["accuracy"] for r in rs) / len(rs) for t, rs in sorted(by_task.items())},
-        "functional_by_task": {t: {tok: sum(tok in r["tokens"] for r in rs) / len(rs) for tok in FUNCTIONAL_TOKENS}
-                               for t, rs in sorted(by_task.items())},
+        "functional_by_task": {t: {tok: sum(tok in r["tokens"] for r in rs) / len(rs)
+                                   for tok in FUNCTIONAL_TOKENS} for t, rs in sorted(by_task.items())},
+        # per task whose examples name their token: the share of outputs whose first functional token is it
+        "right_token_rate": {t: sum(r["right_token"] for r in rs) / len(rs) for t, rs in sorted(by_task.items())
+                             if all(r["right_token"] is not None for r in rs)},
         "tokens_per_s": n_tokens / max(seconds, 1e-9),
         "samples": rows[:8],
         "outputs": rows,  # every row, for judging; eval.py leaves it out of eval.json
@@ -100,13 +105,13 @@ def chance_by_task(examples):
 
 
 def usual_tokens(examples):
-    """Per task, the functional token its reference replies (`response`) use most; tasks whose
-    examples carry no reply with a functional token are left out."""
+    """Per task, the functional token its examples call for: their `token` field where they have one,
+    else the one their reference replies (`response`) use most; tasks with neither are left out."""
     used = defaultdict(Counter)
     for ex in examples:
-        for tok in FUNCTIONAL_TOKENS:
-            if tok in ex.get("response", ""):
-                used[ex["task"]][tok] += 1
+        named = [ex["token"]] if "token" in ex else [t for t in FUNCTIONAL_TOKENS if t in ex.get("response", "")]
+        for tok in named:
+            used[ex["task"]][tok] += 1
     return {t: c.most_common(1)[0][0] for t, c in sorted(used.items())}
 
 
@@ -156,4 +161,5 @@ def intervene(model, tokenizer, image_processor, examples, cfg, device):
     gap = {t: acc[usual[t]] - sum(a for tok, a in acc.items() if tok != usual[t]) / (len(acc) - 1)
            for t, acc in accuracy.items() if t in usual}
     return {"intervention": accuracy, "intervention_gap": gap,
-            "intervention_skipped": {t: merged_skipped.get(t, 0) for t in sorted({ex["task"] for ex in examples})}}
+            "intervention_skipped": {t: merged_skipped.get(t, 0) for t in sorted({ex["task"] for ex in examples})},
+            }

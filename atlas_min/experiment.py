@@ -30,11 +30,11 @@ def _run(cmd):
     return time.time() - t0
 
 
-def _launcher(procs):
+def launcher(procs):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
 
 
-def _stage(folder, train_cmd, eval_args):
+def run_stage(folder, train_cmd, eval_args):
     """Train into `folder` and evaluate it, unless both are already there; returns (eval dict, seconds).
 
     A stage killed before its end is resumed from its latest checkpoint, not restarted."""
@@ -104,10 +104,10 @@ def main():
         return plot(out, runs)
 
     base = ["--config", args.config, *args.overrides]
-    sft = _stage(out / "sft", [sys.executable, "train_sft.py", *base, "--out", out / "sft"], ["--blind", *args.overrides])
+    sft = run_stage(out / "sft", [sys.executable, "train_sft.py", *base, "--out", out / "sft"], ["--blind", *args.overrides])
     results = {"SFT": sft}
     for name, anchor in runs.items():
-        results[name] = _stage(out / name, [*_launcher(args.procs), "train_rl.py", *base, "--init", out / "sft",
+        results[name] = run_stage(out / name, [*launcher(args.procs), "train_rl.py", *base, "--init", out / "sft",
                                             "--out", out / name, f"anchor_coef={anchor}"], args.overrides)
     tasks = list(sft["per_task"])
     shown = (["--config", args.config] if args.config != "toy" else []) + (["--procs", str(args.procs)] if args.procs != 2 else [])

@@ -16,9 +16,14 @@ from atlas_min.model import forward, mrope_positions, token_logprobs
 from atlas_min.tokens import VISION_TOKENS
 
 
+def rl_run_seed(cfg):
+    """The seed of an RL run's draws: `seed`, moved by `rl_seed` (0 leaves it as it is)."""
+    return cfg.seed + cfg.rl_seed * cfg.epoch_seed_stride
+
+
 def rl_row_seeds(cfg, step, first_row, n_rows):
     """Generator seeds of the global rows first_row .. first_row + n_rows - 1 of RL step `step`."""
-    base = (cfg.seed * cfg.step_seed_stride + step) * cfg.row_seed_stride
+    base = (rl_run_seed(cfg) * cfg.step_seed_stride + step) * cfg.row_seed_stride
     return [base + first_row + r for r in range(n_rows)]
 
 

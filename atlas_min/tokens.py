@@ -51,6 +51,12 @@ def add_functional_tokens(model, tokenizer):
     return ids
 
 
+def first_functional(text):
+    """The functional token that comes first in `text`, or None."""
+    found = [(text.find(t), t) for t in FUNCTIONAL_TOKENS if t in text]
+    return min(found)[1] if found else None
+
+
 def functional_mask(token_ids, functional_ids):
     """Bool mask, same shape as `token_ids`, True where the token is functional."""
     return torch.isin(token_ids, torch.as_tensor(functional_ids, device=token_ids.device))

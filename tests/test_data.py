@@ -139,3 +139,13 @@ def test_the_7b_prompt_is_laid_out_as_atlas_harness_renders_it():
             f"<|vision_start|><|image_pad|><|vision_end|>\nWhat is x?\n\n{instruction}<|im_end|>\n"
             "<|im_start|>assistant\n")
     assert prompt_text("What is x?" + cfg.question_suffix, 1, cfg.system_prompt, cfg.image_separator) == want
+
+
+def test_a_named_token_must_be_one_of_the_five(tmp_path):
+    import json
+    from atlas_min.data import DataError
+    (tmp_path / "a.png").write_bytes(b"")
+    line = {"id": "1", "images": [], "question": "q", "answer": "a", "task": "t", "token": "<|Circle|>"}
+    (tmp_path / "d.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'token' must be one of"):
+        load_jsonl(tmp_path / "d.jsonl")

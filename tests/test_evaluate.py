@@ -77,3 +77,16 @@ def test_outputs_without_a_functional_token_are_counted_and_left_out(micro, micr
     result = intervene(model, tokenizer, image_processor, shape_examples, micro_cfg, torch.device("cpu"))
     assert result["intervention"] == {} and result["intervention_gap"] == {}
     assert result["intervention_skipped"] == {"shape": 3}
+
+
+def test_an_examples_named_token_decides_its_tasks_usual_token_over_its_reply():
+    # the SFT teacher may slip (a wrong token in most replies of a family); the named token is the truth
+    data = [{"task": "a", "token": "<|Line|>", "response": "x <|Shape|> <answer>1</answer>"}] * 3
+    assert usual_tokens(data) == {"a": "<|Line|>"}
+
+
+def test_first_functional_is_the_earliest_functional_token_in_the_text():
+    from atlas_min.tokens import first_functional
+    assert first_functional("a <|Text|> b <|Zoom|>") == "<|Text|>"
+    assert first_functional("<|Zoom|> then <|Text|>") == "<|Zoom|>"
+    assert first_functional("no token") is None

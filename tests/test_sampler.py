@@ -151,3 +151,13 @@ def test_draws_follow_softmax_and_top_p_keeps_the_smallest_nucleus():
     nucleus = _draw(logits.expand(40_000, 5), 0.7, u)  # 0.533 < 0.7 <= 0.533 + 0.196: tokens 0 and 1 only
     freq = torch.bincount(nucleus, minlength=5).float() / 40_000
     torch.testing.assert_close(freq, torch.tensor([0.731, 0.269, 0, 0, 0]), atol=0.01, rtol=0)
+
+
+def test_rl_seed_moves_an_rl_runs_draws_and_0_leaves_them_as_seed_alone_gives():
+    from atlas_min.config import get_config
+    from atlas_min.sampler import rl_row_seeds
+    cfg = get_config("micro", ["seed=2"])
+    by_hand = [(2 * cfg.step_seed_stride + 5) * cfg.row_seed_stride + 8 + r for r in range(3)]
+    assert rl_row_seeds(cfg, 5, 8, 3) == by_hand
+    moved = rl_row_seeds(get_config("micro", ["seed=2", "rl_seed=1"]), 5, 8, 3)
+    assert not set(moved) & set(by_hand)
