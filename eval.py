@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from atlas_min import checkpoint
-from atlas_min.cli import UsageError, quiet_libraries, user_errors
+from atlas_min.cli import UsageError, quiet_libraries, say_skipped, user_errors
 from atlas_min.config import get_config
 from atlas_min.data import load_examples
 from atlas_min.dist import cleanup, print0, setup, shard
@@ -57,7 +57,7 @@ with user_errors():
         raise UsageError(f"--ckpt {ckpt} has no {checkpoint.STATE}: pass --config NAME")
     if opts.data:
         cfg = get_config(overrides=[f"eval_data={opts.data}"], base=cfg)
-    data = load_examples(cfg, "eval")
+    data = load_examples(cfg, "eval", on_skip=say_skipped)
     if not data:
         raise UsageError(f"{opts.data or cfg.eval_data or 'the eval split'} holds no examples")
     template = None

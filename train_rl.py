@@ -25,7 +25,7 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.cli import Progress, UsageError, parse_run_args, report, user_errors
+from atlas_min.cli import Progress, UsageError, parse_run_args, report, say_skipped, user_errors
 from atlas_min.data import collate_prompts, encode_example, load_examples, stream_indices, to_device
 from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, gathered, print0, reshard, setup, shard
 from atlas_min.grpo import functional_grad_share, group_advantages, grpo_loss
@@ -43,7 +43,7 @@ with user_errors():
     if cfg.prompts_per_step % world or cfg.rl_mini_batch % (G * world):
         raise UsageError(f"prompts_per_step={cfg.prompts_per_step} and rl_mini_batch/G="
                          f"{cfg.rl_mini_batch}/{G} must divide by {world} processes")
-    train = load_examples(cfg, "train")
+    train = load_examples(cfg, "train", on_skip=say_skipped)
 run = opts.out or f"runs/rl-{cfg.name}"
 total = cfg.max_steps or cfg.rl_steps
 

@@ -16,7 +16,7 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.cli import Progress, UsageError, parse_run_args, report, user_errors
+from atlas_min.cli import Progress, UsageError, parse_run_args, report, say_skipped, user_errors
 from atlas_min.data import IGNORE, collate_sft, encode_example, load_examples, stream_indices, to_device
 from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, print0, setup, shard
 from atlas_min.model import forward, init_model, load_pretrained, reply_nll
@@ -32,7 +32,7 @@ with user_errors():
                          "set model_path=/path/to/Qwen2.5-VL-7B-Instruct")
     if cfg.batch_size % world:
         raise UsageError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
-    train = load_examples(cfg, "train", need_response=True)
+    train = load_examples(cfg, "train", need_response=True, on_skip=say_skipped)
 run = opts.out or f"runs/sft-{cfg.name}"
 total = cfg.max_steps or cfg.sft_steps
 

@@ -50,6 +50,11 @@ def quiet_libraries():
     logging.disable_progress_bar()
 
 
+def say_skipped(bad_lines):
+    """What `skip_bad_examples=true` dropped, in one line (data.check_images's `on_skip`)."""
+    print0(f"skipped {len(bad_lines)} example(s) with a bad image, e.g. {bad_lines[0]}")
+
+
 def parse_run_args(description, stage):
     """(opts, cfg, resume_from) from `--config NAME [--init DIR] [--out DIR] [--resume X] [field=value ...]`.
 

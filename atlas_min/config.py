@@ -42,6 +42,7 @@ class Config:
     # --- data: empty paths mean "use the toy generator" ---
     train_data: str = ""
     eval_data: str = ""
+    skip_bad_examples: bool = False  # drop examples whose image is unreadable (else list them and stop)
     toy_train_size: int = 64
     toy_eval_size: int = 20
     toy_no_token_share: float = 0.1  # share of SFT replies without a functional token (perception data)

@@ -71,16 +71,56 @@ def load_jsonl(path, need_response=False):
     return examples
 
 
-def load_examples(cfg, split, need_response=False):
-    """The examples of `split` ("train" or "eval"): the config's JSONL file, or the toy world's split.
-
-    The toy's files are written atomically (`toy.write_toy_data`), so ranks may all ask at once.
+def load_examples(cfg, split, need_response=False, on_skip=None):
+    """The examples of `split` ("train" or "eval"), every image checked (`check_images`; `on_skip` gets
+    the dropped lines): the config's JSONL file, or the toy world's split. The toy's files are written
+    atomically (`toy.write_toy_data`), so ranks may all ask at once.
     """
     path = cfg.train_data if split == "train" else cfg.eval_data
     if not path:
         from atlas_min.toy import ensure_toy_data  # only when no data is given: real data never loads the toy
         path = ensure_toy_data(cfg)[0 if split == "train" else 1]
-    return load_jsonl(path, need_response=need_response)
+    return check_images(load_jsonl(path, need_response=need_response), skip=cfg.skip_bad_examples,
+                        on_skip=on_skip)
+
+
+MAX_ASPECT = 200  # Qwen2-VL's image processor refuses images whose long side is ≥ 200× the short one
+
+
+def image_problem(path):
+    """Why the image at `path` cannot be used, or None: it must open, pass PIL's integrity check (for a
+    PNG, every chunk's checksum; a truncated file fails) and have an aspect ratio Qwen can resize."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+            width, height = im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return f"cannot be read ({type(e).__name__}: {e})"
+    if max(width, height) >= MAX_ASPECT * max(1, min(width, height)):
+        return f"is {width}x{height}: aspect ratio beyond {MAX_ASPECT}"
+    return None
+
+
+def check_images(examples, skip=False, on_skip=None):
+    """Every image of every example checked once, before any work: a bad file found at step 10,000 of
+    a deterministic data order would stop the run there again after every resume. Raises DataError
+    listing the bad lines (the first 20 and their count), or with `skip` drops those examples and
+    calls `on_skip(bad lines)`."""
+    bad = []
+    for ex in examples:
+        for k, path in enumerate(ex["images"]):
+            problem = image_problem(path)
+            if problem:
+                bad.append(f"{ex['where']}: field 'images[{k}]': image {path} {problem}")
+                break
+    if bad and not skip:
+        shown = "\n  ".join(bad[:20])
+        raise DataError(f"{len(bad)} example(s) with a bad image (skip_bad_examples=true drops them):\n  {shown}"
+                        + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
+    if bad and on_skip is not None:
+        on_skip(bad)
+    dropped = {line.split(": field", 1)[0] for line in bad}
+    return [ex for ex in examples if ex["where"] not in dropped]
 
 
 def stream_indices(step, per_step, n, *, seed, epoch_seed_stride):

@@ -262,3 +262,38 @@ def test_eval_gives_the_same_numbers_on_one_and_two_processes(tmp_path, sft_run)
     run("eval.py", "--ckpt", sft_run, "--out", tmp_path / "two.json", "eval_max_new_tokens=8", procs=2)
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert {k: one[k] for k in keys} == {k: two[k] for k in keys}
+
+
+def _data_with_a_broken_image(folder, n=40, broken_line=37):
+    """A JSONL of n examples whose line `broken_line` points at a truncated PNG (toy images otherwise)."""
+    import shutil
+    from atlas_min.data import load_jsonl
+    from atlas_min.toy import ensure_toy_data
+    from atlas_min.config import get_config
+    src = load_jsonl(ensure_toy_data(get_config("micro"))[0], need_response=True)[:n]
+    folder.mkdir()
+    lines = []
+    for k, ex in enumerate(src, 1):
+        name = f"{k}.png"
+        shutil.copy(ex["images"][0], folder / name)
+        if k == broken_line:
+            data = (folder / name).read_bytes()
+            (folder / name).write_bytes(data[:len(data) // 2])  # cut mid-file, as a failed copy leaves it
+        lines.append(json.dumps({k2: v for k2, v in ex.items() if k2 != "where"} | {"images": [name]}))
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "train.jsonl"
+
+
+def test_a_bad_image_is_reported_with_its_line_before_any_training_step(tmp_path):
+    data = _data_with_a_broken_image(tmp_path / "data")
+    out = run("train_sft.py", "--config", "micro", "--out", tmp_path / "run", f"train_data={data}", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{data}:37: field 'images[0]'" in out.stderr and "1 example(s) with a bad image" in out.stderr
+    assert not (tmp_path / "run" / "metrics_sft.jsonl").exists()  # nothing trained
+
+
+def test_skip_bad_examples_drops_them_and_says_how_many(tmp_path):
+    data = _data_with_a_broken_image(tmp_path / "data")
+    out = run("train_sft.py", "--config", "micro", "--out", tmp_path / "run", f"train_data={data}",
+              "skip_bad_examples=true", "max_steps=1")
+    assert "skipped 1 example(s) with a bad image" in out.stdout
