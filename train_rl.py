@@ -40,6 +40,9 @@ with user_errors():
     opts, cfg, resume_from = parse_run_args("Stage 2: GRPO / LA-GRPO", stage="rl")
     rank, world, device = setup()
     G = cfg.group_size
+    if cfg.temperature <= 0:
+        raise UsageError("temperature=0 samples greedily: a group's G outputs are then equal, every advantage "
+                         "is 0 and no step changes a weight; RL needs temperature > 0 (the presets use 1)")
     if cfg.prompts_per_step % world or cfg.rl_mini_batch % (G * world):
         raise UsageError(f"prompts_per_step={cfg.prompts_per_step} and rl_mini_batch/G="
                          f"{cfg.rl_mini_batch}/{G} must divide by {world} processes")

@@ -6,6 +6,7 @@ Presets: `micro` (tests: a forward in milliseconds), `toy` (the CPU demo, minute
 (the paper's model on one node of 8 GPUs: Qwen2.5-VL-7B's architecture; weights from `model_path`).
 """
 import dataclasses
+import math
 from dataclasses import dataclass, fields, replace
 
 
@@ -224,7 +225,48 @@ def get_config(name="micro", overrides=(), base=None):
         if key not in by_name:
             raise ConfigError(f"unknown config field {key!r} (see atlas_min/config.py)")
         changes[key] = _parse(by_name[key], value)
-    return replace(base, **changes)
+    return check(replace(base, **changes))
+
+
+# Allowed ranges, checked before any work (`check`). Everything not named here is free (strings, flags).
+POSITIVE = ("text_hidden text_layers text_heads text_kv_heads text_intermediate vision_hidden vision_depth "
+            "vision_heads vision_intermediate tokenizer_vocab max_positions image_size min_pixels max_pixels "
+            "toy_train_size toy_eval_size log_every sft_steps batch_size micro_batch_size rl_steps "
+            "prompts_per_step group_size rl_mini_batch ppo_epochs max_new_tokens eval_max_new_tokens "
+            "eval_batch_size epoch_seed_stride step_seed_stride row_seed_stride sft_lr rl_lr grad_clip "
+            "clip_eps rope_theta rms_norm_eps").split()
+NON_NEGATIVE = ("seed rl_seed rl_seed_offset vocab_rows vision_fullatt_every vision_tokens_per_second max_steps "
+                "save_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer over_threshold "
+                "eval_min_pixels eval_max_pixels weight_decay temperature kl_coef anchor_coef adv_eps w_acc w_ft "
+                "w_fmt w_len w_over len_max_penalty over_slope over_max_penalty").split()
+SHARES = "toy_no_token_share toy_teacher_slip".split()  # in [0, 1]
+BETAS = "sft_beta1 sft_beta2 rl_beta1 rl_beta2".split()  # in [0, 1)
+CHOICES = {"answer_format": ("tag", "boxed")}
+
+
+def check(cfg):
+    """`cfg`, if every field is in its allowed range; else ConfigError naming the field, value and range."""
+    def bad(name, allowed):
+        return ConfigError(f"{name}={getattr(cfg, name)!r}: must be {allowed}")
+    for name in POSITIVE + NON_NEGATIVE + SHARES + BETAS:
+        if not math.isfinite(getattr(cfg, name)):
+            raise bad(name, "a finite number")
+    for names, ok, allowed in [(POSITIVE, lambda v: v > 0, "> 0"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+                               (SHARES, lambda v: 0 <= v <= 1, "in [0, 1]"), (BETAS, lambda v: 0 <= v < 1, "in [0, 1)")]:
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise bad(name, allowed)
+    if not 0 < cfg.top_p <= 1:
+        raise bad("top_p", "in (0, 1]")
+    for name, options in CHOICES.items():
+        if getattr(cfg, name) not in options:
+            raise bad(name, "one of " + ", ".join(options))
+    if cfg.min_pixels > cfg.max_pixels:
+        raise bad("min_pixels", f"<= max_pixels={cfg.max_pixels}")
+    if cfg.rl_mini_batch % cfg.group_size or (cfg.prompts_per_step * cfg.group_size) % cfg.rl_mini_batch:
+        raise bad("rl_mini_batch", f"a multiple of group_size={cfg.group_size} that divides prompts_per_step x "
+                                   f"group_size={cfg.prompts_per_step * cfg.group_size} (updates hold whole groups)")
+    return cfg
 
 
 def to_dict(cfg):

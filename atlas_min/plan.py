@@ -209,6 +209,8 @@ def main():
     ap.add_argument("--readme", action="store_true", help="also write the printed plan into README.md")
     ap.add_argument("overrides", nargs="*", help="field=value")
     args = ap.parse_intermixed_args()
+    if args.gpus < 1 or args.gpu_mem_gb <= 0:
+        die(f"--gpus {args.gpus} --gpu-mem-gb {args.gpu_mem_gb}: need at least 1 GPU and positive memory")
     try:
         cfg = get_config(args.config, args.overrides)
     except ConfigError as e:

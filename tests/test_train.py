@@ -297,3 +297,32 @@ def test_skip_bad_examples_drops_them_and_says_how_many(tmp_path):
     out = run("train_sft.py", "--config", "micro", "--out", tmp_path / "run", f"train_data={data}",
               "skip_bad_examples=true", "max_steps=1")
     assert "skipped 1 example(s) with a bad image" in out.stdout
+
+
+@pytest.mark.parametrize("script, knob, message", [
+    ("train_sft.py", "max_steps=-1", "max_steps=-1: must be >= 0"),
+    ("train_sft.py", "group_size=0", "group_size=0: must be > 0"),
+    ("train_sft.py", "batch_size=0", "batch_size=0: must be > 0"),
+    ("train_sft.py", "micro_batch_size=0", "micro_batch_size=0: must be > 0"),
+    ("train_sft.py", "max_new_tokens=0", "max_new_tokens=0: must be > 0"),
+    ("train_sft.py", "log_every=0", "log_every=0: must be > 0"),
+    ("train_sft.py", "sft_lr=nan", "sft_lr=nan: must be a finite number"),
+    ("train_sft.py", "save_every=-1", "save_every=-1: must be >= 0"),
+    ("train_sft.py", "top_p=1.5", "top_p=1.5: must be in (0, 1]"),
+    ("train_sft.py", "anchor_coef=-0.5", "anchor_coef=-0.5: must be >= 0"),
+    ("train_sft.py", "sft_beta2=1", "sft_beta2=1.0: must be in [0, 1)"),
+    ("train_sft.py", "answer_format=json", "answer_format='json': must be one of tag, boxed"),
+    ("train_rl.py", "temperature=0", "temperature=0 samples greedily"),
+])
+def test_a_bad_knob_is_refused_in_one_line_before_anything_is_written(tmp_path, sft_run, script, knob, message):
+    init = ["--init", sft_run] if script == "train_rl.py" else []
+    out = run(script, "--config", "micro", *init, "--out", tmp_path / "run", knob, check=False)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("gpus", ["0", "-8"])
+def test_plan_refuses_a_gpu_count_below_one(gpus):
+    out = run("-m", "atlas_min.plan", "--config", "micro", "--gpus", gpus, check=False)
+    assert out.returncode == 2 and "need at least 1 GPU" in out.stderr and "Traceback" not in out.stderr
