@@ -25,7 +25,8 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.cli import Progress, UsageError, parse_run_args, report, say_skipped, user_errors
+from atlas_min.cli import (Progress, UsageError, parse_run_args, release_run_folder, report, say_skipped,
+                           user_errors)
 from atlas_min.data import collate_prompts, encode_example, load_examples, stream_indices, to_device
 from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, gathered, print0, reshard, setup, shard
 from atlas_min.grpo import functional_grad_share, group_advantages, grpo_loss
@@ -40,14 +41,11 @@ with user_errors():
     opts, cfg, resume_from = parse_run_args("Stage 2: GRPO / LA-GRPO", stage="rl")
     rank, world, device = setup()
     G = cfg.group_size
-    if cfg.temperature <= 0:
-        raise UsageError("temperature=0 samples greedily: a group's G outputs are then equal, every advantage "
-                         "is 0 and no step changes a weight; RL needs temperature > 0 (the presets use 1)")
     if cfg.prompts_per_step % world or cfg.rl_mini_batch % (G * world):
         raise UsageError(f"prompts_per_step={cfg.prompts_per_step} and rl_mini_batch/G="
                          f"{cfg.rl_mini_batch}/{G} must divide by {world} processes")
     train = load_examples(cfg, "train", on_skip=say_skipped)
-run = opts.out or f"runs/rl-{cfg.name}"
+run = opts.out
 total = cfg.max_steps or cfg.rl_steps
 
 # 2. the policy (the SFT checkpoint, or the checkpoint to resume), the frozen reference (always the SFT one)
@@ -236,4 +234,5 @@ report(run, f"RL ({'LA-GRPO' if cfg.anchor_coef else 'GRPO'}, {cfg.name})",
         f"last step: reward {metrics['reward']:.3f}, accuracy {metrics['accuracy']:.3f}",
         f"checkpoint: {run}"])
 print0(f"saved {run}")
+release_run_folder(run)
 cleanup()

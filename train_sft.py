@@ -16,7 +16,8 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.cli import Progress, UsageError, parse_run_args, report, say_skipped, user_errors
+from atlas_min.cli import (Progress, UsageError, parse_run_args, release_run_folder, report, say_skipped,
+                           user_errors)
 from atlas_min.data import IGNORE, collate_sft, encode_example, load_examples, stream_indices, to_device
 from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, print0, setup, shard
 from atlas_min.model import forward, init_model, load_pretrained, reply_nll
@@ -33,7 +34,7 @@ with user_errors():
     if cfg.batch_size % world:
         raise UsageError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
     train = load_examples(cfg, "train", need_response=True, on_skip=say_skipped)
-run = opts.out or f"runs/sft-{cfg.name}"
+run = opts.out
 total = cfg.max_steps or cfg.sft_steps
 
 # 2. model (the base model + functional tokens, or the checkpoint to resume), optimizer
@@ -102,4 +103,5 @@ checkpoint.save(run, model, tokenizer, image_processor, cfg, total, optimizer)
 report(run, f"SFT ({cfg.name})", [f"steps {start}→{total}, {world} process(es)", f"final loss {loss:.4f}",
                                   f"checkpoint: {run}"])
 print0(f"saved {run}")
+release_run_folder(run)
 cleanup()

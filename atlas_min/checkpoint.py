@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from atlas_min.config import from_dict, to_dict
@@ -79,15 +80,40 @@ def step_folder(run, step):
     return Path(run) / "checkpoints" / f"step_{step:06d}"
 
 
-def find(path):
-    """The latest complete checkpoint of a run folder (its final model or checkpoints/step_*), or `path`
-    itself when it is one checkpoint folder."""
+def problem(folder):
+    """Why `folder` is not a complete, readable checkpoint, or None. Reads headers, not tensors: the
+    trainer state and config.json parse, and both safetensors files have a readable header."""
+    for name in (STATE, "config.json", "model.safetensors", "optimizer.safetensors"):
+        if not (folder / name).is_file():
+            return f"no {name}"
+    try:
+        read_state(folder)
+        json.loads((folder / "config.json").read_text())
+        for name in ("model.safetensors", "optimizer.safetensors"):
+            with safe_open(folder / name, "pt") as f:
+                f.keys()
+    except (CheckpointError, OSError, ValueError, SafetensorError) as e:
+        return f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+def find(path, skipped=None):
+    """The newest checkpoint of a run folder (its final model or checkpoints/step_*) that verifies
+    (`problem`), or `path` itself when it is one. A damaged newer one never blocks an intact older one,
+    nor a damaged old one a newer: each skipped folder and its reason is appended to `skipped`."""
     path = Path(path)
-    candidates = [p for p in [path, *(path / "checkpoints").glob("step_*")]
-                  if (p / STATE).is_file() and (p / "optimizer.safetensors").is_file()]
-    if not candidates:
+    folders = [p for p in [path, *(path / "checkpoints").glob("step_*")] if (p / STATE).is_file()]
+    ranked = []
+    for folder in folders:
+        reason = problem(folder)
+        if reason:
+            if skipped is not None:
+                skipped.append(f"{folder}: {reason}")
+        else:
+            ranked.append((read_state(folder)[0]["step"], folder))
+    if not ranked:
         raise CheckpointError(f"{path} holds no complete checkpoint (looked for {path}/checkpoints/step_*/{STATE})")
-    return max(candidates, key=lambda p: json.loads((p / STATE).read_text())["step"])
+    return max(ranked, key=lambda r: r[0])[1]
 
 
 def read_state(folder):

@@ -10,6 +10,9 @@ scripts and the tools' `main` turn them into the one-line message, here.
 import argparse
 import contextlib
 import json
+import os
+import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -55,24 +58,104 @@ def say_skipped(bad_lines):
     print0(f"skipped {len(bad_lines)} example(s) with a bad image, e.g. {bad_lines[0]}")
 
 
+RUN_FILES = ("trainer_state.json", "model.safetensors", "optimizer.safetensors", "report.md", "eval.json")
+LOCK = ".lock"
+
+
+def _is_rank0():
+    return int(os.environ.get("RANK", "0")) == 0  # before the process group exists
+
+
+def holds_run(folder):
+    """Whether `folder` already holds (part of) a training run."""
+    folder = Path(folder)
+    return (folder / "checkpoints").is_dir() or any((folder / name).exists() for name in RUN_FILES) \
+        or any(folder.glob("metrics_*.jsonl"))
+
+
+def _clear_run(folder):
+    """--overwrite: remove what a run writes into `folder` (and nothing else that may be there)."""
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    for item in [*(folder / name for name in RUN_FILES), *folder.glob("metrics_*.jsonl")]:
+        item.unlink(missing_ok=True)
+
+
+def claim_run_folder(run):
+    """Make `run` this run's own (rank 0): refuse it while another live process holds its lock, take over
+    a stale lock (a dead pid on this host) with a note, remove half-written `.tmp-*` checkpoints a kill
+    left behind, and prove the folder writable before any model is built."""
+    run = Path(run)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        lock = run / LOCK
+        if lock.exists():
+            holder = json.loads(lock.read_text() or "{}")
+            alive = holder.get("host") == socket.gethostname() and _pid_alive(holder.get("pid", -1))
+            if alive or holder.get("host") not in (None, socket.gethostname()):
+                raise UsageError(f"{run} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}); "
+                                 f"if that run is gone, delete {lock}")
+            print0(f"note: taking over {lock} of a run that is gone (pid {holder.get('pid')})")
+        lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    except OSError as e:
+        raise UsageError(f"--out {run}: cannot write there ({e.strerror})") from None
+    for tmp in [*(run / "checkpoints").glob(".tmp-*"), run.parent / f".tmp-{run.name}"]:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+def release_run_folder(run):
+    """The run is over: drop its lock (rank 0)."""
+    if is_main():
+        (Path(run) / LOCK).unlink(missing_ok=True)
+
+
 def parse_run_args(description, stage):
-    """(opts, cfg, resume_from) from `--config NAME [--init DIR] [--out DIR] [--resume X] [field=value ...]`.
+    """(opts, cfg, resume_from) from `--config NAME [--init DIR] [--out DIR] [--resume X] [--overwrite]
+    [field=value ...]`, with the run folder claimed (`claim_run_folder`) and `opts.out` set.
 
     `stage` is "sft" or "rl" (which adds --init). With --resume the checkpoint's own config is the base
-    (the command line may override fields) and `resume_from` is that checkpoint folder, else None.
+    (the command line may override fields) and `resume_from` is that checkpoint folder, else None. A new
+    run refuses a folder that holds a run unless --overwrite, and RL refuses --out equal to --init.
     """
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", default=None, help="preset: micro, toy or qwen2_5_vl_7b")
     p.add_argument("--out", default=None, help=f"run folder (default runs/{stage}-<config>)")
     p.add_argument("--resume", default=None, help="a run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in a folder that holds one")
     if stage == "rl":
         p.add_argument("--init", default=None, help="the SFT checkpoint to start from")
     p.add_argument("overrides", nargs="*", help="field=value")
     opts = p.parse_intermixed_args()
     quiet_libraries()
+    opts, cfg, resume_from = _resolve(opts, stage)
+    if stage == "rl" and cfg.temperature <= 0:
+        raise UsageError("temperature=0 samples greedily: a group's G outputs are then equal, every advantage "
+                         "is 0 and no step changes a weight; RL needs temperature > 0 (the presets use 1)")
+    if _is_rank0():
+        if opts.overwrite and not resume_from:
+            _clear_run(Path(opts.out))
+        claim_run_folder(opts.out)
+    return opts, cfg, resume_from
+
+
+def _resolve(opts, stage):
+    """Config, start and run folder from the parsed command line, every rule checked; writes nothing."""
     if opts.resume:
-        resume_from = checkpoint.find(opts.resume)
+        skipped = []
+        resume_from = checkpoint.find(opts.resume, skipped)
+        for note in skipped:
+            print0(f"note: skipping the damaged checkpoint {note}")
         state, saved = checkpoint.read_state(resume_from)
+        if ("init" in state) != (stage == "rl"):
+            kind, script = ("an RL", "train_rl.py") if "init" in state else ("an SFT", "train_sft.py")
+            raise UsageError(f"--resume {opts.resume} is {kind} run: resume it with python {script} --resume")
         if opts.config and opts.config != saved.name:
             raise UsageError(f"--resume {resume_from} was trained with --config {saved.name}, not {opts.config}: "
                              "drop --config")
@@ -85,12 +168,19 @@ def parse_run_args(description, stage):
                              f"pass max_steps=N (N > {state['step']}) to go on")
         return opts, cfg, resume_from
     cfg = get_config(opts.config or "micro", opts.overrides)
+    opts.out = opts.out or f"runs/{stage}-{cfg.name}"
     if stage == "rl" and not opts.init:
         raise UsageError("--init DIR is required: the SFT checkpoint to start from "
                          "(python train_sft.py --out DIR makes one)")
     if stage == "rl" and not (Path(opts.init) / "config.json").is_file():
         raise UsageError(f"--init {opts.init}: not a model folder (no config.json); "
                          "pass the --out folder of train_sft.py")
+    if stage == "rl" and Path(opts.init).resolve() == Path(opts.out).resolve():
+        raise UsageError(f"--out {opts.out} is the --init folder: RL would overwrite the SFT model, which is "
+                         "also its KL reference; pass another --out")
+    if holds_run(opts.out) and not opts.overwrite:
+        raise UsageError(f"--out {opts.out} already holds a run: --resume {opts.out} continues it, "
+                         "--overwrite starts again")
     return opts, cfg, None
 
 
@@ -103,7 +193,13 @@ class Progress:
         if is_main():
             Path(run).mkdir(parents=True, exist_ok=True)
             if self.path.exists():  # a resumed run: drop the records of steps it will redo
-                kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < start]
+                kept = []
+                for line in self.path.read_text().splitlines():
+                    try:
+                        if json.loads(line)["step"] < start:
+                            kept.append(line)
+                    except (ValueError, KeyError, TypeError):  # a line half-written when the run was killed
+                        print0(f"note: dropping a half-written line of {self.path}")
                 self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step, **metrics):

@@ -43,6 +43,8 @@ def run_stage(folder, train_cmd, eval_args):
         if list((folder / "checkpoints").glob("step_*/trainer_state.json")):
             script = next(c for c in train_cmd if str(c).endswith(".py"))
             train_cmd = train_cmd[:train_cmd.index(script) + 1] + ["--resume", folder]
+        else:  # killed before its first checkpoint: start the stage again
+            train_cmd = [*train_cmd, "--overwrite"]
         seconds = _run(train_cmd)
     if not (folder / "eval.json").is_file():
         _run([sys.executable, "eval.py", "--ckpt", folder, *eval_args])

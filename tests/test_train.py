@@ -326,3 +326,76 @@ def test_a_bad_knob_is_refused_in_one_line_before_anything_is_written(tmp_path, 
 def test_plan_refuses_a_gpu_count_below_one(gpus):
     out = run("-m", "atlas_min.plan", "--config", "micro", "--gpus", gpus, check=False)
     assert out.returncode == 2 and "need at least 1 GPU" in out.stderr and "Traceback" not in out.stderr
+
+
+# ----------------------------------------------------------------------------- a run folder belongs to one run
+
+def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
+    import socket
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    out = run("train_sft.py", "--config", "micro", "--out", tmp_path / "run", check=False)
+    assert out.returncode == 2 and "is in use by another run" in out.stderr
+    assert not (tmp_path / "run" / "metrics_sft.jsonl").exists()
+
+
+def test_the_lock_of_a_run_that_is_gone_is_taken_over_with_a_note(tmp_path):
+    import socket
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    out = run("train_sft.py", "--config", "micro", "--out", tmp_path / "run", "max_steps=1")
+    assert "taking over" in out.stdout and not (tmp_path / "run" / ".lock").exists()  # released at the end
+
+
+def test_a_new_run_into_a_run_folder_is_refused_without_overwrite(tmp_path, sft_run):
+    import shutil
+    shutil.copytree(sft_run, tmp_path / "run")
+    out = run("train_sft.py", "--config", "micro", "--out", tmp_path / "run", check=False)
+    assert out.returncode == 2 and "already holds a run" in out.stderr and "--overwrite" in out.stderr
+
+
+def test_overwrite_starts_again_and_leaves_no_old_checkpoint(tmp_path, sft_run):
+    import shutil
+    shutil.copytree(sft_run, tmp_path / "run")  # 3 steps, checkpoints at steps 1 and 2
+    run("train_sft.py", "--config", "micro", "--out", tmp_path / "run", "--overwrite", "max_steps=1")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics_sft.jsonl").read_text().splitlines()]
+    assert steps == [0]
+
+
+def test_rl_refuses_to_write_into_its_init_folder(sft_run):
+    out = run("train_rl.py", "--config", "micro", "--init", sft_run, "--out", sft_run, check=False)
+    assert out.returncode == 2 and "is the --init folder" in out.stderr
+
+
+def test_resume_refuses_a_run_of_the_other_stage(tmp_path, sft_run):
+    rl = tmp_path / "rl"
+    run("train_rl.py", "--config", "micro", "--init", sft_run, "--out", rl, "max_steps=1")
+    out = run("train_sft.py", "--resume", rl, "max_steps=5", check=False)
+    assert out.returncode == 2 and "is an RL run: resume it with python train_rl.py" in out.stderr
+    out = run("train_rl.py", "--resume", sft_run, "max_steps=5", check=False)
+    assert out.returncode == 2 and "is an SFT run: resume it with python train_sft.py" in out.stderr
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_for_the_newest_intact_one(tmp_path, sft_run):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(sft_run, run_dir)  # final model at step 3, checkpoints at steps 1 and 2
+    (run_dir / "model.safetensors").write_bytes(b"garbage")  # the final (newest) one is damaged
+    out = run("train_sft.py", "--resume", run_dir, "max_steps=4")
+    assert "skipping the damaged checkpoint" in out.stdout and "resumed from" in out.stdout
+    assert "step_000002 at step 2" in out.stdout
+
+
+def test_a_half_written_metrics_line_is_dropped_on_resume(tmp_path, sft_run):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(sft_run, run_dir)
+    with open(run_dir / "metrics_sft.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # killed mid-write
+    out = run("train_sft.py", "--resume", run_dir, "max_steps=4")
+    assert "half-written line" in out.stdout
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics_sft.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
