@@ -13,7 +13,6 @@ seeds (`rl_seed`) from that same checkpoint. Every stage is the user's own comma
 torchrun train_rl.py, eval.py --intervene), and a finished stage is reused, so an interrupted study
 continues where it stopped. The table shows mean [min, max] over seeds.
 """
-import argparse
 import json
 import statistics
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from atlas_min.cli import user_errors
 from atlas_min.config import get_config
-from atlas_min.experiment import launcher, run_stage, update_readme
+from atlas_min.experiment import driver_parser, launcher, run_stage, update_readme
 
 LENGTHS = ("short", "long")
 
@@ -110,13 +109,9 @@ def plot(out, lengths, runs):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/anchor-study")
-    p.add_argument("--config", default="toy_decisive")
-    p.add_argument("--procs", type=int, default=2, help="processes for train_rl.py (torchrun)")
+    p = driver_parser(__doc__.splitlines()[0], "runs/anchor-study", "toy_decisive")
     p.add_argument("--seeds", type=int, default=3, help="RL seeds per method")
     p.add_argument("--anchors", default="0.5,2", help="λ values of the LA-GRPO runs (GRPO, λ = 0, always runs)")
-    p.add_argument("--plot-only", action="store_true")
     p.add_argument("--readme", action="store_true", help="also write the table into README.md (anchor-study)")
     p.add_argument("overrides", nargs="*", help="field=value, passed to every stage")
     args = p.parse_intermixed_args()

@@ -88,13 +88,19 @@ def plot(out, runs):
     print(f"wrote {out / 'curves.png'}")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/experiment")
-    p.add_argument("--config", default="toy")
+def driver_parser(description, out, config):
+    """The arguments every experiment driver takes: --out, --config, --procs, --plot-only."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default=out)
+    p.add_argument("--config", default=config)
     p.add_argument("--procs", type=int, default=2, help="processes for train_rl.py (torchrun)")
+    p.add_argument("--plot-only", action="store_true", help="redraw curves.png from the runs on disk")
+    return p
+
+
+def main():
+    p = driver_parser(__doc__.splitlines()[0], "runs/experiment", "toy")
     p.add_argument("--anchor", type=float, default=0.5, help="λ of the LA-GRPO run (the GRPO run has λ = 0)")
-    p.add_argument("--plot-only", action="store_true")
     p.add_argument("--readme", nargs="?", const="toy-results", default=None, metavar="SECTION",
                    help="also write the table into README.md (its toy-results section, or SECTION)")
     p.add_argument("overrides", nargs="*", help="field=value, passed to every stage")
