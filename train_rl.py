@@ -7,7 +7,7 @@
         model_path=/path/to/Qwen2.5-VL-7B-Instruct train_data=rl.jsonl --out runs/rl7b
     python train_rl.py --resume runs/rl-toy                                       # latest checkpoint
 
-Each step (docs/method.md, "Stage 2"): take `prompts_per_step` prompts (each rank its share), sample
+Each step (docs/method.md, "Stage 2: GRPO"): take `prompts_per_step` prompts (each rank its share), sample
 G outputs per prompt, score them (R), normalise rewards within each group (A), compute log π_old
 with a no-grad forward before any update and log π_ref with the frozen SFT model, then `ppo_epochs`
 passes of mini-batch updates on L_LA-GRPO. Mini- and micro-batches hold whole groups; every slice

@@ -6,7 +6,7 @@
         model_path=/path/to/Qwen2.5-VL-7B-Instruct train_data=atlas.jsonl --out runs/sft7b
     python train_sft.py --resume runs/sft                                 # on from the latest checkpoint
 
-Loss (docs/method.md, "Stage 1"): the mean cross-entropy over the reply tokens of the global batch,
+Loss (docs/method.md, "Stage 1: SFT"): the mean cross-entropy over the reply tokens of the global batch,
 functional tokens included with no special weight; prompt, image and padding positions carry none.
 The global batch (its examples, their order, the normalising token count) is the same on any number
 of processes: each rank takes a contiguous slice and divides its summed loss by the global count.

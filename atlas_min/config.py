@@ -49,6 +49,8 @@ class Config:
     toy_no_token_share: float = 0.1  # share of SFT replies without a functional token (perception data)
     toy_tasks: str = "shape,line,arrow,zoom,text"
     toy_teacher_slip: float = 0.0  # share of train replies where the SFT teacher misreads (toy.TEACHER_SLIPS)
+    toy_token_slip: float = 0.0  # share of train replies where the teacher's token is wrong (toy.TOKEN_SLIPS)
+    toy_reply: str = "short"  # puzzle replies: "short" (~11 tokens) or "long" (~38, varied; toy.reply)
 
     # --- shared by both trainers ---
     max_steps: int = 0  # > 0 overrides sft_steps / rl_steps for whichever script runs
@@ -188,6 +190,23 @@ PRESETS = {
         # only sizes vLLM's context window)
         eval_max_new_tokens=2048, eval_batch_size=8,
         save_every=100, keep_checkpoints=2,  # a checkpoint is ~100 GB (fp32 weights + AdamW moments)
+    ),
+    # The toy model on the decisive puzzles (toy.py): the frame picks the operation, the token is the
+    # decision, and the teacher writes <|Shape|> in 70% of the line puzzles' train replies, so greedy SFT
+    # picks the wrong token there. Calibrated on 2 cores: 112 px (a 4x4 grid of vision tokens: at 84 px
+    # the two lines shared a row of tokens and stayed at chance); 400 SFT steps of 64 learn both
+    # operations; 60 RL steps at lr 3e-5 let GRPO repair the slip (1e-4 learned as fast and drifted more).
+    "toy_decisive": Config(
+        name="toy_decisive",
+        text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=256,
+        vision_hidden=64, vision_depth=2, vision_heads=2, vision_intermediate=128,
+        image_size=112, min_pixels=112 * 112, max_pixels=112 * 112,
+        toy_train_size=4000, toy_eval_size=200, toy_tasks="puzzle_shape,puzzle_line", toy_no_token_share=0.0,
+        toy_token_slip=0.7, toy_reply="long",
+        sft_steps=400, sft_lr=2e-3, sft_warmup=30, batch_size=64, micro_batch_size=32,
+        rl_steps=60, rl_lr=3e-5, rl_warmup=10, prompts_per_step=16, group_size=8, rl_mini_batch=64,
+        max_new_tokens=48, len_threshold=48, len_buffer=16,
+        eval_max_new_tokens=48, eval_batch_size=50, save_every=0, log_every=10,
     ),
 }
 

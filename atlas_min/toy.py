@@ -1,38 +1,59 @@
-"""The toy world: five synthetic task families, one per functional token (DESIGN.md, "The toy world").
+"""The toy world: synthetic task families that a ~0.6M-parameter model learns in CPU-minutes.
 
     train_jsonl, eval_jsonl = ensure_toy_data(cfg)     # cached under $ATLAS_MIN_CACHE
     image, question, answer, params = draw_example("line", random.Random(0), 84)
+    text = reply(params, "<|Shape|>", random.Random(0), "long")   # a puzzle's reply after any token
 
-Every family is sized for a ~0.6M-parameter random-init model learning in CPU-minutes: shapes are
-bold and filled, digits are big seven-segment strokes (font-independent; PIL's default font is
-tiny), the arrow is mostly head. All images are drawn on the image processor's mean colour, which
-normalises to ~0: on white the random-init vision tower's output collapsed to a constant.
-Within a family the question is fixed and the answer is uniform, so a model that ignores the image
-scores exactly the family's CHANCE.
+`cfg.toy_tasks` picks families of two kinds:
+
+- the classic five, one per functional token. Each question names its operation ("Which line is
+  longer ...?"), so the question fixes the token and the token decides nothing.
+- the decisive puzzles, `puzzle_shape` and `puzzle_line`. One question for all ("Solve the puzzle in
+  the picture."); every picture holds the operands of both operations, and the colour of a thick
+  frame says which one the puzzle asks for. The reply's functional token comes before any text that
+  names the operation, and what follows carries out the operation that token names: another token,
+  another answer. That is the setting of the paper's claim, tokens that are sparse (4.8 of 203.7
+  generated tokens) and decide the visual operation (arXiv 2605.15198 §2.3).
+
+Every family is sized for the toy model: shapes are bold and filled, digits are big seven-segment
+strokes (font-independent; PIL's default font is tiny), the arrow is mostly head. All images are
+drawn on the image processor's mean colour, which normalises to ~0: on white the random-init vision
+tower's output collapsed to a constant. Within a family the question is fixed and the answer is
+uniform, so a model that ignores the image scores exactly the family's CHANCE.
 """
 import hashlib
+import itertools
 import json
 import os
 import random
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-VERSION = 1  # bump when drawing or text changes, so cached data sets are regenerated
+VERSION = 2  # bump when drawing or text changes, so cached data sets are regenerated
 BACKGROUND = (123, 117, 104)  # Qwen2-VL image mean * 255
 RED, BLUE, WHITE, YELLOW, CYAN = (230, 40, 40), (40, 80, 230), (245, 245, 245), (240, 210, 40), (40, 220, 240)
+MAGENTA, GREEN = (220, 60, 220), (60, 200, 80)  # puzzle frames only: no operand has these colours
 
 TASK_TOKENS = {"shape": "<|Shape|>", "line": "<|Line|>", "arrow": "<|Arrow|>", "zoom": "<|Zoom|>",
                "text": "<|Text|>"}
+# The decisive puzzles: each family's usual token, the one the teacher writes for it.
+PUZZLE_TOKENS = {"puzzle_shape": "<|Shape|>", "puzzle_line": "<|Line|>"}
+PUZZLE_QUESTION = "Solve the puzzle in the picture."
 # One fixed question per family, so the question says nothing about the answer.
 QUESTIONS = {"shape": "How many red shapes are there?",
              "line": "Which line is longer, A (yellow, top) or B (cyan, bottom)?",
              "arrow": "Does the arrow point left or right?", "zoom": "What digit is inside the yellow box?",
-             "text": "What is the sum of the two numbers?"}
+             "text": "What is the sum of the two numbers?",
+             "puzzle_shape": PUZZLE_QUESTION, "puzzle_line": PUZZLE_QUESTION}
+# A puzzle's answer spaces never overlap (a count against a line letter), so the operation that the
+# frame does not ask for can never give the right answer by accident.
 ANSWERS = {"shape": ["1", "2", "3"], "line": ["A", "B"], "arrow": ["left", "right"],
-           "zoom": ["1", "2", "3", "4"], "text": ["2", "3", "4"]}
+           "zoom": ["1", "2", "3", "4"], "text": ["2", "3", "4"],
+           "puzzle_shape": ["1", "2", "3"], "puzzle_line": ["A", "B"]}
 CHANCE = {task: 1 / len(answers) for task, answers in ANSWERS.items()}
 # Short on purpose: RL samples these on CPU, every token costs.
 LEAD_INS = {"shape": "Let me mark the red shapes.", "line": "Let me compare the lines.",
@@ -80,8 +101,13 @@ def _shape(draw, s, rng, answer):
         dx, dy = rng.randint(-slack, slack), rng.randint(-slack, slack)
         items.append((c, rng.choice("osv"), "red" if i < n_red else "blue", dx, dy, r))
     items.sort()
-    for c, kind, colour, dx, dy, r in items:
-        cx, cy = (c % 3) * cell + cell // 2 + dx, (c // 3) * cell + cell // 2 + dy
+    _paint_shapes(draw, cell, items)
+    return {"items": items}
+
+
+def _paint_shapes(draw, cell, items, columns=3):
+    for c, kind, colour, dx, dy, r in items:  # cell c sits in column c % columns, row c // columns
+        cx, cy = (c % columns) * cell + cell // 2 + dx, (c // columns) * cell + cell // 2 + dy
         fill = RED if colour == "red" else BLUE
         if kind == "o":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -89,7 +115,6 @@ def _shape(draw, s, rng, answer):
             draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
         else:
             draw.polygon([(cx - r, cy - r), (cx + r, cy - r), (cx, cy + r)], fill=fill)
-    return {"items": items}
 
 
 def _line(draw, s, rng, answer):
@@ -144,7 +169,41 @@ def _text(draw, s, rng, answer):
     return params
 
 
-DRAW = {"shape": _shape, "line": _line, "arrow": _arrow, "zoom": _zoom, "text": _text}
+FRAMES = {"puzzle_shape": MAGENTA, "puzzle_line": GREEN}  # the cue: the frame's colour names the family
+
+
+def _puzzle(draw, s, rng, answer, family):
+    # Laid out on a 4x4 grid of cells, each one merged vision token at 112 px (28 px): line A in the
+    # top row, line B in the bottom row (in one shared row of tokens at 84 px, a model that learned
+    # the classic lines stayed at chance on them), 1-3 red and 0-3 blue shapes in the eight cells
+    # between, a frame around everything. Both operands are always there; the one the frame does not
+    # ask about gets a uniform answer of its own, so it tells nothing.
+    f, t, cell = max(3, s // 24), max(3, s // 16), s // 4  # frame width, line thickness, cell side
+    asks_shape = PUZZLE_TOKENS[family] == "<|Shape|>"
+    n_red = int(answer if asks_shape else rng.choice(ANSWERS["puzzle_shape"]))
+    longer = rng.choice(ANSWERS["puzzle_line"]) if asks_shape else answer
+    long_, short = rng.randint(s * 55 // 100, s * 80 // 100), rng.randint(s * 15 // 100, s * 35 // 100)
+    lengths = (long_, short) if longer == "A" else (short, long_)  # at least 1.5x apart, as in `_line`
+    lines = []
+    top, bottom = (cell * 4 // 10, cell * 6 // 10), (s - cell * 6 // 10, s - cell * 4 // 10)
+    for (lo, hi), length, colour in zip((top, bottom), lengths, (YELLOW, CYAN)):
+        y, x = rng.randint(lo, hi), rng.randint(f + 2, s - f - 2 - length)
+        draw.rectangle((x, y - t // 2, x + length, y - t // 2 + t - 1), fill=colour)
+        lines.append((x, y, length))
+    items, n_blue = [], rng.randint(0, 3)
+    for i, c in enumerate(rng.sample(range(4, 12), n_red + n_blue)):  # cells 4-11: the two middle rows
+        r = rng.randint(cell // 4, cell // 3)  # smaller than the classic shapes: they must clear the frame
+        slack = max(0, cell // 2 - r - 1 - f)
+        dx, dy = rng.randint(-slack, slack), rng.randint(-slack, slack)
+        items.append((c, rng.choice("osv"), "red" if i < n_red else "blue", dx, dy, r))
+    items.sort()
+    _paint_shapes(draw, cell, items, columns=4)
+    draw.rectangle((0, 0, s - 1, s - 1), outline=FRAMES[family], width=f)
+    return {"lines": lines, "items": items}
+
+
+DRAW = {"shape": _shape, "line": _line, "arrow": _arrow, "zoom": _zoom, "text": _text,
+        **{family: partial(_puzzle, family=family) for family in PUZZLE_TOKENS}}
 
 
 def draw_example(task, rng, image_size, answer=None):
@@ -155,21 +214,103 @@ def draw_example(task, rng, image_size, answer=None):
     return image, QUESTIONS[task], answer, {"task": task, "answer": answer, **params}
 
 
+# --- the puzzles' replies: lead-in, the token (the decision), the steps of its operation, answer --------
+
+NO_OPERAND = "none"  # the answer after a token whose operand is not in the picture: always wrong
+REPLY_LENGTHS = ("short", "long")
+# "short": 11 generated tokens (the stop token included), the functional token 9% of them. "long":
+# 34-42, the token at most 3%, as in ATLAS's replies (2.3%). Long replies draw each sentence from
+# several phrasings, so the text around the token varies the way natural language does.
+SHORT_LEAD = "Look."
+LEAD_SLOTS = (  # two sentences that never say which operation comes next
+    ("Let me study the picture.", "First I look at everything.", "I take a careful look first.",
+     "Let me scan the whole image."),
+    ("The frame colour sets the task.", "Its frame says what to do.", "The border picks the puzzle.",
+     "I check which task the frame asks."),
+)
+NOTHING_THERE = ("The picture has none.", "There is nothing like that here.", "I cannot find one.",
+                 "None is drawn.")
+STEP_SLOTS = {  # per token: how it goes about its operation, then the result {x}
+    "<|Shape|>": (("I count the red shapes, not the blue.", "Only the red shapes count here.",
+                   "I keep the red shapes and skip blue.", "I count just the red ones."),
+                  ("The red count is {x}.", "I find {x} of them.", "That makes {x} in all.",
+                   "So there are {x}.")),
+    "<|Line|>": (("I compare line A with line B.", "I measure top line A and bottom line B.",
+                  "I set yellow A against cyan B.", "I see how far each line reaches."),
+                 ("Line {x} is longer.", "{x} is the longer one.", "The longer line is {x}.",
+                  "So {x} reaches further.")),
+    # A puzzle has no box, arrow or numbers: these tokens look, find nothing and answer NO_OPERAND.
+    "<|Zoom|>": (("I look for a box to zoom into.",), NOTHING_THERE),
+    "<|Arrow|>": (("I look for an arrow and its tip.",), NOTHING_THERE),
+    "<|Text|>": (("I look for numbers to read and add.",), NOTHING_THERE),
+}
+# The SFT teacher's systematic wrong decision, family: the token it writes instead, in a share
+# cfg.toy_token_slip of that family's train replies; it then carries out that token's operation, so
+# the answer is wrong. Above 50% it is what greedy decoding copies, and what RL's reward can undo.
+TOKEN_SLIPS = {"puzzle_line": "<|Shape|>"}
+
+
+def operate(params, token):
+    """The result of `token`'s operation on the puzzle scene `params` (as `draw_example` returns them)."""
+    if token == "<|Shape|>":
+        return str(sum(colour == "red" for _, _, colour, *_ in params["items"]))
+    if token == "<|Line|>":
+        (_, _, a), (_, _, b) = params["lines"]
+        return "A" if a > b else "B"
+    if token in TASK_TOKENS.values():
+        return NO_OPERAND
+    raise ValueError(f"{token!r} is not a functional token")
+
+
+def _compose(token, result, lead, steps):
+    return f"{' '.join(lead)} {token} {' '.join(s.format(x=result) for s in steps)} <answer>{result}</answer>"
+
+
+def reply(params, token, rng, length):
+    """A puzzle reply whose functional token is `token`: lead-in, `token`, the steps of the operation it
+    names, and <answer> with that operation's result on the scene `params` (NO_OPERAND when the scene
+    has nothing for it), whatever the puzzle asks. `length` is "short" or "long"; long phrasings come
+    from `rng`, lead-in first, so equal rng states give equal lead-ins for any token.
+    """
+    result = operate(params, token)
+    if length == "short":
+        return f"{SHORT_LEAD} {token} <answer>{result}</answer>"
+    if length != "long":
+        raise ValueError(f"toy_reply={length!r}: choose from {', '.join(REPLY_LENGTHS)}")
+    lead = [rng.choice(slot) for slot in LEAD_SLOTS]
+    return _compose(token, result, lead, [rng.choice(slot) for slot in STEP_SLOTS[token]])
+
+
+def _puzzle_texts():
+    """Every puzzle question, answer and reply, of both lengths (all phrasings: a few thousand texts)."""
+    texts = [PUZZLE_QUESTION, NO_OPERAND, *ANSWERS["puzzle_shape"], *ANSWERS["puzzle_line"]]
+    results = {"<|Shape|>": ANSWERS["puzzle_shape"], "<|Line|>": ANSWERS["puzzle_line"]}
+    for token, slots in STEP_SLOTS.items():
+        for result in results.get(token, [NO_OPERAND]):
+            texts.append(f"{SHORT_LEAD} {token} <answer>{result}</answer>")
+            texts += [_compose(token, result, lead, steps)
+                      for lead in itertools.product(*LEAD_SLOTS) for steps in itertools.product(*slots)]
+    return texts
+
+
 # --- data sets --------------------------------------------------------------------------------------
 
 def _tasks(cfg):
     tasks = [t.strip() for t in cfg.toy_tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASK_TOKENS]
+    unknown = [t for t in tasks if t not in ANSWERS]
     if not tasks or unknown:
-        raise ValueError(f"toy_tasks={cfg.toy_tasks!r}: choose from {', '.join(TASK_TOKENS)}")
+        raise ValueError(f"toy_tasks={cfg.toy_tasks!r}: choose from {', '.join(ANSWERS)}")
     return tasks
 
 
 def _stamp(cfg):
     """Everything the generated files depend on; equal stamps mean identical data sets."""
+    if cfg.toy_reply not in REPLY_LENGTHS:
+        raise ValueError(f"toy_reply={cfg.toy_reply!r}: choose from {', '.join(REPLY_LENGTHS)}")
     return {"version": VERSION, "seed": cfg.seed, "image_size": cfg.image_size, "tasks": _tasks(cfg),
             "train_size": cfg.toy_train_size, "eval_size": cfg.toy_eval_size,
-            "no_token_share": cfg.toy_no_token_share, "teacher_slip": cfg.toy_teacher_slip}
+            "no_token_share": cfg.toy_no_token_share, "teacher_slip": cfg.toy_teacher_slip,
+            "token_slip": cfg.toy_token_slip, "reply": cfg.toy_reply}
 
 
 def _write_split(folder, split, size, cfg, taken):
@@ -196,12 +337,22 @@ def _write_split(folder, split, size, cfg, taken):
             ex_id = f"{split}-{i:06d}-{task}"
             image.save(folder / "images" / f"{ex_id}.png")
             with_token = text_rng.random() >= cfg.toy_no_token_share
-            said = answer  # what the SFT reply claims; `answer` stays the truth that rewards and eval use
-            true, misread = TEACHER_SLIPS.get(task, (None, None))
-            if split == "train" and answer == true and slip_rng.random() < cfg.toy_teacher_slip:
-                said = misread
-            f.write(json.dumps({"id": ex_id, "images": [f"images/{ex_id}.png"], "question": question, "answer": answer,
-                                "response": response(task, said, with_token), "task": task}) + "\n")
+            if task in PUZZLE_TOKENS:  # always a token, it is the decision (toy_no_token_share: classics)
+                token = PUZZLE_TOKENS[task]
+                if split == "train" and task in TOKEN_SLIPS and slip_rng.random() < cfg.toy_token_slip:
+                    token = TOKEN_SLIPS[task]
+                text = reply(params, token, text_rng, cfg.toy_reply)
+            else:
+                said = answer  # what the SFT reply claims; `answer` stays the truth that rewards and eval use
+                true, misread = TEACHER_SLIPS.get(task, (None, None))
+                if split == "train" and answer == true and slip_rng.random() < cfg.toy_teacher_slip:
+                    said = misread
+                text = response(task, said, with_token)
+            row = {"id": ex_id, "images": [f"images/{ex_id}.png"], "question": question, "answer": answer,
+                   "response": text, "task": task}
+            if task in PUZZLE_TOKENS:  # the token the frame calls for: the truth behind the right-token rate
+                row["token"] = PUZZLE_TOKENS[task]
+            f.write(json.dumps(row) + "\n")
 
 
 def _is_complete(folder, stamp):
@@ -257,10 +408,14 @@ def ensure_toy_data(cfg):
 
 
 def corpus(cfg):
-    """Every text the toy world can produce (all families, whatever cfg.toy_tasks): trains the tokenizer."""
+    """Every text the toy world can write for `cfg`: trains the tokenizer. The classic families' texts
+    always, whatever cfg.toy_tasks; the puzzles' texts, both lengths, only when cfg.toy_tasks has a
+    puzzle: the classic presets keep their tokenizer, and short and long puzzle runs share one."""
     texts = [cfg.system_prompt]
-    for task, answers in ANSWERS.items():
+    for task in TASK_TOKENS:
         texts.append(QUESTIONS[task])
-        for answer in answers:
+        for answer in ANSWERS[task]:
             texts += [answer, response(task, answer, True), response(task, answer, False)]
+    if any(task in PUZZLE_TOKENS for task in _tasks(cfg)):
+        texts += _puzzle_texts()
     return texts

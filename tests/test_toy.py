@@ -189,3 +189,219 @@ def test_teacher_slips_change_only_train_replies_of_their_class_never_the_answer
         assert 0.4 < slipped[task] / n_true < 0.8  # about toy_teacher_slip of that class
     for r in (json.loads(line) for line in evals.read_text().splitlines()):
         assert r["response"].endswith(f"<answer>{r['answer']}</answer>")  # eval replies stay true
+
+
+# --- the decisive puzzles -----------------------------------------------------------------------------
+
+PUZZLES = ["puzzle_shape", "puzzle_line"]
+FIVE = ["<|Zoom|>", "<|Line|>", "<|Shape|>", "<|Arrow|>", "<|Text|>"]
+
+
+def puzzles(*overrides):
+    return micro("toy_tasks=puzzle_shape,puzzle_line", *overrides)
+
+
+def said(response):
+    """(the functional tokens in a reply, in order; what its <answer> holds)."""
+    tokens = [t for i in range(len(response)) for t in FIVE if response.startswith(t, i)]
+    return tokens, response.split("<answer>")[-1].split("</answer>")[0]
+
+
+def red_count(params):
+    return str(sum(1 for item in params["items"] if item[2] == "red"))
+
+
+def longer_line(params):
+    (_, _, a), (_, _, b) = params["lines"]  # A is the first (yellow, top) line
+    return "A" if a > b else "B"
+
+
+def read_picture(path):
+    """What a puzzle picture shows, read from its pixels alone: (frame colour, red shapes, longer line)."""
+    a = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    s, cell = a.shape[0], a.shape[0] // 4  # a 4x4 grid: lines in the top and bottom rows, shapes between
+    red = (a == (230, 40, 40)).all(-1)
+    red_cells = sum(red[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].any() for r in (1, 2) for c in range(4))
+    yellow, cyan = (a == (240, 210, 40)).all(-1).sum(), (a == (40, 220, 240)).all(-1).sum()  # same thickness
+    return tuple(a[0, s // 2]), str(red_cells), "A" if yellow > cyan else "B"
+
+
+def test_every_puzzle_family_asks_the_same_question_that_names_no_operation():
+    rng = random.Random(0)
+    questions = {toy.draw_example(task, rng, 112)[1] for task in PUZZLES for _ in range(20)}
+    assert questions == {"Solve the puzzle in the picture."}
+    assert not any(word in "solve the puzzle in the picture." for word in ("red", "shape", "line", "count"))
+
+
+def test_every_puzzle_picture_holds_both_operands_and_the_unasked_one_is_uniform_and_independent():
+    rng, n = random.Random(1), 600
+    for task in PUZZLES:
+        pairs = collections.Counter()
+        for _ in range(n):
+            _, _, answer, params = toy.draw_example(task, rng, 112)
+            reds = [item for item in params["items"] if item[2] == "red"]
+            assert 1 <= len(reds) <= 3 and len(params["items"]) - len(reds) <= 3
+            (_, _, a), (_, _, b) = params["lines"]
+            assert max(a, b) >= 1.5 * min(a, b)  # clearly different lengths
+            pairs[red_count(params), longer_line(params)] += 1
+        assert len(pairs) == 6  # every (count, longer line) pair occurs ...
+        for share in pairs.values():  # ... about equally often: the other operand says nothing
+            assert abs(share / n - 1 / 6) < 0.05, pairs
+
+
+def test_a_puzzles_answer_is_the_result_of_the_operation_its_family_asks_for_and_is_balanced():
+    rng, n = random.Random(2), 400
+    for task, operation, chance in (("puzzle_shape", red_count, 1 / 3), ("puzzle_line", longer_line, 1 / 2)):
+        answers = collections.Counter()
+        for _ in range(n):
+            _, _, answer, params = toy.draw_example(task, rng, 112)
+            assert answer == operation(params)
+            answers[answer] += 1
+        assert all(abs(c / n - chance) < 0.07 for c in answers.values()) and len(answers) == round(1 / chance)
+        assert toy.CHANCE[task] == chance
+
+
+def test_the_frame_colour_alone_tells_the_puzzle_family(tmp_path):
+    train, evals = toy.write_toy_data(tmp_path, puzzles("toy_train_size=60", "toy_eval_size=20"))
+    families_of = collections.defaultdict(set)
+    for r in rows(train) + rows(evals):
+        families_of[read_picture(tmp_path / r["images"][0])[0]].add(r["task"])
+    assert len(families_of) == 2 and all(len(f) == 1 for f in families_of.values())  # one colour, one family
+    assert toy.BACKGROUND not in families_of
+
+
+@pytest.mark.parametrize("size", [56, 84, 112])
+def test_the_pictures_pixels_show_what_the_scene_params_say(tmp_path, size):
+    for task in PUZZLES:
+        rng = random.Random(3)
+        for _ in range(30):
+            image, _, _, params = toy.draw_example(task, rng, size)
+            image.save(tmp_path / "puzzle.png")
+            _, reds, longer = read_picture(tmp_path / "puzzle.png")
+            assert (reds, longer) == (red_count(params), longer_line(params))
+
+
+def test_each_puzzle_reply_holds_its_familys_token_but_for_the_teachers_slips_in_train_line_puzzles(tmp_path):
+    cfg = puzzles("toy_train_size=400", "toy_eval_size=100", "toy_token_slip=0.6", "toy_no_token_share=0.5")
+    train, evals = toy.write_toy_data(tmp_path, cfg)
+    usual = {"puzzle_shape": "<|Shape|>", "puzzle_line": "<|Line|>"}
+    slipped = collections.Counter()
+    for split, data in (("train", rows(train)), ("eval", rows(evals))):
+        for r in data:
+            tokens, _ = said(r["response"])
+            assert len(tokens) == 1, r  # always exactly one token, whatever toy_no_token_share
+            if tokens[0] != usual[r["task"]]:
+                assert (split, r["task"], tokens[0]) == ("train", "puzzle_line", "<|Shape|>"), r
+                slipped[r["task"]] += 1
+    n_line = sum(r["task"] == "puzzle_line" for r in rows(train))
+    assert 0.5 < slipped["puzzle_line"] / n_line < 0.7  # about toy_token_slip
+    none, _ = toy.write_toy_data(tmp_path / "none", puzzles("toy_token_slip=0"))
+    assert all(said(r["response"])[0] == [usual[r["task"]]] for r in rows(none))
+
+
+def test_after_any_token_a_written_reply_answers_with_that_tokens_operation_on_the_picture(tmp_path):
+    cfg = puzzles("toy_train_size=200", "toy_eval_size=40", "toy_token_slip=0.6", "toy_reply=long")
+    train, evals = toy.write_toy_data(tmp_path, cfg)
+    n_slipped = 0
+    for r in rows(train) + rows(evals):
+        (token,), answer = said(r["response"])
+        _, reds, longer = read_picture(tmp_path / r["images"][0])
+        assert answer == {"<|Shape|>": reds, "<|Line|>": longer}[token], r
+        assert r["answer"] == {"puzzle_shape": reds, "puzzle_line": longer}[r["task"]]  # the truth
+        n_slipped += answer != r["answer"]
+    assert n_slipped > 20  # the slips are there, and every one of them is wrong
+
+
+@pytest.mark.parametrize("length", ["short", "long"])
+def test_reply_after_each_of_the_five_tokens_gives_that_tokens_operation_and_the_same_lead_in(length):
+    for task in PUZZLES:
+        rng = random.Random(4)
+        for i in range(20):
+            _, _, _, params = toy.draw_example(task, rng, 112)
+            expected = {"<|Shape|>": red_count(params), "<|Line|>": longer_line(params),
+                        "<|Zoom|>": "none", "<|Arrow|>": "none", "<|Text|>": "none"}  # no box, arrow, numbers
+            leads = set()
+            for token in FIVE:
+                text = toy.reply(params, token, random.Random(i), length)
+                tokens, answer = said(text)
+                assert tokens == [token] and answer == expected[token] and text.endswith("</answer>")
+                lead = text.split(token)[0]
+                assert "<answer>" not in lead
+                leads.add(lead)
+            assert len(leads) == 1  # the text before the token is the same for every token: it decides nothing
+
+
+def puzzle_tokenizer():
+    from atlas_min.model import init_model
+
+    return init_model(get_config("toy_decisive"))[1]  # the tokenizer training uses, functional tokens added
+
+
+def generated_tokens(tokenizer, text):
+    return len(tokenizer.encode(text + "<|im_end|>", add_special_tokens=False))  # the stop token is generated
+
+
+def test_long_replies_keep_the_token_at_most_3_percent_of_generated_tokens_and_short_ones_near_10():
+    tokenizer, rng = puzzle_tokenizer(), random.Random(5)
+    shares = {"short": [], "long": []}
+    for _ in range(100):
+        _, _, _, params = toy.draw_example(rng.choice(PUZZLES), rng, 112)
+        for length in shares:
+            text = toy.reply(params, rng.choice(FIVE), rng, length)
+            shares[length].append(1 / generated_tokens(tokenizer, text))
+    assert max(shares["long"]) <= 0.03  # every long reply: >= 34 tokens around its one functional token
+    assert 0.02 < sum(shares["long"]) / 100 < 0.03  # ATLAS's replies: 4.8 of 203.7 tokens, 2.3%
+    assert all(0.08 <= s <= 0.12 for s in shares["short"])
+
+
+def test_long_replies_vary_their_phrasing_short_ones_do_not():
+    _, _, _, params = toy.draw_example("puzzle_line", random.Random(6), 84)
+    for token in ("<|Line|>", "<|Shape|>"):
+        long_ = {toy.reply(params, token, random.Random(i), "long") for i in range(300)}
+        short = {toy.reply(params, token, random.Random(i), "short") for i in range(300)}
+        assert len(long_) > 100 and len(short) == 1
+
+
+def test_puzzle_data_is_deterministic_by_seed(tmp_path):
+    a, b, c = (tmp_path / x for x in "abc")
+    for folder, seed in ((a, 0), (b, 0), (c, 1)):
+        toy.write_toy_data(folder, puzzles(f"seed={seed}", "toy_reply=long", "toy_token_slip=0.6"))
+    assert (a / "train.jsonl").read_bytes() == (b / "train.jsonl").read_bytes() != (c / "train.jsonl").read_bytes()
+    assert png_digests(a) == png_digests(b) != png_digests(c)
+    assert toy.reply(toy.draw_example("puzzle_shape", random.Random(7), 84)[3], "<|Shape|>", random.Random(8), "long") \
+        == toy.reply(toy.draw_example("puzzle_shape", random.Random(7), 84)[3], "<|Shape|>", random.Random(8), "long")
+
+
+def test_the_corpus_holds_every_text_the_puzzles_can_write(tmp_path):
+    cfg = puzzles("toy_token_slip=0.6")
+    texts = set(toy.corpus(cfg))
+    for length in ("short", "long"):
+        train, evals = toy.write_toy_data(tmp_path / length, puzzles("toy_token_slip=0.6", f"toy_reply={length}"))
+        for r in rows(train) + rows(evals):
+            assert {r["question"], r["answer"], r["response"]} <= texts
+    rng = random.Random(9)
+    for _ in range(50):
+        _, _, _, params = toy.draw_example(rng.choice(PUZZLES), rng, 112)
+        for token in FIVE:
+            assert toy.reply(params, token, rng, rng.choice(["short", "long"])) in texts
+
+
+def test_classic_configs_keep_their_corpus_so_their_tokenizer_does_not_change():
+    classic, with_puzzles = toy.corpus(micro()), toy.corpus(puzzles())
+    assert not any("puzzle" in t or "none" in t for t in classic)
+    assert with_puzzles[:len(classic)] == classic  # the puzzles' texts come after, only when selected
+
+
+def test_toy_reply_must_be_short_or_long(tmp_path):
+    with pytest.raises(ValueError, match="medium"):
+        toy.write_toy_data(tmp_path, puzzles("toy_reply=medium"))
+    with pytest.raises(ValueError, match="medium"):
+        toy.reply(toy.draw_example("puzzle_line", random.Random(0), 84)[3], "<|Line|>", random.Random(0), "medium")
+
+
+def test_a_puzzle_row_names_the_token_its_frame_calls_for_even_where_the_teacher_slipped(tmp_path):
+    train, _ = toy.write_toy_data(tmp_path, puzzles("toy_train_size=40", "toy_token_slip=1.0"))
+    usual = {"puzzle_shape": "<|Shape|>", "puzzle_line": "<|Line|>"}
+    data = rows(train)
+    assert all(r["token"] == usual[r["task"]] for r in data)
+    assert any(said(r["response"])[0] != [r["token"]] for r in data)  # the replies do slip
