@@ -14,13 +14,14 @@ torchrun train_rl.py, eval.py --intervene), and a finished stage is reused, so a
 continues where it stopped. The table shows mean [min, max] over seeds.
 """
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
 
 from atlas_min.cli import user_errors
 from atlas_min.config import get_config
-from atlas_min.experiment import driver_parser, launcher, run_stage, update_readme
+from atlas_min.experiment import ROOT, driver_parser, launcher, run_stage, update_readme
 
 LENGTHS = ("short", "long")
 
@@ -48,7 +49,8 @@ def _summary(result, metrics, tail):
            "functional_per_output": result["mean_functional_tokens"]}
     if metrics:
         last = metrics[-tail:]
-        row |= {"kl": statistics.mean(m["kl"] for m in last),
+        row |= {"sampled_right_token": statistics.mean(m["right_token_rate"] for m in metrics),
+                "kl": statistics.mean(m["kl"] for m in last),
                 "functional_token_share": statistics.mean(m["functional_token_share"] for m in last)}
     return row
 
@@ -62,7 +64,8 @@ def _spread(values):
 
 def table(results, command, settings):
     """results.md: one row per (length, method), mean [min, max] over seeds."""
-    cols = [("accuracy", "held-out accuracy"), ("right_token", "right-token rate"), ("gap", "intervention gap"),
+    cols = [("accuracy", "held-out accuracy"), ("right_token", "right-token rate"),
+            ("sampled_right_token", "right-token rate of RL samples, mean over steps"), ("gap", "intervention gap"),
             ("kl", "KL (last 10 steps)"), ("length", "reply length"), ("functional_token_share",
                                                                              "functional share of tokens")]
     lines = [f"`{command}`", "", settings, "",
@@ -151,6 +154,8 @@ def main():
         plot(out, LENGTHS, runs)
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[plot]'): no curves.png")
+    if args.readme and (out / "curves.png").is_file():  # README shows the picture from docs/
+        shutil.copy(out / "curves.png", ROOT / "docs" / "anchor_study.png")
 
 
 if __name__ == "__main__":

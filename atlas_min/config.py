@@ -194,8 +194,9 @@ PRESETS = {
     # The toy model on the decisive puzzles (toy.py): the frame picks the operation, the token is the
     # decision, and the teacher writes <|Shape|> in 70% of the line puzzles' train replies, so greedy SFT
     # picks the wrong token there. Calibrated on 2 cores: 112 px (a 4x4 grid of vision tokens: at 84 px
-    # the two lines shared a row of tokens and stayed at chance); 400 SFT steps of 64 learn both
-    # operations; 60 RL steps at lr 3e-5 let GRPO repair the slip (1e-4 learned as fast and drifted more).
+    # the two lines shared a row of tokens and short-reply models stayed at chance on them); 400 SFT
+    # steps of 64 learn both operations (batch 32: hit or miss); 60 RL steps at lr 3e-5 let GRPO repair
+    # the slip (at 1e-4 the token stopped deciding the answer on shape puzzles).
     "toy_decisive": Config(
         name="toy_decisive",
         text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=256,
