@@ -92,6 +92,7 @@ if opts.judge and rank == 0:  # a missing, unclosed or empty final answer is 0 w
     with user_errors():
         verdicts = judge(opts.judge, items, template=template, device=str(device))
     result["judge_accuracy"] = sum(verdicts) / len(verdicts)
+    result["judge_asked"] = sum(reply is not None for reply in verdicts.replies)
     result["judge_unparsed"] = verdicts.unparsed
 chance = chance_by_task(data)
 result["chance"] = sum(chance.values()) / len(chance)
@@ -110,8 +111,8 @@ print0(f"\naccuracy {result['accuracy']:.3f}{blind_shown}"
        + f" | {result['tokens_per_s']:.0f} tokens/s | n={result['n']}")
 print0(f"chance (always the task's most frequent answer), averaged over tasks: {result['chance']:.3f}")
 if "judge_accuracy" in result:
-    print0(f"judge_accuracy {result['judge_accuracy']:.3f} ({opts.judge}; "
-           f"{result['judge_unparsed']} verdicts unread)")
+    print0(f"judge_accuracy {result['judge_accuracy']:.3f} ({opts.judge}: asked about "
+           f"{result['judge_asked']} answers, {result['judge_unparsed']} verdicts unread)")
 if opts.intervene:
     print0("\nintervention: accuracy with each functional token forced at the output's first one")
     for task, per_token in result["intervention"].items():

@@ -23,7 +23,7 @@ import torch
 from transformers import GenerationConfig
 
 from atlas_min import checkpoint
-from atlas_min.cli import user_errors
+from atlas_min.cli import quiet_libraries, user_errors
 from atlas_min.config import get_config
 from atlas_min.data import collate_prompts, encode_example
 from atlas_min.data import load_examples
@@ -96,6 +96,7 @@ def main():
     p.add_argument("--readme", action="store_true", help="also write the figures into README.md")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()
+    quiet_libraries()
     cfg = get_config(args.config, args.overrides)
     torch.manual_seed(cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:

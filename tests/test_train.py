@@ -236,7 +236,7 @@ def test_eval_judge_writes_judge_accuracy_and_scores_a_reply_without_an_answer_0
     run("eval.py", "--ckpt", sft_run, "--out", out, "--judge", judge_folder, "eval_max_new_tokens=4")
     result = json.loads(out.read_text())
     # 4 new tokens of a barely trained micro model never close an <answer> tag: nothing to ask the judge
-    assert result["judge_accuracy"] == 0.0 and result["judge_unparsed"] == 0
+    assert result["judge_accuracy"] == 0.0 and result["judge_asked"] == 0
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -399,3 +399,17 @@ def test_a_half_written_metrics_line_is_dropped_on_resume(tmp_path, sft_run):
     assert "half-written line" in out.stdout
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics_sft.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3]
+
+
+def test_eval_judge_asks_the_model_about_every_extracted_answer(tmp_path):
+    # a micro model taught the reply format (150 steps, as tutorial 08) writes <answer> tags to extract
+    from test_judge import CHAT, _save_tiny_model
+    sft = tmp_path / "sft"
+    run("train_sft.py", "--config", "micro", "--out", sft, "max_steps=150", "sft_lr=1e-2", "batch_size=16",
+        "sft_warmup=10")
+    out = tmp_path / "eval.json"
+    run("eval.py", "--ckpt", sft, "--out", out, "--judge", _save_tiny_model(tmp_path / "judge", CHAT))
+    result = json.loads(out.read_text())
+    assert result["judge_asked"] > 0  # replies with an answer went to the judge model
+    assert result["judge_unparsed"] <= result["judge_asked"]
+    assert result["judge_accuracy"] * result["n"] <= result["judge_asked"] - result["judge_unparsed"]
