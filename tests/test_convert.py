@@ -274,7 +274,7 @@ def test_a_bad_harness_record_is_a_one_record_error(folder, change, message):
 
 def test_a_csv_error_names_the_line_the_record_starts_on(folder):
     raw = write_csv(folder / "blink.csv", [BLINK, dict(BLINK, gt_answer="")])  # each question spans 3 lines
-    with pytest.raises(ConvertError, match=rf"blink\.csv:5: field 'gt_answer'"):
+    with pytest.raises(ConvertError, match=r"blink\.csv:5: field 'gt_answer'"):
         convert_file("harness", raw, folder / "out.jsonl")
 
 

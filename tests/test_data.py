@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from atlas_min.data import IGNORE, DataError, collate_prompts, collate_sft, encode, load_jsonl
 
