@@ -19,7 +19,7 @@ from pathlib import Path
 from atlas_min import checkpoint
 from atlas_min.cli import UsageError, quiet_libraries, say_skipped, user_errors
 from atlas_min.config import get_config
-from atlas_min.data import load_examples
+from atlas_min.data import check_lengths, load_examples
 from atlas_min.dist import cleanup, print0, setup, shard
 from atlas_min.evaluate import chance_by_task, evaluate, intervene
 from atlas_min.judge import judge, judge_prompt
@@ -76,6 +76,9 @@ rank, world, device = setup()
 model, tokenizer, image_processor = load_pretrained(ckpt, cfg)
 if cfg.eval_min_pixels:  # the eval protocol's image bounds (ATLAS's harness at 7B)
     set_pixel_bounds(image_processor, cfg.eval_min_pixels, cfg.eval_max_pixels)
+with user_errors():
+    data = check_lengths(data, tokenizer, image_processor, cfg, generate=cfg.eval_max_new_tokens,
+                         on_skip=say_skipped, context=model.config.get_text_config().max_position_embeddings)
 model = shard(model, cfg, device).eval()
 
 # 3. greedy decoding, scored; optional probes

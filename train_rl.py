@@ -25,9 +25,10 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.cli import (Progress, UsageError, parse_run_args, release_run_folder, report, say_skipped,
-                           user_errors)
-from atlas_min.data import collate_prompts, encode_example, load_examples, stream_indices, to_device
+from atlas_min.cli import (Progress, UsageError, defer_interrupts, interrupted, parse_run_args,
+                           release_run_folder, report, say_skipped, stop_interrupted, user_errors)
+from atlas_min.data import (check_lengths, collate_prompts, encode_example, load_examples, stream_indices,
+                            to_device)
 from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, gathered, print0, reshard, setup, shard
 from atlas_min.grpo import functional_grad_share, group_advantages, grpo_loss
 from atlas_min.model import load_pretrained
@@ -52,9 +53,11 @@ total = cfg.max_steps or cfg.rl_steps
 saved = checkpoint.read_state(resume_from)[0] if resume_from else {"init": opts.init, "step": 0}
 init, start = saved["init"], saved["step"]
 model, tokenizer, image_processor = load_pretrained(resume_from or init, cfg)
-if any(t not in tokenizer.get_vocab() for t in FUNCTIONAL_TOKENS):
-    with user_errors():
+with user_errors():
+    if any(t not in tokenizer.get_vocab() for t in FUNCTIONAL_TOKENS):
         raise UsageError(f"{init} has no functional tokens: pass a checkpoint made by train_sft.py")
+    train = check_lengths(train, tokenizer, image_processor, cfg, generate=cfg.max_new_tokens,
+                          on_skip=say_skipped, context=model.config.get_text_config().max_position_embeddings)
 model = shard(model, cfg, device)
 reference = None
 if cfg.kl_coef > 0:
@@ -178,6 +181,7 @@ def rollout_metrics(scores, mask, fmask):
 
 # 3. the loop: sample, score, log-probs before the update, update, log, save
 progress = Progress(run, "rl", start, total, cfg.log_every)
+defer_interrupts(run)  # from here on, Ctrl-C stops the run after the step it is in
 for step in range(start, total):
     seconds = {}
     lr = lr_at(step, total, cfg.rl_warmup, cfg.rl_lr)
@@ -222,10 +226,15 @@ for step in range(start, total):
     metrics = rollout_metrics(scores, mask, fmask)
     progress.log(step, **metrics, **losses, lr=lr,
                  **{f"t_{k}": round(all_sum(v) / world, 3) for k, v in seconds.items()})
-    if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+    stop = step + 1 < total and interrupted()  # a Ctrl-C on any rank: every rank stops after this step
+    due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total
+    if due or stop and cfg.save_on_interrupt:
         checkpoint.save(checkpoint.step_folder(run, step + 1), model, tokenizer, image_processor, cfg,
                         step + 1, optimizer, extra={"init": str(init)})
         checkpoint.prune(run, cfg.keep_checkpoints)
+    if stop:
+        saved = checkpoint.step_folder(run, step + 1) if cfg.save_on_interrupt else None
+        stop_interrupted(run, step + 1, total, saved, "train_rl.py")
 
 # 4. the final model (a resumable checkpoint too) and the run report
 checkpoint.save(run, model, tokenizer, image_processor, cfg, total, optimizer, extra={"init": str(init)})

@@ -16,9 +16,10 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.cli import (Progress, UsageError, parse_run_args, release_run_folder, report, say_skipped,
-                           user_errors)
-from atlas_min.data import IGNORE, collate_sft, encode_example, load_examples, stream_indices, to_device
+from atlas_min.cli import (Progress, UsageError, defer_interrupts, interrupted, parse_run_args,
+                           release_run_folder, report, say_skipped, stop_interrupted, user_errors)
+from atlas_min.data import (IGNORE, check_lengths, collate_sft, encode_example, load_examples, stream_indices,
+                            to_device)
 from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, print0, setup, shard
 from atlas_min.model import forward, init_model, load_pretrained, reply_nll
 from atlas_min.optim import adamw, lr_at, set_lr
@@ -44,6 +45,9 @@ if resume_from:
 else:
     model, tokenizer, image_processor = init_model(cfg)
     start = 0
+with user_errors():
+    train = check_lengths(train, tokenizer, image_processor, cfg, with_reply=True, on_skip=say_skipped,
+                          context=model.config.get_text_config().max_position_embeddings)
 functional_ids = torch.tensor(tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS), device=device)
 model = shard(model, cfg, device).train()
 optimizer = adamw(model, cfg, "sft")
@@ -75,6 +79,7 @@ def sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world, device
 
 # 3. the loop
 progress = Progress(run, "sft", start, total, cfg.log_every)
+defer_interrupts(run)  # from here on, Ctrl-C stops the run after the step it is in
 for step in range(start, total):
     t0 = time.time()
     lr = lr_at(step, total, cfg.sft_warmup, cfg.sft_lr)
@@ -93,10 +98,15 @@ for step in range(start, total):
     loss = all_sum(loss_sum) / n_reply
     progress.log(step, loss=loss, ft_loss=all_sum(ft_loss_sum) / max(all_sum(ft_count), 1), lr=lr,
                  grad_norm=grad_norm, tokens_per_s=round(n_reply / (time.time() - t0), 1))
-    if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+    stop = step + 1 < total and interrupted()  # a Ctrl-C on any rank: every rank stops after this step
+    due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total
+    if due or stop and cfg.save_on_interrupt:
         checkpoint.save(checkpoint.step_folder(run, step + 1), model, tokenizer, image_processor, cfg,
                         step + 1, optimizer)
         checkpoint.prune(run, cfg.keep_checkpoints)
+    if stop:
+        saved = checkpoint.step_folder(run, step + 1) if cfg.save_on_interrupt else None
+        stop_interrupted(run, step + 1, total, saved, "train_sft.py")
 
 # 4. the final model (a resumable checkpoint too) and the run report
 checkpoint.save(run, model, tokenizer, image_processor, cfg, total, optimizer)

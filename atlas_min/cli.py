@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -21,7 +22,7 @@ from atlas_min import checkpoint
 from atlas_min.checkpoint import CheckpointError
 from atlas_min.config import ConfigError, get_config
 from atlas_min.data import DataError
-from atlas_min.dist import is_main, print0
+from atlas_min.dist import all_sum, cleanup, is_main, print0
 from atlas_min.judge import JudgeError
 
 
@@ -53,9 +54,9 @@ def quiet_libraries():
     logging.disable_progress_bar()
 
 
-def say_skipped(bad_lines):
-    """What `skip_bad_examples=true` dropped, in one line (data.check_images's `on_skip`)."""
-    print0(f"skipped {len(bad_lines)} example(s) with a bad image, e.g. {bad_lines[0]}")
+def say_skipped(bad_lines, what):
+    """What `skip_bad_examples=true` dropped, in one line (data.keep_good's `on_skip`)."""
+    print0(f"skipped {len(bad_lines)} example(s) {what}, e.g. {bad_lines[0]}")
 
 
 RUN_FILES = ("trainer_state.json", "model.safetensors", "optimizer.safetensors", "report.md", "eval.json")
@@ -112,8 +113,64 @@ def _pid_alive(pid):
 
 def release_run_folder(run):
     """The run is over: drop its lock (rank 0)."""
-    if is_main():
+    if _is_rank0():
         (Path(run) / LOCK).unlink(missing_ok=True)
+
+
+# Ctrl-C (SIGINT) and SIGTERM (a scheduler's "time is up"). torchrun runs its workers in a session of
+# their own: the terminal's Ctrl-C reaches torchrun, which sends SIGINT to every worker and kills them
+# after --shutdown-timeout seconds (default 30: raise it when a step takes longer).
+_interrupts = []  # signals received since `defer_interrupts`
+
+
+def _rank_tag():
+    rank = int(os.environ.get("RANK", "0"))
+    return f"rank {rank}: " if rank else ""
+
+
+def quit_on_interrupt(run=None):
+    """Until the loop starts, Ctrl-C ends the process at once in one line (nothing is saved yet; the
+    run folder's lock is released) rather than a traceback on every rank."""
+    def quit_now(signum, frame):
+        if run is not None:
+            release_run_folder(run)
+        print(f"{_rank_tag()}interrupted before the first step: nothing saved", file=sys.stderr, flush=True)
+        os._exit(130)  # 128 + SIGINT, the shell's convention
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, quit_now)
+
+
+def defer_interrupts(run):
+    """From the loop's start, Ctrl-C asks the run to stop at the end of its current step (`interrupted`):
+    never in the middle of an update, a save or a collective that the other ranks are waiting in. A
+    second Ctrl-C on the same process quits at once (the last complete checkpoint stays as it was)."""
+    def note(signum, frame):
+        if _interrupts:
+            release_run_folder(run)
+            print(f"{_rank_tag()}interrupted again: stopped without saving", file=sys.stderr, flush=True)
+            os._exit(130)
+        _interrupts.append(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, note)
+
+
+def interrupted():
+    """Whether any rank was interrupted: every rank calls it at the end of each step and gets the same
+    answer (one small all-reduce), so all stop after the same step."""
+    return all_sum(float(bool(_interrupts))) > 0
+
+
+def stop_interrupted(run, step, total, saved, script):
+    """Leave an interrupted run after `step`: one line on each rank, the lock released, exit code 130."""
+    if not is_main():
+        print(f"{_rank_tag()}interrupted after step {step} of {total}", flush=True)
+    elif saved:
+        print(f"interrupted after step {step} of {total}: saved {saved}; python {script} --resume {run} "
+              "goes on from it", flush=True)
+    else:
+        print(f"interrupted after step {step} of {total} (save_on_interrupt=false: nothing saved)", flush=True)
+    release_run_folder(run)
+    cleanup(exit_code=130)
 
 
 def parse_run_args(description, stage):
@@ -142,6 +199,7 @@ def parse_run_args(description, stage):
         if opts.overwrite and not resume_from:
             _clear_run(Path(opts.out))
         claim_run_folder(opts.out)
+    quit_on_interrupt(opts.out)
     return opts, cfg, resume_from
 
 

@@ -55,6 +55,7 @@ class Config:
     # --- shared by both trainers ---
     max_steps: int = 0  # > 0 overrides sft_steps / rl_steps for whichever script runs
     save_every: int = 0  # 0: only the final checkpoint
+    save_on_interrupt: bool = True  # Ctrl-C / SIGTERM: finish the step, save it (resumable), then stop
     keep_checkpoints: int = 0  # > 0: delete all but the newest this many under RUN/checkpoints
     log_every: int = 1
     grad_clip: float = 1.0

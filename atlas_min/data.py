@@ -103,9 +103,7 @@ def image_problem(path):
 
 def check_images(examples, skip=False, on_skip=None):
     """Every image of every example checked once, before any work: a bad file found at step 10,000 of
-    a deterministic data order would stop the run there again after every resume. Raises DataError
-    listing the bad lines (the first 20 and their count), or with `skip` drops those examples and
-    calls `on_skip(bad lines)`."""
+    a deterministic data order would stop the run there again after every resume (`keep_good`)."""
     bad = []
     for ex in examples:
         for k, path in enumerate(ex["images"]):
@@ -113,14 +111,47 @@ def check_images(examples, skip=False, on_skip=None):
             if problem:
                 bad.append(f"{ex['where']}: field 'images[{k}]': image {path} {problem}")
                 break
+    return keep_good(examples, bad, "with a bad image", skip, on_skip)
+
+
+def keep_good(examples, bad, what, skip, on_skip):
+    """`examples` when `bad` (lines "file:line: reason") is empty. Else raises DataError listing the bad
+    lines (the first 20 and their count), or with `skip` calls `on_skip(bad, what)` and drops them."""
     if bad and not skip:
         shown = "\n  ".join(bad[:20])
-        raise DataError(f"{len(bad)} example(s) with a bad image (skip_bad_examples=true drops them):\n  {shown}"
+        raise DataError(f"{len(bad)} example(s) {what} (skip_bad_examples=true drops them):\n  {shown}"
                         + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
     if bad and on_skip is not None:
-        on_skip(bad)
+        on_skip(bad, what)
     dropped = {line.split(": field", 1)[0] for line in bad}
     return [ex for ex in examples if ex["where"] not in dropped]
+
+
+def check_lengths(examples, tokenizer, image_processor, cfg, *, context, generate=0, with_reply=False,
+                  on_skip=None):
+    """Every example's prompt plus its reply (`with_reply`, SFT) or plus the `generate` tokens the sampler
+    may add fits in the model's `context` positions, checked before any work (`keep_good`): beyond them
+    the model has no trained positions, and the run would fail, or truncate silently, on that batch.
+    Image tokens are counted from each image's size as the image processor will resize it."""
+    texts = [prompt_text(ex["question"] + cfg.question_suffix, len(ex["images"]), cfg.system_prompt,
+                         cfg.image_separator) for ex in examples]
+    prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    replies = tokenizer([ex["response"] + "<|im_end|>" for ex in examples],
+                        add_special_tokens=False)["input_ids"] if with_reply else [[]] * len(examples)
+    merge = image_processor.merge_size ** 2
+    bad = []
+    for ex, prompt, reply in zip(examples, prompts, replies):
+        sizes = []
+        for path in ex["images"]:
+            with Image.open(path) as im:  # reads the header only
+                sizes.append(im.size)  # (width, height)
+        n_prompt = len(prompt) - len(sizes) + sum(image_processor.get_number_of_image_patches(h, w) // merge
+                                                  for w, h in sizes)
+        n_more, more = (len(reply), "reply tokens") if with_reply else (generate, "tokens to generate")
+        if n_prompt + n_more > context:
+            bad.append(f"{ex['where']}: field 'question': the prompt ({n_prompt} tokens with its images) + "
+                       f"{n_more} {more} exceed the model's {context} positions")
+    return keep_good(examples, bad, "longer than the model's context", cfg.skip_bad_examples, on_skip)
 
 
 def stream_indices(step, per_step, n, *, seed, epoch_seed_stride):

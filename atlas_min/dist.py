@@ -149,8 +149,9 @@ def load_optimizer_state(model, optimizer, state):
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=options)
 
 
-def cleanup():
-    """End a finished run: under torchrun, leave the process group together and exit 0 at once.
+def cleanup(exit_code=0):
+    """End a run: under torchrun, leave the process group together and exit with `exit_code` at once;
+    on one process, return (or exit when `exit_code` is not 0).
 
     Skipping the interpreter's teardown is the point. gloo's worker threads (and FSDP's state) still hold
     work objects whose tensors carry Python references; destroying them while the interpreter finalises
@@ -163,4 +164,6 @@ def cleanup():
         dist.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(exit_code)
+    if exit_code:
+        sys.exit(exit_code)

@@ -103,8 +103,8 @@ def load_pretrained(path, cfg=None):
 
 
 def set_pixel_bounds(image_processor, min_pixels, max_pixels):
-    """Images are resized to between min_pixels and max_pixels (aspect kept, sides multiples of 28)."""
-    image_processor.min_pixels, image_processor.max_pixels = min_pixels, max_pixels
+    """Images are resized to between min_pixels and max_pixels (aspect kept, sides multiples of 28).
+    Only `size` is set: transformers 5 reads the bounds from it (and warns about `min_pixels` attributes)."""
     image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
 
 

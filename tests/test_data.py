@@ -148,3 +148,26 @@ def test_a_named_token_must_be_one_of_the_five(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps(line) + "\n")
     with pytest.raises(DataError, match=r"d.jsonl:1: field 'token' must be one of"):
         load_jsonl(tmp_path / "d.jsonl")
+
+
+def _wide_image_example(tmp_path):
+    from PIL import Image
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (300, 100), (10, 200, 30)).save(tmp_path / "img" / "a.png")  # resized: not square
+    path = tmp_path / "d.jsonl"
+    path.write_text(_line(images=["img/a.png", "img/a.png"], question="how many? " * 7) + "\n")
+    return load_jsonl(path, need_response=True)
+
+
+@pytest.mark.parametrize("with_reply", [True, False])
+def test_the_context_check_counts_exactly_the_tokens_the_encoder_builds(tmp_path, micro, micro_cfg, with_reply):
+    from atlas_min.data import check_lengths, encode_example
+    _, tokenizer, image_processor = micro
+    examples = _wide_image_example(tmp_path)
+    e = encode_example(examples[0], tokenizer, image_processor, micro_cfg, with_reply=True)
+    more = len(e["reply_ids"]) if with_reply else 9  # the reply, or 9 tokens to generate
+    need = len(e["prompt_ids"]) + more
+    kwargs = dict(with_reply=True) if with_reply else dict(generate=9)
+    assert check_lengths(examples, tokenizer, image_processor, micro_cfg, context=need, **kwargs) == examples
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'question'.* exceed the model's"):
+        check_lengths(examples, tokenizer, image_processor, micro_cfg, context=need - 1, **kwargs)

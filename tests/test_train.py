@@ -413,3 +413,63 @@ def test_eval_judge_asks_the_model_about_every_extracted_answer(tmp_path):
     assert result["judge_asked"] > 0  # replies with an answer went to the judge model
     assert result["judge_unparsed"] <= result["judge_asked"]
     assert result["judge_accuracy"] * result["n"] <= result["judge_asked"] - result["judge_unparsed"]
+
+
+def _interrupt_at(launcher, args, metrics, at_step):
+    """Start a run and send it SIGINT (Ctrl-C) once `metrics` holds `at_step` records; its CompletedProcess."""
+    proc = subprocess.Popen(launcher + [str(a) for a in args], cwd=ROOT, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= at_step:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("script, seed", [("train_sft.py", 1), ("train_rl.py", 2)])
+def test_ctrl_c_saves_the_step_it_ends_and_resume_is_bit_identical(tmp_path, sft_run, script, seed):
+    import random
+    at_step = random.Random(seed).randint(2, 8)  # a random step, the same on every run of the suite
+    stage = "rl" if script == "train_rl.py" else "sft"
+    args = ["--config", "micro", *(["--init", sft_run] if stage == "rl" else []), "max_steps=60" if stage == "rl"
+            else "max_steps=150"]
+    run(script, *args, "--out", tmp_path / "straight")
+    stopped = tmp_path / "stopped"
+    out = _interrupt_at([sys.executable], [script, *args, "--out", stopped], stopped / f"metrics_{stage}.jsonl",
+                        at_step)
+    assert out.returncode == 130 and "Traceback" not in out.stderr
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "saved" in lines[0]
+    step = int(lines[0].split("after step ")[1].split()[0])
+    assert step >= at_step and (stopped / "checkpoints" / f"step_{step:06d}" / "optimizer.safetensors").is_file()
+    assert not (stopped / ".lock").exists()
+    run(script, "--resume", stopped)
+    a, b = weights(tmp_path / "straight"), weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_under_torchrun_ends_every_rank_in_one_line_and_saves_once(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run_dir = tmp_path / "two"
+    out = _interrupt_at(launcher, ["train_sft.py", "--config", "micro", "--out", run_dir, "max_steps=2000"],
+                        run_dir / "metrics_sft.jsonl", 3)
+    ours = [line for line in (out.stdout + out.stderr).splitlines() if "interrupted after step" in line]
+    assert sorted(line.startswith("rank 1: ") for line in ours) == [False, True]  # one line per rank
+    assert "train_sft.py\", line" not in out.stderr and "atlas_min" not in out.stderr  # no traceback of ours
+    from atlas_min.checkpoint import problem
+    saved = list((run_dir / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and problem(saved[0]) is None
+
+
+def test_a_question_longer_than_the_context_is_reported_with_its_line_before_any_step(tmp_path):
+    data = _data_with_a_broken_image(tmp_path / "data", n=5, broken_line=0)
+    lines = data.read_text().splitlines()
+    lines[2] = json.dumps(json.loads(lines[2]) | {"question": "how many shapes? " * 2000})
+    data.write_text("\n".join(lines) + "\n")
+    out = run("train_sft.py", "--config", "micro", "--out", tmp_path / "run", f"train_data={data}", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{data}:3: field 'question'" in out.stderr and "4096 positions" in out.stderr
+    assert not (tmp_path / "run" / "metrics_sft.jsonl").exists()  # nothing trained
