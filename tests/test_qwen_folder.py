@@ -211,8 +211,6 @@ def test_rl_and_eval_run_from_the_sft_result_of_the_folder(runs):
     assert "RL micro" in runs["logs"]["rl"].stdout and "2 process(es)" in runs["logs"]["rl"].stdout
 
 
-@pytest.mark.xfail(strict=True, reason="atlas_min/model.py set_pixel_bounds sets image_processor.min_pixels and "
-                   ".max_pixels; transformers 5 passes them to every image-processor call, which warns (FutureWarning)")
 def test_a_users_runs_from_a_download_folder_print_no_warning(runs):
     for stage, out in runs["logs"].items():
         lines = [line for line in (out.stdout + out.stderr).splitlines() if "Warning" in line]
