@@ -161,3 +161,26 @@ def test_rl_seed_moves_an_rl_runs_draws_and_0_leaves_them_as_seed_alone_gives():
     assert rl_row_seeds(cfg, 5, 8, 3) == by_hand
     moved = rl_row_seeds(get_config("micro", ["seed=2", "rl_seed=1"]), 5, 8, 3)
     assert not set(moved) & set(by_hand)
+
+
+def test_the_sampler_never_emits_a_spare_row_of_the_embedding_matrix(toy_files):
+    from atlas_min.config import get_config
+    from atlas_min.model import init_model
+    cfg = get_config("micro", ["vocab_rows=700"])  # rows past the tokenizer, as Qwen's 152,064 for 151,670 tokens
+    model, tokenizer, image_processor = init_model(cfg)
+    n_rows, n_tokens = model.lm_head.weight.shape[0], len(tokenizer)
+    assert n_rows > n_tokens
+    batch = _prompts(tokenizer, image_processor, toy_files)
+
+    def favour_spare_rows(module, inputs, logits):  # the rows that are no token become the favourites by far
+        boost = torch.zeros(n_rows)
+        boost[n_tokens:] = 50.0
+        return logits + boost
+
+    model.eval().lm_head.register_forward_hook(favour_spare_rows)
+    logits = forward(model, batch, batch["input_ids"], batch["attention_mask"], logits_to_keep=1)[0].logits[:, -1]
+    assert (logits.argmax(-1) >= n_tokens).all()
+    for temperature in (0.0, 1.0):
+        out = sample(model, batch, tokenizer, group_size=2, max_new_tokens=8, temperature=temperature,
+                     row_seeds=range(4))
+        assert (out["completion_ids"] < n_tokens).all()
