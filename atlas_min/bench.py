@@ -2,16 +2,38 @@
 
     python -m atlas_min.bench                               # toy preset, random-init model
     python -m atlas_min.bench --ckpt runs/experiment/sft    # a trained checkpoint (realistic lengths)
-    python -m atlas_min.bench --config micro --json bench.json
+    python -m atlas_min.bench --config micro --rows 8 --peak-tflops 1 --bandwidth-gbs 10 --json bench.json
+    python -m atlas_min.bench --config qwen2_5_vl_7b text_layers=4 vision_depth=4   # on one GPU
 
-1. The hand-written group sampler against `model.generate` on the same model, prompts, batch
-   (prompts_per_step × group_size rows) and settings (temperature, top-p, max_new_tokens, the vision
-   placeholders suppressed): generated tokens per second, median of `--repeats` runs after a warm-up,
-   and whether both decode the same tokens greedily.
-2. The phases of RL steps, from `train_rl.py` itself (a subprocess of 3 steps; the last one's timings).
+1. Decode: the hand-written group sampler against `model.generate` on the same model, prompts, batch
+   (`--rows` rows: rows / G prompts × G) and settings (temperature, top-p, max_new_tokens, the vision
+   placeholders suppressed): generated tokens per second (the prefill included), median of `--repeats`
+   runs after a warm-up, and whether both decode the same tokens greedily. Each is also given as a
+   share of the weight-bandwidth bound: a decode step reads the language model's weights (decoder
+   layers, final norm, lm_head) and every row's KV cache once, so at most bandwidth ÷ (weight bytes + KV
+   bytes at the decode's mean context) steps per second, and rows × that tokens per second.
+2. Update: one forward + backward + AdamW step as `train_rl.py` runs it on one GPU (fp32 weights, bf16
+   autocast on CUDA, activation checkpointing as the preset says, gradient clipping) on `--update-rows`
+   rows of prompt + `--completion-tokens` random completion tokens, median of `--repeats` after a
+   warm-up. Model FLOP utilisation = model FLOPs ÷ seconds ÷ peak bf16 FLOP/s, with model FLOPs by the
+   6 · parameters · tokens rule per part (`update_flops`); attention scores and recomputation are not
+   counted (the usual MFU, not hardware utilisation).
+3. The phases of RL steps, from `train_rl.py` itself (a subprocess of 3 steps; the last one's timings),
+   for the toy presets and checkpoints.
+
+Peak FLOP/s and bandwidth come from `--peak-tflops` / `--bandwidth-gbs`, else from PEAKS by the GPU's name;
+without either (a CPU) the shares are n/a, null in the JSON. The model runs in bf16 for decoding on CUDA,
+fp32 on CPU.
+
+The `qwen2_5_vl_7b` preset (no `--ckpt`) builds a random-init model at the preset's sizes with Qwen's
+special-token ids and feeds it synthetic prompts: one random image at max_pixels and PROMPT_TEXT text tokens
+each (words of `plan.qwen_vocab_standin`, a tokenizer of Qwen's size). No weights, tokenizer or data needed;
+fewer layers (`text_layers=4 vision_depth=4`) keep the widths and fit one GPU. No RL step is timed there.
 """
 import argparse
 import json
+import math
+import shlex
 import statistics
 import subprocess
 import sys
@@ -19,32 +41,127 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import GenerationConfig
 
 from atlas_min import checkpoint
-from atlas_min.cli import quiet_libraries, user_errors
-from atlas_min.config import get_config
-from atlas_min.data import collate_prompts, encode_example
-from atlas_min.data import load_examples
-from atlas_min.model import image_order, init_model, load_pretrained
-from atlas_min.sampler import STOP_TOKENS, sample
+from atlas_min.cli import UsageError, quiet_libraries, user_errors
+from atlas_min.config import get_config, to_dict
+from atlas_min.data import collate_prompts, encode_example, load_examples, prompt_text, to_device
+from atlas_min.dist import autocast, clip_grad_norm, shard
+from atlas_min.model import build_model, image_order, image_processor_for, init_model, load_pretrained
+from atlas_min.optim import adamw
+from atlas_min.plan import PROMPT_TEXT, qwen_vocab_standin
+from atlas_min.sampler import STOP_TOKENS, sample, sequence_logprobs
 from atlas_min.tokens import VISION_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
+NA = "n/a (pass --peak-tflops / --bandwidth-gbs)"
+
+# (dense bf16 FLOP/s, memory bytes/s) by torch.cuda.get_device_name, from NVIDIA's datasheets: H100 SXM
+# and H200 SXM "BF16 Tensor Core 1,979 TFLOPS" with sparsity (half dense), 3.35 and 4.8 TB/s; A100 "BF16
+# Tensor Core 312 TFLOPS", 80GB SXM 2,039 GB/s, 80GB PCIe 1,935 GB/s, 40GB 1,555 GB/s. Exact names only:
+# other variants (H100 PCIe or NVL, H200 NVL) have other figures and get n/a unless given by flag.
+PEAKS = {
+    "NVIDIA H100 80GB HBM3": (989e12, 3.35e12),
+    "NVIDIA H200": (989e12, 4.8e12),
+    "NVIDIA A100-SXM4-80GB": (312e12, 2.039e12),
+    "NVIDIA A100 80GB PCIe": (312e12, 1.935e12),
+    "NVIDIA A100-SXM4-40GB": (312e12, 1.555e12),
+    "NVIDIA A100-PCIE-40GB": (312e12, 1.555e12),
+}
+
+
+def hardware_peaks(device_name, peak_tflops=None, bandwidth_gbs=None):
+    """(peak FLOP/s or None, bandwidth bytes/s or None, where they come from): a flag wins over PEAKS."""
+    table_flops, table_bw = PEAKS.get(device_name, (None, None))
+    flops = peak_tflops * 1e12 if peak_tflops is not None else table_flops
+    bandwidth = bandwidth_gbs * 1e9 if bandwidth_gbs is not None else table_bw
+    flags = (("--peak-tflops", peak_tflops), ("--bandwidth-gbs", bandwidth_gbs))
+    sources = [f"{flag} flag" for flag, value in flags if value is not None]
+    if device_name in PEAKS and (peak_tflops is None or bandwidth_gbs is None):
+        sources.append(f"NVIDIA datasheet of the {device_name}")
+    return flops, bandwidth, ", ".join(sources) or "none"
+
+
+def decode_weight_bytes(model):
+    """Bytes of the weights one decode step reads: the language model's decoder layers and final norm, and
+    lm_head (the input embedding is a gather of one row per token; the vision tower does not run)."""
+    lm, head = model.model.language_model, model.get_output_embeddings().weight
+    embed = lm.get_input_embeddings().weight
+    body = [p for p in lm.parameters() if p is not embed]
+    return sum(p.numel() * p.element_size() for p in body) + head.numel() * head.element_size()
+
+
+def kv_cache_bytes(rows, context, layers, kv_width, value_bytes):
+    """Bytes of the K and V caches of `rows` rows holding `context` positions in each of `layers` layers."""
+    return rows * context * layers * 2 * kv_width * value_bytes
+
+
+def decode_bound(weight_bytes, kv_bytes, bandwidth):
+    """Decode steps/s if a step only had to read `weight_bytes` + `kv_bytes` at `bandwidth` bytes/s."""
+    return bandwidth / (weight_bytes + kv_bytes)
+
+
+def update_flops(parts):
+    """Model FLOPs of one forward + backward: 6 · parameters · tokens summed over (parameters, tokens) parts
+    (2 FLOPs per parameter and token forward, 4 backward; Kaplan et al. 2020)."""
+    return 6 * sum(params * tokens for params, tokens in parts)
+
+
+def share(measured, bound):
+    """measured / bound, or None when the bound is unknown."""
+    return None if bound is None else measured / bound
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _timed(fn, repeats):
     fn()  # warm-up: first-call allocations and lazy initialisation are not what we measure
     seconds, out = [], None
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         out = fn()
+        _sync()
         seconds.append(time.perf_counter() - t0)
     return statistics.median(seconds), out
 
 
+def synthetic_prompts(cfg, tokenizer, image_processor, n, seed):
+    """`n` encoded prompts: one random-noise image at max_pixels and PROMPT_TEXT text tokens (chat template,
+    system prompt and a question of random words) each; words are `w<id>` entries of `tokenizer`."""
+    gen = np.random.default_rng(seed)
+    empty = prompt_text(cfg.question_suffix, 1, cfg.system_prompt, cfg.image_separator)
+    template = len(tokenizer.encode(empty, add_special_tokens=False)) - 1  # less the image's placeholder
+    side = math.isqrt(cfg.max_pixels)
+    out = []
+    for _ in range(n):
+        words = " ".join(f"w{i}" for i in gen.integers(1, 150_000, max(0, PROMPT_TEXT - template)))
+        image = Image.fromarray(gen.integers(0, 256, (side, side, 3), dtype=np.uint8))
+        out.append(encode_example({"question": words}, tokenizer, image_processor, cfg, images=[image]))
+    return out
+
+
+def bench_model(cfg, ckpt, device):
+    """(model, tokenizer, image_processor, kind): a checkpoint, the Qwen-width random init ("synthetic", no
+    tokenizer: Qwen's ids, the stand-in for lookups) or the preset's own init (toy, or its model_path)."""
+    if ckpt:
+        return *load_pretrained(ckpt, cfg), "checkpoint"
+    if cfg.vocab_rows and not cfg.model_path:
+        with torch.device(device):  # built where it runs: a 7B-width init on the CPU would take minutes
+            model = build_model(cfg)
+        return model, qwen_vocab_standin(), image_processor_for(cfg), "synthetic"
+    return *init_model(cfg), "preset"
+
+
 def compare_samplers(model, tokenizer, batch, cfg, repeats):
+    """Tokens/s of `sample` and `model.generate` on the rows of `batch` (G per prompt); greedy agreement."""
     G, stops = cfg.group_size, tokenizer.convert_tokens_to_ids(STOP_TOKENS)
     seeds = list(range(batch["input_ids"].shape[0] * G))
     rows = {k: v.repeat_interleave(G, 0) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
@@ -59,13 +176,16 @@ def compare_samplers(model, tokenizer, batch, cfg, repeats):
 
     @torch.no_grad()
     def theirs(temperature):
-        sampling = dict(do_sample=True, temperature=temperature, top_p=cfg.top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
-        settings = GenerationConfig(max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-                                    suppress_tokens=tokenizer.convert_tokens_to_ids(VISION_TOKENS), **sampling)
+        sampling = (dict(do_sample=True, temperature=temperature, top_p=cfg.top_p, top_k=0) if temperature > 0
+                    else dict(do_sample=False))
+        settings = GenerationConfig(max_new_tokens=cfg.max_new_tokens, eos_token_id=stops,
+                                    pad_token_id=tokenizer.pad_token_id,
+                                    suppress_tokens=tokenizer.convert_tokens_to_ids(VISION_TOKENS),
+                                    **sampling)
         ids = model.generate(**rows, pixel_values=pixels, image_grid_thw=grids, generation_config=settings,
                              mm_token_type_ids=(rows["input_ids"] == model.config.image_token_id).long())
         new = ids[:, rows["input_ids"].shape[1]:]
-        is_stop = torch.isin(new, torch.tensor(stops))
+        is_stop = torch.isin(new, torch.tensor(stops, device=new.device))
         stopped = is_stop.cumsum(1) - is_stop.long()  # tokens after the first stop are padding
         return new, int((stopped == 0).sum())
 
@@ -73,54 +193,203 @@ def compare_samplers(model, tokenizer, batch, cfg, repeats):
     t_theirs, (_, n_theirs) = _timed(lambda: theirs(cfg.temperature), repeats)
     greedy_ours, greedy_theirs = ours(0.0)[0], theirs(0.0)[0]
     C = min(greedy_ours.shape[1], greedy_theirs.shape[1])
+    same = bool(torch.equal(greedy_ours[:, :C], greedy_theirs[:, :C]))
     return {"rows": rows["input_ids"].shape[0], "sampler_tokens_per_s": n_ours / t_ours,
-            "generate_tokens_per_s": n_theirs / t_theirs, "sampler_seconds": t_ours, "generate_seconds": t_theirs,
-            "greedy_match": bool(torch.equal(greedy_ours[:, :C], greedy_theirs[:, :C]))}
+            "generate_tokens_per_s": n_theirs / t_theirs, "sampler_seconds": t_ours,
+            "generate_seconds": t_theirs, "greedy_match": same}
+
+
+def decode_figures(model, rows, prompt_tokens, new_tokens, bandwidth):
+    """The bound's inputs and result: weight bytes, KV bytes per step at the decode's mean context (the prompt
+    + half the new tokens), steps/s and tokens/s (None without a bandwidth)."""
+    text = model.config.get_text_config()
+    kv_width = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+    value_bytes = next(model.parameters()).element_size()
+    weights = decode_weight_bytes(model)
+    kv = kv_cache_bytes(rows, prompt_tokens + new_tokens / 2, text.num_hidden_layers, kv_width, value_bytes)
+    steps = None if bandwidth is None else decode_bound(weights, kv, bandwidth)
+    return {"decode_weight_bytes": weights, "kv_bytes_per_step": kv, "bound_steps_per_s": steps,
+            "bound_tokens_per_s": None if steps is None else rows * steps}
+
+
+def random_completions(tokenizer, rows, length, seed):
+    """(rows, length) token ids drawn uniformly from the vocabulary less the vision placeholders."""
+    allowed = torch.ones(len(tokenizer), dtype=torch.bool)
+    allowed[tokenizer.convert_tokens_to_ids(VISION_TOKENS)] = False
+    pool = allowed.nonzero()[:, 0]
+    return pool[torch.randint(len(pool), (rows, length), generator=torch.Generator().manual_seed(seed))]
+
+
+def time_update(model, batch, completion_ids, cfg, repeats, device):
+    """(median seconds of one RL update step: forward + backward + clip + AdamW, {part: (parameters, tokens)})
+    on the prompts of `batch`, each repeated G times and followed by its rows of `completion_ids`. Casts
+    `model` to fp32 in place, as train_rl.py holds it on one GPU."""
+    G = cfg.group_size
+    prompt_ids = batch["input_ids"].repeat_interleave(G, 0)
+    prompt_mask = batch["attention_mask"].repeat_interleave(G, 0)
+    completion_mask = torch.ones_like(completion_ids, dtype=torch.bool)
+    model = shard(model.float(), cfg, device).train()  # one process: checkpointing as the preset says
+    optimizer = adamw(model, cfg, "rl")
+
+    def step():
+        with autocast(device):
+            logp = sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                     repeats=G)
+        (-logp.mean()).backward()
+        clip_grad_norm(model, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds, _ = _timed(step, repeats)
+    visual = model.model.visual
+    merger = sum(p.numel() for p in visual.merger.parameters())
+    embed = model.get_input_embeddings().weight
+    body = sum(p.numel() for p in model.model.language_model.parameters() if p is not embed)
+    patches = batch["pixel_values"].shape[0] if batch["pixel_values"] is not None else 0
+    rows, C = completion_ids.shape
+    head = model.get_output_embeddings().weight.numel()
+    parts = {"text": (body, rows * (prompt_ids.shape[1] + C)),  # every position, padding included
+             "lm_head": (head, rows * (C + 1)),  # the scored positions only
+             "vision": (sum(p.numel() for p in visual.parameters()) - merger, patches),  # once per prompt
+             "merger": (merger, patches // visual.spatial_merge_size ** 2)}
+    return seconds, parts
 
 
 def rl_phases(init, cfg_name, overrides):
     """Seconds per phase of the 3rd step of a real `train_rl.py` run (steps 1-2 warm up)."""
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run([sys.executable, "train_rl.py", "--config", cfg_name, "--init", str(init), "--out", out,
-                        "max_steps=3", "save_every=0", *overrides], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run([sys.executable, "train_rl.py", "--config", cfg_name, "--init", str(init),
+                        "--out", out, "max_steps=3", "save_every=0", *overrides],
+                       cwd=ROOT, check=True, capture_output=True)
         last = json.loads((Path(out) / "metrics_rl.jsonl").read_text().splitlines()[-1])
     return {k[2:]: v for k, v in last.items() if k.startswith("t_")}
 
 
+def check_args(args, cfg):
+    """UsageError for flags that cannot work with this preset."""
+    G = cfg.group_size
+    for flag, value in (("--rows", args.rows), ("--update-rows", args.update_rows)):
+        if value is not None and (value < 0 or value % G or (flag == "--rows" and value == 0)):
+            raise UsageError(f"{flag} {value}: must be a {'positive ' if flag == '--rows' else ''}"
+                             f"multiple of group_size={G} (whole groups)")
+    for flag, value in (("--repeats", args.repeats), ("--completion-tokens", args.completion_tokens),
+                        ("--peak-tflops", args.peak_tflops), ("--bandwidth-gbs", args.bandwidth_gbs)):
+        if value is not None and not value > 0:
+            raise UsageError(f"{flag} {value}: must be > 0")
+
+
+def bench_prompts(cfg, tokenizer, image_processor, kind, n):
+    """`n` encoded prompts: synthetic for the Qwen-width random init, else the train data's first."""
+    if kind == "synthetic":
+        return synthetic_prompts(cfg, tokenizer, image_processor, n, cfg.seed)
+    examples = load_examples(cfg, "train")[:n]
+    if len(examples) < n:
+        raise UsageError(f"{n} prompts needed (--rows, --update-rows), the train data has {len(examples)}")
+    return [encode_example(ex, tokenizer, image_processor, cfg) for ex in examples]
+
+
+def run(args, cfg):
+    """Every figure of one bench run, as a dict (what --json writes)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak, bandwidth, source = hardware_peaks(name, args.peak_tflops, args.bandwidth_gbs)
+    G, command = cfg.group_size, shlex.join(["python", "-m", "atlas_min.bench", *sys.argv[1:]])
+    update_rows = max(1, cfg.micro_batch_size // G) * G if args.update_rows is None else args.update_rows
+    torch.manual_seed(cfg.seed)
+    r = {"command": command, "device": device.type, "device_name": name, "threads": torch.get_num_threads(),
+         "config": to_dict(cfg), "peak_flops": peak, "bandwidth_bytes_per_s": bandwidth,
+         "peaks_source": source}
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer, image_processor, kind = bench_model(cfg, args.ckpt, device)
+        if kind == "preset" and args.rl_step:  # train_rl.py starts from a checkpoint of the same model
+            checkpoint.save(tmp, model, tokenizer, image_processor, cfg, 0)
+        encoded = bench_prompts(cfg, tokenizer, image_processor, kind, max(args.rows, update_rows) // G)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = model.to(device, dtype).eval()
+        batch = to_device(collate_prompts(encoded[:args.rows // G], tokenizer.pad_token_id), device)
+        r |= {"model": kind, "decode_dtype": str(dtype).removeprefix("torch."), "prompts": args.rows // G,
+              "group_size": G, "prompt_tokens": batch["input_ids"].shape[1],
+              "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
+        r |= compare_samplers(model, tokenizer, batch, cfg, args.repeats)
+        r |= decode_figures(model, r["rows"], r["prompt_tokens"], cfg.max_new_tokens, bandwidth)
+        for who in ("sampler", "generate"):
+            r[f"{who}_share_of_bound"] = share(r[f"{who}_tokens_per_s"], r["bound_tokens_per_s"])
+        r["update"] = None
+        if update_rows:
+            C = args.completion_tokens or cfg.max_new_tokens
+            batch = to_device(collate_prompts(encoded[:update_rows // G], tokenizer.pad_token_id), device)
+            completions = random_completions(tokenizer, update_rows, C, cfg.seed).to(device)
+            seconds, parts = time_update(model, batch, completions, cfg, args.repeats, device)
+            flops = update_flops(parts.values())
+            r["update"] = {"rows": update_rows, "tokens": update_rows * (batch["input_ids"].shape[1] + C),
+                           "completion_tokens": C, "activation_checkpointing": cfg.activation_checkpointing,
+                           "parts": parts, "seconds": seconds, "flops": flops, "flops_per_s": flops / seconds,
+                           "mfu": share(flops / seconds, peak)}
+        del model
+        rl = kind != "synthetic" and args.rl_step
+        r["rl_step_seconds"] = rl_phases(args.ckpt or tmp, args.config, args.overrides) if rl else None
+    return r
+
+
+def _of_bound(x):
+    return NA if x is None else f"{100 * x:.3g}% of the bound"
+
+
+def report_lines(r):
+    """The printed (and --readme) text of a result of `run`."""
+    GB, u = 1e9, r["update"]
+    shown = " ".join(a for a in shlex.split(r["command"])[3:] if a != "--readme")
+    bound = NA if r["bound_tokens_per_s"] is None else (
+        f"{r['bound_steps_per_s']:,.0f} steps/s = {r['bound_tokens_per_s']:,.0f} tokens/s "
+        f"at {r['bandwidth_bytes_per_s'] / GB:,.0f} GB/s")
+    lines = [f"`python -m atlas_min.bench {shown}`", "",
+             f"{r['config']['name']} ({r['model']} model) on {r['device_name']}, {r['decode_dtype']} decode, "
+             f"{r['threads']} threads; peaks from: {r['peaks_source']}", "",
+             f"- decode: {r['rows']} rows ({r['prompts']} prompts × G={r['group_size']}), "
+             f"prompt {r['prompt_tokens']} tokens, max_new_tokens={r['max_new_tokens']}, "
+             f"temperature={r['temperature']}",
+             f"- weight-bandwidth bound: {r['decode_weight_bytes'] / GB:.3g} GB weights + "
+             f"{r['kv_bytes_per_step'] / GB:.3g} GB KV cache per step: {bound}"]
+    for who, label in (("sampler", "hand-written sampler"), ("generate", "`model.generate`")):
+        lines.append(f"- {label}: {r[who + '_tokens_per_s']:,.0f} tokens/s ({r[who + '_seconds']:.3f} s), "
+                     f"{_of_bound(r[who + '_share_of_bound'])}")
+    lines.append(f"- greedy outputs identical: {r['greedy_match']}")
+    if u:
+        peak = None if u["mfu"] is None else r["peak_flops"] / 1e12
+        mfu = NA if peak is None else f"MFU {100 * u['mfu']:.3g}% of {peak:,.0f} TFLOP/s"
+        lines.append(f"- update (forward + backward + AdamW): {u['rows']} rows × {u['tokens'] // u['rows']} "
+                     f"tokens, activation checkpointing {'on' if u['activation_checkpointing'] else 'off'}: "
+                     f"{u['seconds']:.3f} s, {u['flops'] / 1e12:.3g} TFLOP = "
+                     f"{u['flops_per_s'] / 1e12:.3g} TFLOP/s, {mfu}")
+    if r["rl_step_seconds"]:
+        lines.append("- one RL step (train_rl.py's own timings, 3rd step): "
+                     + ", ".join(f"{k} {v:.3f} s" for k, v in r["rl_step_seconds"].items()))
+    return lines
+
+
 def main():
-    p = argparse.ArgumentParser(description="sampler vs generate, and the phases of an RL step")
+    p = argparse.ArgumentParser(description="decode and update speed, against the GPU's bounds")
     p.add_argument("--config", default="toy")
     p.add_argument("--ckpt", default=None, help="a model folder (default: a random-init model of the preset)")
+    p.add_argument("--rows", type=int, default=64, help="rows decoded at once (prompts × G)")
+    p.add_argument("--update-rows", type=int, default=None,
+                   help="rows of the timed update (default: train_rl.py's micro-batch; 0: no update)")
+    p.add_argument("--completion-tokens", type=int, default=None,
+                   help="completion tokens per row in the timed update (default: max_new_tokens)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s (default: PEAKS)")
+    p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory GB/s (default: PEAKS)")
+    p.add_argument("--no-rl-step", dest="rl_step", action="store_false", help="skip the train_rl.py phases")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="also write every figure here")
     p.add_argument("--readme", action="store_true", help="also write the figures into README.md")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()
     quiet_libraries()
-    cfg = get_config(args.config, args.overrides)
-    torch.manual_seed(cfg.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.ckpt:
-            model, tokenizer, image_processor = load_pretrained(args.ckpt, cfg)
-            init = args.ckpt
-        else:
-            model, tokenizer, image_processor = init_model(cfg)
-            init = tmp
-            checkpoint.save(init, model, tokenizer, image_processor, cfg, 0)
-        model.eval()
-        prompts = load_examples(cfg, "train")[:cfg.prompts_per_step]
-        batch = collate_prompts([encode_example(ex, tokenizer, image_processor, cfg) for ex in prompts],
-                                tokenizer.pad_token_id)
-        result = {"config": cfg.name, "threads": torch.get_num_threads(), **compare_samplers(model, tokenizer, batch, cfg, args.repeats)}
-        result["rl_step_seconds"] = rl_phases(init, args.config, args.overrides)
-    lines = [f"`python -m atlas_min.bench {' '.join(a for a in sys.argv[1:] if a != '--readme')}`".replace("  ", " "), "",
-             f"{cfg.name}: {result['rows']} rows ({cfg.prompts_per_step} prompts × G={cfg.group_size}), "
-             f"max_new_tokens={cfg.max_new_tokens}, temperature={cfg.temperature}, {result['threads']} threads:", "",
-             f"- hand-written sampler: {result['sampler_tokens_per_s']:.0f} tokens/s ({result['sampler_seconds']:.3f} s)",
-             f"- `model.generate`: {result['generate_tokens_per_s']:.0f} tokens/s ({result['generate_seconds']:.3f} s)",
-             f"- greedy outputs identical: {result['greedy_match']}",
-             "- one RL step (train_rl.py's own timings, 3rd step): "
-             + ", ".join(f"{k} {v:.3f} s" for k, v in result["rl_step_seconds"].items())]
+    with user_errors():
+        cfg = get_config(args.config, args.overrides)
+        check_args(args, cfg)
+        result = run(args, cfg)
+    lines = report_lines(result)
     print("\n".join(lines))
     if args.readme:
         from atlas_min.experiment import update_readme

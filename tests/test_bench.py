@@ -1,0 +1,129 @@
+"""atlas_min.bench: the bounds' arithmetic by hand, the 7B decode bytes on meta, the micro run end to end."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from atlas_min.bench import (decode_bound, decode_weight_bytes, hardware_peaks, kv_cache_bytes, share,
+                             update_flops)
+from atlas_min.config import get_config
+from atlas_min.model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+NA = "n/a (pass --peak-tflops / --bandwidth-gbs)"
+
+
+def bench(tmp_path, *args):
+    """Run `python -m atlas_min.bench --config micro` on one thread; (process, JSON or None)."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "atlas_min.bench", "--config", "micro", "--rows", "8",
+                           "--repeats", "1", "max_new_tokens=6", "--json", str(out), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return proc, json.loads(out.read_text()) if out.exists() else None
+
+
+@pytest.fixture(scope="module")
+def with_peaks(tmp_path_factory):
+    return bench(tmp_path_factory.mktemp("bench"), "--peak-tflops", "1", "--bandwidth-gbs", "10")
+
+
+def test_the_bound_is_bandwidth_over_the_weight_and_kv_bytes_of_a_step():
+    # 7B widths, 4 layers, bf16: K and V of 4 heads × 128 dims = 2 × 1024 bytes per token and layer
+    kv = kv_cache_bytes(rows=64, context=2000, layers=4, kv_width=4 * 128, value_bytes=2)
+    assert kv == 64 * 2000 * 4 * 2048 == 1_048_576_000
+    # 3 GB of weights + 1 GB of cache per step at 4 TB/s: 1000 steps per second
+    assert decode_bound(weight_bytes=3e9, kv_bytes=1e9, bandwidth=4e12) == pytest.approx(1000.0)
+
+
+def test_model_flops_are_six_per_parameter_and_token_summed_over_parts():
+    assert update_flops([(1e9, 1000), (2e6, 500)]) == pytest.approx(6e12 + 6e9)
+
+
+def test_mfu_is_flops_over_seconds_over_the_peak():
+    assert share(6e12 / 2.0, 1e13) == pytest.approx(0.3)  # 6 TFLOP in 2 s on a 10 TFLOP/s peak
+
+
+def test_a_share_without_a_peak_is_none():
+    assert share(123.0, None) is None
+
+
+@pytest.mark.parametrize("name, flops, bandwidth", [("NVIDIA H100 80GB HBM3", 989e12, 3.35e12),
+                                                    ("NVIDIA H200", 989e12, 4.8e12),
+                                                    ("NVIDIA A100-SXM4-80GB", 312e12, 2.039e12),
+                                                    ("NVIDIA A100-SXM4-40GB", 312e12, 1.555e12)])
+def test_known_gpus_get_their_datasheet_peaks(name, flops, bandwidth):
+    assert hardware_peaks(name)[:2] == (flops, bandwidth)
+
+
+def test_flags_win_over_the_table():
+    assert hardware_peaks("NVIDIA H100 80GB HBM3", peak_tflops=500)[:2] == (500e12, 3.35e12)
+    assert hardware_peaks("NVIDIA H100 80GB HBM3", bandwidth_gbs=2000)[:2] == (989e12, 2e12)
+
+
+def test_an_unknown_device_has_no_peaks():
+    assert hardware_peaks("cpu") == (None, None, "none")
+    assert hardware_peaks("NVIDIA H100 PCIe")[:2] == (None, None)  # another H100, other figures
+
+
+def test_a_7b_decode_step_reads_its_decoder_layers_and_head_in_bf16():
+    cfg = get_config("qwen2_5_vl_7b", ["text_layers=4", "vision_depth=4"])
+    with torch.device("meta"):
+        model = build_model(cfg).to(torch.bfloat16)
+    h, kv, f, vocab = 3584, 512, 18944, 152064  # Qwen2.5-VL-7B: hidden, k/v width, MLP, lm_head rows
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * f + 2 * h  # q, k, v (biased), o, MLP, 2 norms
+    assert layer == 233_057_792
+    assert decode_weight_bytes(model) == 2 * (4 * layer + h + vocab * h)  # + final norm + untied lm_head
+
+
+def test_the_bench_json_holds_every_figure_with_the_device_command_and_config(with_peaks):
+    proc, r = with_peaks
+    assert proc.returncode == 0, proc.stderr
+    for key in ("command", "device_name", "config", "rows", "sampler_tokens_per_s", "generate_tokens_per_s",
+                "greedy_match", "decode_weight_bytes", "kv_bytes_per_step", "bound_tokens_per_s",
+                "sampler_share_of_bound", "generate_share_of_bound", "update", "rl_step_seconds"):
+        assert key in r, key
+    assert r["config"]["name"] == "micro" and r["device_name"] == "cpu" and "--peak-tflops 1" in r["command"]
+    assert {"seconds", "flops", "mfu"} <= set(r["update"]) and "update" in r["rl_step_seconds"]
+
+
+def test_shares_are_positive_and_finite_when_peaks_are_given(with_peaks):
+    r = with_peaks[1]
+    for x in (r["sampler_share_of_bound"], r["generate_share_of_bound"], r["update"]["mfu"]):
+        assert 0 < x < math.inf
+
+
+def test_the_decode_shares_divide_tokens_per_s_by_rows_times_the_bound(with_peaks):
+    r = with_peaks[1]
+    bound = 8 * 10e9 / (r["decode_weight_bytes"] + r["kv_bytes_per_step"])  # 8 rows, 10 GB/s
+    assert r["sampler_share_of_bound"] == pytest.approx(r["sampler_tokens_per_s"] / bound)
+    assert r["generate_share_of_bound"] == pytest.approx(r["generate_tokens_per_s"] / bound)
+
+
+def test_the_mfu_divides_the_update_flops_by_its_seconds_and_the_peak(with_peaks):
+    u = with_peaks[1]["update"]
+    assert u["flops"] == 6 * sum(p * t for p, t in u["parts"].values())
+    assert u["mfu"] == pytest.approx(u["flops"] / u["seconds"] / 1e12)
+
+
+def test_the_bench_prints_no_warnings(with_peaks):
+    assert with_peaks[0].stderr == ""
+
+
+def test_without_peaks_the_shares_print_na_and_are_null(tmp_path):
+    proc, r = bench(tmp_path, "--no-rl-step")
+    assert proc.returncode == 0, proc.stderr
+    assert r["bound_tokens_per_s"] is None and r["sampler_share_of_bound"] is None
+    assert r["generate_share_of_bound"] is None and r["update"]["mfu"] is None
+    assert proc.stdout.count(NA) == 4  # the bound, two decoders, the update
+
+
+def test_rows_that_are_not_whole_groups_exit_2_with_one_error_line(tmp_path):
+    proc, r = bench(tmp_path, "--update-rows", "6")  # micro's G is 4
+    assert proc.returncode == 2 and r is None
+    assert proc.stderr.startswith("error: --update-rows 6") and proc.stderr.count("\n") == 1
