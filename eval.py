@@ -73,7 +73,7 @@ with user_errors():
 
 # 2. the model, sharded under torchrun
 rank, world, device = setup()
-model, tokenizer, image_processor = load_pretrained(ckpt, cfg)
+model, tokenizer, image_processor = load_pretrained(ckpt, cfg, on_meta=rank > 0)  # rank 0 reads the weights
 if cfg.eval_min_pixels:  # the eval protocol's image bounds (ATLAS's harness at 7B)
     set_pixel_bounds(image_processor, cfg.eval_min_pixels, cfg.eval_max_pixels)
 with user_errors():

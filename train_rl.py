@@ -52,7 +52,7 @@ total = cfg.max_steps or cfg.rl_steps
 # 2. the policy (the SFT checkpoint, or the checkpoint to resume), the frozen reference (always the SFT one)
 saved = checkpoint.read_state(resume_from)[0] if resume_from else {"init": opts.init, "step": 0}
 init, start = saved["init"], saved["step"]
-model, tokenizer, image_processor = load_pretrained(resume_from or init, cfg)
+model, tokenizer, image_processor = load_pretrained(resume_from or init, cfg, on_meta=rank > 0)  # rank 0 reads
 with user_errors():
     if any(t not in tokenizer.get_vocab() for t in FUNCTIONAL_TOKENS):
         raise UsageError(f"{init} has no functional tokens: pass a checkpoint made by train_sft.py")
@@ -61,7 +61,7 @@ with user_errors():
 model = shard(model, cfg, device)
 reference = None
 if cfg.kl_coef > 0:
-    reference = load_pretrained(init, cfg)[0].requires_grad_(False)
+    reference = load_pretrained(init, cfg, on_meta=rank > 0)[0].requires_grad_(False)
     if device.type == "cuda":  # frozen: bf16 shards are enough, and half the memory
         reference = reference.to(torch.bfloat16)
     reference = shard(reference, cfg, device).eval()

@@ -38,12 +38,12 @@ with user_errors():
 run = opts.out
 total = cfg.max_steps or cfg.sft_steps
 
-# 2. model (the base model + functional tokens, or the checkpoint to resume), optimizer
+# 2. model (the base model + functional tokens, or the checkpoint to resume; read by rank 0 only), optimizer
 if resume_from:
-    model, tokenizer, image_processor = load_pretrained(resume_from, cfg)
+    model, tokenizer, image_processor = load_pretrained(resume_from, cfg, on_meta=rank > 0)
     start = checkpoint.read_state(resume_from)[0]["step"]
 else:
-    model, tokenizer, image_processor = init_model(cfg)
+    model, tokenizer, image_processor = init_model(cfg, on_meta=rank > 0)
     start = 0
 with user_errors():
     train = check_lengths(train, tokenizer, image_processor, cfg, with_reply=True, on_skip=say_skipped,

@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
@@ -83,18 +83,33 @@ def fsdp_units(model):
 def shard(model, cfg, device):
     """FSDP2 on every decoder layer, every vision block, the vision tower, then the root (torchrun only).
 
-    The vision tower is a unit of its own because the sampler calls it directly to encode each image
-    once per group. On CUDA, parameters are gathered in bf16 and gradients reduced in fp32.
+    Under torchrun only rank 0 holds weights (on the CPU; the others' model is on the meta device, see
+    `model.load_pretrained(on_meta=)`): every rank shards the empty structure on `device`, and rank 0's
+    weights are broadcast one tensor at a time, each rank keeping its shard. So the checkpoint is read
+    once per node and no GPU ever holds the whole model. The vision tower is a unit of its own because
+    the sampler calls it directly to encode each image once per group. On CUDA, parameters are gathered
+    in bf16 and gradients reduced in fp32.
     """
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
     if world_size() == 1:
-        return model
+        return model.to(device)
+    weights = model.state_dict() if is_main() else {}  # rank 0's tensors: they outlive the move to meta
+    buffers = [buffer for _, buffer in sorted(model.named_buffers())]  # rotary frequencies: not in the state
+    buffers = [buffer.to(device) if is_main() else None for buffer in buffers]
+    model.to("meta")
+    model.tie_weights()  # the move to meta made lm_head a parameter of its own again (a tied model's)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
     for unit in fsdp_units(model):
         fully_shard(unit, mp_policy=mp)
     fully_shard(model, mp_policy=mp)  # the root: embeddings, lm_head, final norm
+    model.to_empty(device=device)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for (_, buffer), value in zip(sorted(model.named_buffers()), buffers):
+        if value is not None:
+            buffer.copy_(value)
+        dist.broadcast(buffer, src=0)
+    del weights
     with torch.no_grad():  # FSDP2 makes the first module to run forward the root: let it be the root
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
     model.reshard()  # the root keeps its parameters gathered after forward; the optimizer needs the shards

@@ -86,12 +86,20 @@ def image_processor_for(cfg):
     return Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
 
 
-def load_pretrained(path, cfg=None):
-    """(model, tokenizer, image_processor) from a Hugging Face folder; fp32 weights (FSDP casts for compute)."""
+def load_pretrained(path, cfg=None, on_meta=False):
+    """(model, tokenizer, image_processor) from a Hugging Face folder; fp32 weights (FSDP casts for compute).
+
+    `on_meta`: the model's structure only, on the meta device, with no weight read: the ranks that
+    `dist.shard` hands their shards of rank 0's weights to.
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    if on_meta:
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_pretrained(path))
+    else:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if (path / "preprocessor_config.json").is_file():
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
@@ -108,14 +116,17 @@ def set_pixel_bounds(image_processor, min_pixels, max_pixels):
     image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
 
 
-def init_model(cfg):
-    """Stage-1 start: the base model of the preset (random or from model_path) + the functional tokens."""
+def init_model(cfg, on_meta=False):
+    """Stage-1 start: the base model of the preset (random or from model_path) + the functional tokens;
+    `on_meta` as in `load_pretrained`."""
     if cfg.model_path:
-        model, tokenizer, image_processor = load_pretrained(cfg.model_path, cfg)
+        model, tokenizer, image_processor = load_pretrained(cfg.model_path, cfg, on_meta)
     else:
         from atlas_min.toy import corpus
         tokenizer = build_tokenizer(corpus(cfg), cfg.tokenizer_vocab)
-        model, image_processor = build_model(cfg, tokenizer), image_processor_for(cfg)
+        with torch.device("meta" if on_meta else "cpu"):
+            model = build_model(cfg, tokenizer)
+        image_processor = image_processor_for(cfg)
     add_functional_tokens(model, tokenizer)
     return model, tokenizer, image_processor
 

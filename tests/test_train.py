@@ -473,3 +473,11 @@ def test_a_question_longer_than_the_context_is_reported_with_its_line_before_any
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"{data}:3: field 'question'" in out.stderr and "4096 positions" in out.stderr
     assert not (tmp_path / "run" / "metrics_sft.jsonl").exists()  # nothing trained
+
+
+def test_under_torchrun_only_rank_0_reads_the_checkpoint_and_each_rank_holds_its_shards(sft_run):
+    out = run("tests/sharded_load.py", sft_run, procs=2)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["rank1"] == {"reads": [], "on_meta": True, "at_most_half": True}  # no weight read on rank 1
+    assert seen["rank0_on_meta"] is False  # rank 0 read them
+    assert seen["weights_equal"] and seen["buffers_equal"]  # as the checkpoint holds them
