@@ -49,10 +49,11 @@ with user_errors():
 run = opts.out
 total = cfg.max_steps or cfg.rl_steps
 
-# 2. the policy (the SFT checkpoint, or the checkpoint to resume), the frozen reference (always the SFT one)
+# 2. the policy (the SFT checkpoint, or the checkpoint to resume), the frozen reference (always the SFT one);
+#    under torchrun rank 0 reads each and the others receive their shards (dist.shard)
 saved = checkpoint.read_state(resume_from)[0] if resume_from else {"init": opts.init, "step": 0}
 init, start = saved["init"], saved["step"]
-model, tokenizer, image_processor = load_pretrained(resume_from or init, cfg, on_meta=rank > 0)  # rank 0 reads
+model, tokenizer, image_processor = load_pretrained(resume_from or init, cfg, on_meta=rank > 0)
 with user_errors():
     if any(t not in tokenizer.get_vocab() for t in FUNCTIONAL_TOKENS):
         raise UsageError(f"{init} has no functional tokens: pass a checkpoint made by train_sft.py")
@@ -236,8 +237,9 @@ for step in range(start, total):
         saved = checkpoint.step_folder(run, step + 1) if cfg.save_on_interrupt else None
         stop_interrupted(run, step + 1, total, saved, "train_rl.py")
 
-# 4. the final model (a resumable checkpoint too) and the run report
-checkpoint.save(run, model, tokenizer, image_processor, cfg, total, optimizer, extra={"init": str(init)})
+# 4. the final model (a resumable checkpoint too, unless final_dtype makes it lean) and the run report
+checkpoint.save_final(run, model, tokenizer, image_processor, cfg, total, optimizer,
+                      extra={"init": str(init)})
 report(run, f"RL ({'LA-GRPO' if cfg.anchor_coef else 'GRPO'}, {cfg.name})",
        [f"init {init}, steps {start}→{total}, {world} process(es)",
         f"last step: reward {metrics['reward']:.3f}, accuracy {metrics['accuracy']:.3f}",

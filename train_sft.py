@@ -108,8 +108,8 @@ for step in range(start, total):
         saved = checkpoint.step_folder(run, step + 1) if cfg.save_on_interrupt else None
         stop_interrupted(run, step + 1, total, saved, "train_sft.py")
 
-# 4. the final model (a resumable checkpoint too) and the run report
-checkpoint.save(run, model, tokenizer, image_processor, cfg, total, optimizer)
+# 4. the final model (a resumable checkpoint too, unless final_dtype makes it lean) and the run report
+checkpoint.save_final(run, model, tokenizer, image_processor, cfg, total, optimizer)
 report(run, f"SFT ({cfg.name})", [f"steps {start}→{total}, {world} process(es)", f"final loss {loss:.4f}",
                                   f"checkpoint: {run}"])
 print0(f"saved {run}")

@@ -8,11 +8,13 @@ written to a hidden temporary folder and renamed into place only once complete, 
 any instant leaves complete checkpoints only. There is no RNG state to save: every random draw
 derives from (seed, step), so a resumed run draws exactly what an uninterrupted one would.
 """
+import copy
 import json
 import os
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -26,11 +28,14 @@ class CheckpointError(ValueError):
     """A folder that holds no usable checkpoint; the message names it."""
 
 
-def _write_model(folder, model, state, tokenizer, image_processor):
+def _write_model(folder, model, state, tokenizer, image_processor, dtype):
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # one tensor, two names: safetensors stores it once
-    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
-    model.config.save_pretrained(folder)
+    save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype  # what stock transformers loads it as
+    config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     image_processor.save_pretrained(folder)
@@ -49,17 +54,22 @@ def _unflatten_optimizer(tensors, param_groups):
     return {"state": state, "param_groups": param_groups}
 
 
-def save(folder, model, tokenizer, image_processor, cfg, step, optimizer=None, extra=None):
-    """Write `folder` atomically. Every rank must call it (the state is gathered); rank 0 writes."""
+def save(folder, model, tokenizer, image_processor, cfg, step, optimizer=None, extra=None, dtype="float32"):
+    """Write `folder` atomically. Every rank must call it (the state is gathered); rank 0 writes.
+
+    With `optimizer` and fp32 weights the folder is resumable; a lean one (bf16 weights, no AdamW state:
+    the final model of a 7B run, a sixth of the size) says so in its trainer state and is never resumed.
+    """
     folder = Path(folder)
     state = full_model_state(model)
-    optim = full_optimizer_state(model, optimizer) if optimizer is not None else None
+    resumable = optimizer is not None and dtype == "float32"
+    optim = full_optimizer_state(model, optimizer) if resumable else None
     if is_main():
         tmp = folder.parent / f".tmp-{folder.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _write_model(tmp, model, state, tokenizer, image_processor)
-        trainer_state = {"step": step, "config": to_dict(cfg), **(extra or {})}
+        _write_model(tmp, model, state, tokenizer, image_processor, getattr(torch, dtype))
+        trainer_state = {"step": step, "config": to_dict(cfg), "resumable": resumable, **(extra or {})}
         if optim is not None:
             tensors, groups = _flatten_optimizer(optim)
             save_file(tensors, tmp / "optimizer.safetensors")
@@ -73,6 +83,15 @@ def save(folder, model, tokenizer, image_processor, cfg, step, optimizer=None, e
         else:
             os.replace(tmp, folder)
     barrier()
+
+
+def save_final(run, model, tokenizer, image_processor, cfg, step, optimizer, extra=None):
+    """The run folder's final model, in `cfg.final_dtype`. float32: also the run's resumable checkpoint.
+    bfloat16: lean, and the resumable state goes to RUN/checkpoints/step_N, so --resume goes on exactly."""
+    if cfg.final_dtype != "float32":
+        save(step_folder(run, step), model, tokenizer, image_processor, cfg, step, optimizer, extra)
+        prune(run, cfg.keep_checkpoints)
+    save(run, model, tokenizer, image_processor, cfg, step, optimizer, extra, dtype=cfg.final_dtype)
 
 
 def step_folder(run, step):
@@ -101,7 +120,7 @@ def find(path, skipped=None):
     (`problem`), or `path` itself when it is one. A damaged newer one never blocks an intact older one,
     nor a damaged old one a newer: each skipped folder and its reason is appended to `skipped`."""
     path = Path(path)
-    folders = [p for p in [path, *(path / "checkpoints").glob("step_*")] if (p / STATE).is_file()]
+    folders = [p for p in [path, *(path / "checkpoints").glob("step_*")] if (p / STATE).is_file() and not _lean(p)]
     ranked = []
     for folder in folders:
         reason = problem(folder)
@@ -113,6 +132,14 @@ def find(path, skipped=None):
     if not ranked:
         raise CheckpointError(f"{path} holds no complete checkpoint (looked for {path}/checkpoints/step_*/{STATE})")
     return max(ranked, key=lambda r: r[0])[1]
+
+
+def _lean(folder):
+    """A folder written as a final model only (`save` with bf16 weights): not a checkpoint to resume."""
+    try:
+        return json.loads((folder / STATE).read_text()).get("resumable") is False
+    except (OSError, ValueError, AttributeError):
+        return False  # unreadable: `problem` names it
 
 
 def read_state(folder):

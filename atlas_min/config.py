@@ -55,6 +55,9 @@ class Config:
     # --- shared by both trainers ---
     max_steps: int = 0  # > 0 overrides sft_steps / rl_steps for whichever script runs
     save_every: int = 0  # 0: only the final checkpoint
+    # the run folder's final model: "bfloat16" makes it a sixth of a resumable checkpoint (no AdamW state)
+    # and writes the resumable state to checkpoints/step_N as well; "float32": the run folder is both
+    final_dtype: str = "float32"
     save_on_interrupt: bool = True  # Ctrl-C / SIGTERM: finish the step, save it (resumable), then stop
     keep_checkpoints: int = 0  # > 0: delete all but the newest this many under RUN/checkpoints
     log_every: int = 1
@@ -191,6 +194,7 @@ PRESETS = {
         # only sizes vLLM's context window)
         eval_max_new_tokens=2048, eval_batch_size=8,
         save_every=100, keep_checkpoints=2,  # a checkpoint is ~100 GB (fp32 weights + AdamW moments)
+        final_dtype="bfloat16",  # the final model: 16.6 GB, as the download, and what eval and RL --init read
     ),
     # The toy model on the decisive puzzles (toy.py): the frame picks the operation, the token is the
     # decision, and the teacher writes <|Shape|> in 70% of the line puzzles' train replies, so greedy SFT
@@ -262,7 +266,7 @@ NON_NEGATIVE = ("seed rl_seed rl_seed_offset vocab_rows vision_fullatt_every vis
                 "w_fmt w_len w_over len_max_penalty over_slope over_max_penalty").split()
 SHARES = "toy_no_token_share toy_teacher_slip".split()  # in [0, 1]
 BETAS = "sft_beta1 sft_beta2 rl_beta1 rl_beta2".split()  # in [0, 1)
-CHOICES = {"answer_format": ("tag", "boxed")}
+CHOICES = {"answer_format": ("tag", "boxed"), "final_dtype": ("float32", "bfloat16")}
 
 
 def check(cfg):

@@ -481,3 +481,18 @@ def test_under_torchrun_only_rank_0_reads_the_checkpoint_and_each_rank_holds_its
     assert seen["rank1"] == {"reads": [], "on_meta": True, "at_most_half": True}  # no weight read on rank 1
     assert seen["rank0_on_meta"] is False  # rank 0 read them
     assert seen["weights_equal"] and seen["buffers_equal"]  # as the checkpoint holds them
+
+
+def test_a_bfloat16_final_model_is_lean_and_the_run_still_resumes_exactly(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    straight, lean = tmp_path / "straight", tmp_path / "lean"
+    run("train_sft.py", "--config", "micro", "--out", straight, "max_steps=4")
+    run("train_sft.py", "--config", "micro", "--out", lean, "max_steps=2", "final_dtype=bfloat16")
+    final = weights(lean)
+    assert {v.dtype for v in final.values()} == {torch.bfloat16} and not (lean / "optimizer.safetensors").exists()
+    assert Qwen2_5_VLForConditionalGeneration.from_pretrained(lean).dtype == torch.bfloat16  # as stock loads it
+    exact = weights(lean / "checkpoints" / "step_000002")  # the resumable state, fp32 and AdamW beside it
+    assert all(torch.equal(exact[k].to(torch.bfloat16), final[k]) for k in final)
+    run("train_sft.py", "--resume", lean, "max_steps=4")  # on from step 2, not from the lean bf16 weights
+    a, b = weights(lean / "checkpoints" / "step_000004"), weights(straight)
+    assert all(torch.equal(a[k], b[k]) for k in b)
