@@ -193,7 +193,11 @@ PRESETS = {
         # 2048: the harness's generation limit (experience_maker.py:1897-1900; its --generate_max_len 8192
         # only sizes vLLM's context window)
         eval_max_new_tokens=2048, eval_batch_size=8,
-        save_every=100, keep_checkpoints=2,  # a checkpoint is ~100 GB (fp32 weights + AdamW moments)
+        # A resumable checkpoint is 99.5 GB (fp32 weights + AdamW m, v), ~100 s per save at 1 GB/s, with rank 0
+        # holding all of it in host RAM (`plan`). Ours: an RL step (512 completions of up to 1,024 tokens) takes
+        # on the order of a minute, so 100 steps put ~1.5 h of work between saves, the save ~2% of it, and a
+        # crash loses at most that. SFT steps take seconds: pass save_every=500 there (estimates, not timed).
+        save_every=100, keep_checkpoints=2,
         final_dtype="bfloat16",  # the final model: 16.6 GB, as the download, and what eval and RL --init read
     ),
     # The toy model on the decisive puzzles (toy.py): the frame picks the operation, the token is the

@@ -48,6 +48,7 @@ from atlas_min.tokens import add_functional_tokens
 GB = 1e9
 PROMPT_TEXT = 256  # system prompt + question + chat-template tokens of one prompt
 HEADROOM = 0.10
+SAVE_GBPS = 1.0  # disk write rate assumed for a save (a local NVMe writes faster, network storage slower)
 QWEN_ORDINARY = 151_643  # Qwen2.5's BPE entries; its 22 special tokens follow, from <|endoftext|> = 151,643
 QWEN_SPECIAL = ("<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> "
                 "<|box_end|> <|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> "
@@ -137,7 +138,7 @@ def plan(cfg, gpus, gpu_mem_gb=80.0):
 
     budget, rows_after = phases(cfg.activation_checkpointing), embed.shape[0]
     totals = {k: sum(v.values()) for k, v in budget.items()}
-    return {"config": cfg.name, "gpus": gpus, "gpu_mem_gb": gpu_mem_gb,
+    return {"config": cfg.name, "gpus": gpus, "gpu_mem_gb": gpu_mem_gb, "save_every": cfg.save_every,
             "params": {"total": P, "vision": vision, "language": P - vision - embeddings, "embeddings": embeddings},
             "vocab": {"tokenizer": n_tokens, "functional_ids": ids, "rows_before": rows_before, "rows": rows_after,
                       "resized": rows_after != rows_before},
@@ -147,7 +148,17 @@ def plan(cfg, gpus, gpu_mem_gb=80.0):
             "activation_checkpointing": cfg.activation_checkpointing, "budget": budget, "total": totals,
             "total_checkpointing_flipped": {k: sum(v.values())
                                             for k, v in phases(not cfg.activation_checkpointing).items()},
-            "fits": max(totals.values()) <= (1 - HEADROOM) * gpu_mem_gb * GB}
+            "fits": max(totals.values()) <= (1 - HEADROOM) * gpu_mem_gb * GB,
+            "host": host(cfg, P)}
+
+
+def host(cfg, P):
+    """Host (CPU) memory and checkpoint sizes in bytes: `dist.shard` has rank 0 read the fp32 model, the
+    other ranks nothing; `checkpoint.save` gathers fp32 weights and both AdamW moments on rank 0 at once
+    (safetensors writes them from memory, without a copy). A save's seconds are at SAVE_GBPS."""
+    resumable, final = 12 * P, (2 if cfg.final_dtype == "bfloat16" else 12) * P
+    return {"rank0_load": 4 * P, "rank0_save": 12 * P, "resumable_checkpoint": resumable, "final_model": final,
+            "save_s": resumable / (SAVE_GBPS * GB), "final_save_s": final / (SAVE_GBPS * GB)}
 
 
 def measure_sharding(cfg):
@@ -193,6 +204,12 @@ def report(p):
     row(f"total {'without' if p['activation_checkpointing'] else 'with'} activation checkpointing",
         [p["total_checkpointing_flipped"][ph] for ph in phases])
     print(f"fits {p['gpu_mem_gb']:g} GB with {HEADROOM:.0%} headroom: {'yes' if p['fits'] else 'NO'}")
+    h = p["host"]
+    print(f"host RAM of rank 0: {h['rank0_load'] / GB:.1f} GB while loading (the other ranks: their shards only), "
+          f"{h['rank0_save'] / GB:.1f} GB while saving")
+    print(f"checkpoints: resumable {h['resumable_checkpoint'] / GB:.1f} GB (fp32 weights + AdamW m, v), "
+          f"{h['save_s']:.0f} s per save at {SAVE_GBPS:g} GB/s; final model {h['final_model'] / GB:.1f} GB "
+          f"({h['final_save_s']:.0f} s); save_every={p['save_every']}")
     if "measured" in p:
         m, whole = p["measured"], p["measured"]["units"][""]
         print(f"measured under torchrun ({m['world']} ranks, meta, FSDP2): local shards "

@@ -103,3 +103,14 @@ def test_the_rollout_holds_every_bf16_weight_gathered(plan7b):
     # dist.gathered keeps all units gathered while sampling: 2 bytes per parameter on every GPU
     sampling = plan7b["budget"]["RL sampling"]
     assert sampling["gathered bf16 params (all, for the rollout)"] == 2 * N_7B
+
+
+def test_a_7b_save_holds_fp32_weights_and_both_adamw_moments_on_rank_0(plan7b):
+    host = plan7b["host"]
+    assert host["rank0_save"] == host["resumable_checkpoint"] == (4 + 4 + 4) * N_7B  # weights, m, v in fp32
+    assert abs(host["save_s"] - 12 * N_7B / 1e9) < 1e-6  # seconds at 1 GB/s
+    assert host["rank0_load"] == 4 * N_7B  # rank 0 reads the fp32 model; the other ranks receive shards
+
+
+def test_the_7b_final_model_is_bf16_a_sixth_of_a_resumable_checkpoint(plan7b):
+    assert plan7b["host"]["final_model"] == 2 * N_7B == plan7b["host"]["resumable_checkpoint"] / 6
