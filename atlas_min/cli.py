@@ -170,7 +170,8 @@ def stop_interrupted(run, step, total, saved, script):
     else:
         print(f"interrupted after step {step} of {total} (save_on_interrupt=false: nothing saved)", flush=True)
     release_run_folder(run)
-    cleanup(exit_code=130)
+    cleanup(exit_code=130)  # under torchrun; on one process it returns
+    sys.exit(130)
 
 
 def parse_run_args(description, stage):

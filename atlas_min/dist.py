@@ -166,7 +166,7 @@ def load_optimizer_state(model, optimizer, state):
 
 def cleanup(exit_code=0):
     """End a run: under torchrun, leave the process group together and exit with `exit_code` at once;
-    on one process, return (or exit when `exit_code` is not 0).
+    on one process, return.
 
     Skipping the interpreter's teardown is the point. gloo's worker threads (and FSDP's state) still hold
     work objects whose tensors carry Python references; destroying them while the interpreter finalises
@@ -180,5 +180,3 @@ def cleanup(exit_code=0):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exit_code)
-    if exit_code:
-        sys.exit(exit_code)
