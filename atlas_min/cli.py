@@ -112,9 +112,13 @@ def _pid_alive(pid):
 
 
 def release_run_folder(run):
-    """The run is over: drop its lock (rank 0)."""
-    if _is_rank0():
-        (Path(run) / LOCK).unlink(missing_ok=True)
+    """The run is over: drop its lock (rank 0), if it is this process's."""
+    lock = Path(run) / LOCK
+    try:
+        if _is_rank0() and json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass  # no lock, or not ours: nothing to release
 
 
 # Ctrl-C (SIGINT) and SIGTERM (a scheduler's "time is up"). torchrun runs its workers in a session of
@@ -196,11 +200,11 @@ def parse_run_args(description, stage):
     if stage == "rl" and cfg.temperature <= 0:
         raise UsageError("temperature=0 samples greedily: a group's G outputs are then equal, every advantage "
                          "is 0 and no step changes a weight; RL needs temperature > 0 (the presets use 1)")
+    quit_on_interrupt(opts.out)  # before the lock exists: a Ctrl-C never leaves it behind
     if _is_rank0():
         if opts.overwrite and not resume_from:
             _clear_run(Path(opts.out))
         claim_run_folder(opts.out)
-    quit_on_interrupt(opts.out)
     return opts, cfg, resume_from
 
 

@@ -503,3 +503,17 @@ def test_twenty_finished_two_process_runs_in_a_row_all_exit_0(tmp_path):
     codes = [run("train_sft.py", "--config", "micro", "--out", tmp_path / f"run{k}", "max_steps=1", procs=2,
                  check=False).returncode for k in range(20)]
     assert codes == [0] * 20
+
+
+def test_ctrl_c_while_a_run_starts_ends_it_in_one_line_and_frees_the_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train_sft.py", "--config", "micro", "--out", str(run_dir),
+                             "max_steps=2000"], cwd=ROOT, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while not (run_dir / ".lock").exists() and proc.poll() is None:  # the folder is claimed: Ctrl-C is ours
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert len([line for line in (out + err).splitlines() if "interrupted" in line]) == 1
+    assert not (run_dir / ".lock").exists()
