@@ -138,7 +138,7 @@ def quit_on_interrupt(run=None):
     def quit_now(signum, frame):
         if run is not None:
             release_run_folder(run)
-        print(f"{_rank_tag()}interrupted before the first step: nothing saved", file=sys.stderr, flush=True)
+        sys.stderr.write(f"{_rank_tag()}interrupted before the first step: nothing saved\n")  # one write per line
         os._exit(130)  # 128 + SIGINT, the shell's convention
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, quit_now)
@@ -151,7 +151,7 @@ def defer_interrupts(run):
     def note(signum, frame):
         if _interrupts:
             release_run_folder(run)
-            print(f"{_rank_tag()}interrupted again: stopped without saving", file=sys.stderr, flush=True)
+            sys.stderr.write(f"{_rank_tag()}interrupted again: stopped without saving\n")
             os._exit(130)
         _interrupts.append(signum)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -167,12 +167,14 @@ def interrupted():
 def stop_interrupted(run, step, total, saved, script):
     """Leave an interrupted run after `step`: one line on each rank, the lock released, exit code 130."""
     if not is_main():
-        print(f"{_rank_tag()}interrupted after step {step} of {total}", flush=True)
+        line = f"{_rank_tag()}interrupted after step {step} of {total}"
     elif saved:
-        print(f"interrupted after step {step} of {total}: saved {saved}; python {script} --resume {run} "
-              "goes on from it", flush=True)
+        line = (f"interrupted after step {step} of {total}: saved {saved}; python {script} --resume {run} "
+                "goes on from it")
     else:
-        print(f"interrupted after step {step} of {total} (save_on_interrupt=false: nothing saved)", flush=True)
+        line = f"interrupted after step {step} of {total} (save_on_interrupt=false: nothing saved)"
+    sys.stdout.write(line + "\n")  # one write: the ranks share torchrun's output, and lines must not mix
+    sys.stdout.flush()
     release_run_folder(run)
     cleanup(exit_code=130)  # under torchrun; on one process it returns
     sys.exit(130)
