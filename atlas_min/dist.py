@@ -95,8 +95,8 @@ def shard(model, cfg, device):
     if world_size() == 1:
         return model.to(device)
     weights = model.state_dict() if is_main() else {}  # rank 0's tensors: they outlive the move to meta
-    buffers = [buffer for _, buffer in sorted(model.named_buffers())]  # rotary frequencies: not in the state
-    buffers = [buffer.to(device) if is_main() else None for buffer in buffers]
+    # the rotary frequencies are buffers outside the state dict: rank 0 sends those too
+    buffers = [buffer.to(device) if is_main() else None for _, buffer in model.named_buffers()]
     model.to("meta")
     model.tie_weights()  # the move to meta made lm_head a parameter of its own again (a tied model's)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
@@ -105,7 +105,7 @@ def shard(model, cfg, device):
     fully_shard(model, mp_policy=mp)  # the root: embeddings, lm_head, final norm
     model.to_empty(device=device)
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for (_, buffer), value in zip(sorted(model.named_buffers()), buffers):
+    for (_, buffer), value in zip(model.named_buffers(), buffers):
         if value is not None:
             buffer.copy_(value)
         dist.broadcast(buffer, src=0)
