@@ -234,8 +234,8 @@ for step in range(start, total):
                         step + 1, optimizer, extra={"init": str(init)})
         checkpoint.prune(run, cfg.keep_checkpoints)
     if stop:
-        saved = checkpoint.step_folder(run, step + 1) if cfg.save_on_interrupt else None
-        stop_interrupted(run, step + 1, total, saved, "train_rl.py")
+        saved_to = checkpoint.step_folder(run, step + 1) if cfg.save_on_interrupt else None
+        stop_interrupted(run, step + 1, total, saved_to, "train_rl.py")
 
 # 4. the final model (a resumable checkpoint too, unless final_dtype makes it lean) and the run report
 checkpoint.save_final(run, model, tokenizer, image_processor, cfg, total, optimizer,

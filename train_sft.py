@@ -105,8 +105,8 @@ for step in range(start, total):
                         step + 1, optimizer)
         checkpoint.prune(run, cfg.keep_checkpoints)
     if stop:
-        saved = checkpoint.step_folder(run, step + 1) if cfg.save_on_interrupt else None
-        stop_interrupted(run, step + 1, total, saved, "train_sft.py")
+        saved_to = checkpoint.step_folder(run, step + 1) if cfg.save_on_interrupt else None
+        stop_interrupted(run, step + 1, total, saved_to, "train_sft.py")
 
 # 4. the final model (a resumable checkpoint too, unless final_dtype makes it lean) and the run report
 checkpoint.save_final(run, model, tokenizer, image_processor, cfg, total, optimizer)

@@ -87,31 +87,36 @@ def load_examples(cfg, split, need_response=False, on_skip=None):
 MAX_ASPECT = 200  # Qwen2-VL's image processor refuses images whose long side is ≥ 200× the short one
 
 
-def image_problem(path):
-    """Why the image at `path` cannot be used, or None: it must open, pass PIL's integrity check (for a
-    PNG, every chunk's checksum; a truncated file fails) and have an aspect ratio Qwen can resize."""
+def inspect_image(path):
+    """(why the image at `path` cannot be used, or None; its (width, height)). It must open, pass PIL's
+    integrity check (for a PNG, every chunk's checksum; a truncated file fails) and have an aspect ratio
+    Qwen can resize."""
     try:
         with Image.open(path) as im:
             im.verify()
             width, height = im.size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        return f"cannot be read ({type(e).__name__}: {e})"
+        return f"cannot be read ({type(e).__name__}: {e})", None
     if max(width, height) >= MAX_ASPECT * max(1, min(width, height)):
-        return f"is {width}x{height}: aspect ratio beyond {MAX_ASPECT}"
-    return None
+        return f"is {width}x{height}: aspect ratio beyond {MAX_ASPECT}", (width, height)
+    return None, (width, height)
 
 
 def check_images(examples, skip=False, on_skip=None):
     """Every image of every example checked once, before any work: a bad file found at step 10,000 of
-    a deterministic data order would stop the run there again after every resume (`keep_good`)."""
-    bad = []
+    a deterministic data order would stop the run there again after every resume (`keep_good`). Each
+    example comes back with its `image_sizes` [(width, height)], which `check_lengths` counts from."""
+    bad, checked = [], []
     for ex in examples:
+        sizes = []
         for k, path in enumerate(ex["images"]):
-            problem = image_problem(path)
+            problem, size = inspect_image(path)
             if problem:
                 bad.append(f"{ex['where']}: field 'images[{k}]': image {path} {problem}")
                 break
-    return keep_good(examples, bad, "with a bad image", skip, on_skip)
+            sizes.append(size)
+        checked.append(dict(ex, image_sizes=sizes))
+    return keep_good(checked, bad, "with a bad image", skip, on_skip)
 
 
 def keep_good(examples, bad, what, skip, on_skip):
@@ -132,7 +137,7 @@ def check_lengths(examples, tokenizer, image_processor, cfg, *, context, generat
     """Every example's prompt plus its reply (`with_reply`, SFT) or plus the `generate` tokens the sampler
     may add fits in the model's `context` positions, checked before any work (`keep_good`): beyond them
     the model has no trained positions, and the run would fail, or truncate silently, on that batch.
-    Image tokens are counted from each image's size as the image processor will resize it."""
+    Image tokens are counted from each image's size (`check_images`) as the image processor will resize it."""
     texts = [prompt_text(ex["question"] + cfg.question_suffix, len(ex["images"]), cfg.system_prompt,
                          cfg.image_separator) for ex in examples]
     prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -141,10 +146,7 @@ def check_lengths(examples, tokenizer, image_processor, cfg, *, context, generat
     merge = image_processor.merge_size ** 2
     bad = []
     for ex, prompt, reply in zip(examples, prompts, replies):
-        sizes = []
-        for path in ex["images"]:
-            with Image.open(path) as im:  # reads the header only
-                sizes.append(im.size)  # (width, height)
+        sizes = ex["image_sizes"]  # from check_images: no image is opened twice
         n_prompt = len(prompt) - len(sizes) + sum(image_processor.get_number_of_image_patches(h, w) // merge
                                                   for w, h in sizes)
         n_more, more = (len(reply), "reply tokens") if with_reply else (generate, "tokens to generate")

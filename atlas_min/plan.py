@@ -157,7 +157,7 @@ def host(cfg, P):
     other ranks nothing; `checkpoint.save` gathers fp32 weights and both AdamW moments on rank 0 at once
     (safetensors writes them from memory, without a copy). A save's seconds are at SAVE_GBPS."""
     resumable, final = 12 * P, (2 if cfg.final_dtype == "bfloat16" else 12) * P
-    return {"rank0_load": 4 * P, "rank0_save": 12 * P, "resumable_checkpoint": resumable, "final_model": final,
+    return {"rank0_load": 4 * P, "rank0_save": resumable, "resumable_checkpoint": resumable, "final_model": final,
             "save_s": resumable / (SAVE_GBPS * GB), "final_save_s": final / (SAVE_GBPS * GB)}
 
 

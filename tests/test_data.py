@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from atlas_min.data import IGNORE, DataError, collate_prompts, collate_sft, encode, load_jsonl
+from atlas_min.data import IGNORE, DataError, check_images, collate_prompts, collate_sft, encode, load_jsonl
 
 
 def _write(folder, lines, image=True):
@@ -156,7 +156,7 @@ def _wide_image_example(tmp_path):
     Image.new("RGB", (300, 100), (10, 200, 30)).save(tmp_path / "img" / "a.png")  # resized: not square
     path = tmp_path / "d.jsonl"
     path.write_text(_line(images=["img/a.png", "img/a.png"], question="how many? " * 7) + "\n")
-    return load_jsonl(path, need_response=True)
+    return check_images(load_jsonl(path, need_response=True))  # as load_examples: sizes recorded
 
 
 @pytest.mark.parametrize("with_reply", [True, False])
