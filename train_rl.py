@@ -20,6 +20,7 @@ the last bits. Departure from the textbook: none in the loss. log π_old comes f
 full forward as log π_θ rather than from the sampler, so r = 1 exactly before the first update
 (the sampler's cached decode agrees to 1e-4; docs/method.md, "Log-probabilities").
 """
+import math
 import time
 
 import torch
@@ -30,12 +31,12 @@ from atlas_min.cli import (Progress, UsageError, defer_interrupts, interrupted, 
 from atlas_min.data import (check_lengths, collate_prompts, encode_example, load_examples, stream_indices,
                             to_device)
 from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, gathered, print0, reshard, setup, shard
-from atlas_min.grpo import functional_grad_share, group_advantages, grpo_loss
+from atlas_min.grpo import constant_groups, functional_grad_share, group_advantages, grpo_loss
 from atlas_min.model import load_pretrained
 from atlas_min.optim import adamw, lr_at, set_lr
 from atlas_min.rewards import compute_reward
 from atlas_min.sampler import decode_completion, rl_row_seeds, rl_run_seed, sample, sequence_logprobs
-from atlas_min.tokens import FUNCTIONAL_TOKENS, first_functional, functional_mask
+from atlas_min.tokens import FUNCTIONAL_TOKENS, functional_mask
 
 # 1. command line, processes, data
 with user_errors():
@@ -111,16 +112,18 @@ def sample_groups(model, tokenizer, image_processor, prompts, cfg, step, first_r
 
 
 def score(tokenizer, prompts, rollout, cfg):
-    """Step 2: each completion's reward components and each one's group-relative advantage A_i."""
+    """Step 2: each completion's reward components, each one's group-relative advantage A_i, and which
+    groups are constant (all G rewards equal: A = 0, no signal). n_F is counted from the token ids."""
     scores = []
     for i, (ids, mask) in enumerate(zip(rollout["completion_ids"], rollout["completion_mask"])):
-        text, length = decode_completion(tokenizer, ids, mask)
+        text, length, functional = decode_completion(tokenizer, ids, mask)
         ex = prompts[i // cfg.group_size]
-        scores.append(compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length))
-        if "token" in ex:  # the example names its right token: did the output's first one match?
-            scores[-1]["right_token"] = float(first_functional(text) == ex["token"])
-    rewards = torch.tensor([s["total"] for s in scores])  # (N,)
-    return scores, group_advantages(rewards, cfg.group_size, cfg.adv_eps)
+        scores.append(compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length,
+                                     functional=functional))
+        if "token" in ex:  # the example names its right token: was the output's first one it?
+            scores[-1]["right_token"] = float(functional[:1] == [ex["token"]])
+    rewards = torch.tensor([s["total"] for s in scores], dtype=torch.float64)  # (N,)
+    return scores, group_advantages(rewards, cfg.group_size, cfg.adv_eps), constant_groups(rewards, cfg.group_size)
 
 
 def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, fmask, cfg, world, pad_id,
@@ -128,15 +131,17 @@ def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, f
     """Step 4: `ppo_epochs` passes of mini-batch steps on L_LA-GRPO; returns the step's logged loss terms.
 
     Every micro-batch divides by its whole mini-batch's counts (num_outputs, num_anchor_outputs, summed
-    over ranks), so the micro-batches' gradients add up to the mini-batch's. Logged: kl, clip_frac and
-    the functional gradient share as means over micro-batches; L_anchor per mini-batch (the sum of its
-    slices), averaged over mini-batches.
+    over ranks), so the micro-batches' gradients add up to the mini-batch's. Logged: kl, clip_frac,
+    pg_loss, ratio_mean and the functional gradient share as means over micro-batches; L_anchor per
+    mini-batch (the sum of its slices) and the gradient norm, averaged over mini-batches. A mini-batch
+    whose gradient norm is not finite is not applied (every rank sees the same global norm, so all
+    skip it together) and counted in `skipped_steps` (docs/method.md, "Numerical guards").
     """
     G, mask = cfg.group_size, rollout["completion_mask"]
     coefs = dict(clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, anchor_coef=cfg.anchor_coef)
-    sums = {"kl": 0.0, "clip_frac": 0.0, "anchor": 0.0, "functional_grad_share": 0.0}
-    n_micro = n_mini = 0
-    grad_norm = 0.0
+    per_micro = ("kl", "clip_frac", "pg_loss", "ratio_mean")
+    sums = dict.fromkeys([*per_micro, "anchor", "functional_grad_share", "grad_norm"], 0.0)
+    n_micro = n_mini = skipped = 0
     for _epoch in range(cfg.ppo_epochs):
         for mini in chunks(len(encoded), cfg.rl_mini_batch // G // world):
             mini_rows = rows_of(mini, G)
@@ -152,21 +157,28 @@ def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, f
                 loss, stats = grpo_loss(*loss_inputs, **coefs, **counts)
                 (loss * world).backward()  # FSDP averages gradients over ranks: undo it
                 sums["functional_grad_share"] += functional_grad_share(*loss_inputs, **coefs, **counts)
-                for key in ("kl", "clip_frac", "anchor"):
+                sums["anchor"] += stats["anchor"]
+                for key in per_micro:
                     sums[key] += stats[key]
                 n_micro += 1
             grad_norm = clip_grad_norm(model, cfg.grad_clip)
-            optimizer.step()
+            if math.isfinite(grad_norm):
+                optimizer.step()
+                sums["grad_norm"] += grad_norm
+            else:
+                skipped += 1
             optimizer.zero_grad(set_to_none=True)
             n_mini += 1
     n_micro_all = all_sum(n_micro)
-    return {"kl": all_sum(sums["kl"]) / n_micro_all, "clip_frac": all_sum(sums["clip_frac"]) / n_micro_all,
-            "anchor": all_sum(sums["anchor"]) / n_mini, "grad_norm": grad_norm,
-            "functional_grad_share": all_sum(sums["functional_grad_share"]) / n_micro_all}
+    logged = {key: all_sum(sums[key]) / n_micro_all for key in (*per_micro, "functional_grad_share")}
+    return {**logged, "anchor": all_sum(sums["anchor"]) / n_mini,
+            "grad_norm": sums["grad_norm"] / max(n_mini - skipped, 1), "skipped_steps": skipped}
 
 
-def rollout_metrics(scores, mask, fmask):
-    """Means over all ranks' completions: reward components, lengths, functional-token use."""
+def rollout_metrics(scores, rollout, fmask, constant):
+    """Means over all ranks' completions: reward components, lengths, functional-token use, the policy's
+    entropy per generated token, the share of completions cut at max_new_tokens and of constant groups."""
+    mask = rollout["completion_mask"]
     n_outputs = all_sum(len(scores))
     mean = {k: all_sum(sum(s[k] for s in scores)) / n_outputs for k in scores[0] if k != "right_token"}
     n_generated = all_sum(int(mask.sum()))
@@ -177,7 +189,10 @@ def rollout_metrics(scores, mask, fmask):
             "functional_reward": mean["functional"], "length_penalty": mean["length_penalty"],
             "overuse_penalty": mean["overuse_penalty"], "functional_per_completion": mean["n_functional"],
             "functional_token_share": all_sum(int(fmask.sum())) / max(n_generated, 1),
-            "completion_length": n_generated / n_outputs, **right}
+            "completion_length": n_generated / n_outputs,
+            "entropy": all_sum(float(rollout["entropy"][mask].sum())) / max(n_generated, 1),
+            "truncated_share": all_sum(int(rollout["truncated"].sum())) / n_outputs,
+            "constant_group_share": all_sum(int(constant.sum())) / all_sum(len(constant)), **right}
 
 
 # 3. the loop: sample, score, log-probs before the update, update, log, save
@@ -200,7 +215,7 @@ for step in range(start, total):
     seconds["sampling"] = time.time() - t0
 
     t0 = time.time()
-    scores, advantages = score(tokenizer, prompts, rollout, cfg)  # each group lives on one rank: exact
+    scores, advantages, constant = score(tokenizer, prompts, rollout, cfg)  # each group lives on one rank: exact
     advantages = advantages.to(device)  # (N,)
     seconds["scoring"] = time.time() - t0
 
@@ -223,8 +238,10 @@ for step in range(start, total):
     losses = update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, fmask, cfg, world,
                     pad_id, device)
     seconds["update"] = time.time() - t0
+    if losses["skipped_steps"]:
+        print0(f"note: step {step + 1}: {losses['skipped_steps']} update(s) skipped, the gradient norm was not finite")
 
-    metrics = rollout_metrics(scores, mask, fmask)
+    metrics = rollout_metrics(scores, rollout, fmask, constant)
     progress.log(step, **metrics, **losses, lr=lr,
                  **{f"t_{k}": round(all_sum(v) / world, 3) for k, v in seconds.items()})
     stop = step + 1 < total and interrupted()  # a Ctrl-C on any rank: every rank stops after this step

@@ -290,6 +290,8 @@ def check(cfg):
     for name, options in CHOICES.items():
         if getattr(cfg, name) not in options:
             raise bad(name, "one of " + ", ".join(options))
+    if cfg.group_size < 2:  # A_i compares an output with its group: a lone output's advantage is 0, RL would do nothing
+        raise bad("group_size", ">= 2 (GRPO compares each output with the others of its group)")
     if cfg.min_pixels > cfg.max_pixels:
         raise bad("min_pixels", f"<= max_pixels={cfg.max_pixels}")
     if cfg.rl_mini_batch % cfg.group_size or (cfg.prompts_per_step * cfg.group_size) % cfg.rl_mini_batch:

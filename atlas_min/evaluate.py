@@ -16,7 +16,7 @@ from atlas_min.data import collate_prompts, encode_example, open_image, to_devic
 from atlas_min.dist import all_gather_objects, autocast, gathered, world_size
 from atlas_min.rewards import compute_reward
 from atlas_min.sampler import decode_completion, sample
-from atlas_min.tokens import FUNCTIONAL_TOKENS, first_functional
+from atlas_min.tokens import FUNCTIONAL_TOKENS
 
 
 def _blank(ex, image_processor):
@@ -61,14 +61,15 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
                        cfg.eval_max_new_tokens)
     rows, n_tokens = [], 0
     for ex, (ids, mask) in zip(mine, outputs):
-        text, length = decode_completion(tokenizer, ids, mask)
+        text, length, functional = decode_completion(tokenizer, ids, mask)  # functional tokens by id
         n_tokens += length
-        reward = compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length)
+        reward = compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length,
+                                functional=functional)
         rows.append({"id": ex["id"], "task": ex["task"], "question": ex["question"], "answer": ex["answer"],
                      "output": text, "length": length,
                      **{k: reward[k] for k in ("accuracy", "format", "n_functional")},
-                     "tokens": [t for t in FUNCTIONAL_TOKENS if t in text],
-                     "right_token": None if "token" not in ex else first_functional(text) == ex["token"]})
+                     "tokens": sorted(set(functional), key=FUNCTIONAL_TOKENS.index),
+                     "right_token": None if "token" not in ex else functional[:1] == [ex["token"]]})
     seconds = time.time() - t0
     rows = [r for part in all_gather_objects(rows) for r in part]
     n_tokens, seconds = sum(all_gather_objects(n_tokens)), max(all_gather_objects(seconds))
@@ -146,9 +147,10 @@ def intervene(model, tokenizer, image_processor, examples, cfg, device):
     hits = defaultdict(lambda: defaultdict(list))
     for (ex, forced, tok), (ids, mask) in zip(owners, continued):
         keep = max(0, budget - len(forced))  # the forced tokens count against the eval's token budget
-        text, length = decode_completion(tokenizer, torch.tensor(forced + ids[:keep].tolist()),
-                                         torch.cat([torch.ones(len(forced), dtype=torch.bool), mask[:keep]]))
-        reward = compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length)
+        text, length, functional = decode_completion(tokenizer, torch.tensor(forced + ids[:keep].tolist()),
+                                                     torch.cat([torch.ones(len(forced), dtype=torch.bool), mask[:keep]]))
+        reward = compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length,
+                                functional=functional)
         hits[ex["task"]][tok].append(reward["accuracy"])
     merged_hits, merged_skipped = defaultdict(lambda: defaultdict(list)), Counter()
     for part_hits, part_skipped in all_gather_objects(({t: dict(v) for t, v in hits.items()}, dict(skipped))):

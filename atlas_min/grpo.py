@@ -16,28 +16,54 @@ from torch import Tensor
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
     """A_i = (R_i - mean_j R_j) / (std_j R_j + eps), std unbiased (Bessel), j over i's group.
 
-    `rewards` is (N,) with each group's G outputs contiguous. A constant group gives zeros (its
-    outputs carry no preference). With group_size == 1 the unbiased std is undefined (0/0), and a
-    lone output has nothing to be compared with, so every advantage is 0.
+    `rewards` is (N,) with each group's G outputs contiguous; returns (N,) in rewards' float dtype
+    (the default dtype for integer rewards). A constant group gives exactly 0 (its outputs carry no
+    preference): the rule is applied as written, not left to the arithmetic, because in float32 the
+    mean of eight 1.7s is off by one rounding step, the std comes out ~1e-7 instead of 0, and the
+    formula would give every output +0.106 (docs/method.md, "Advantages"). The rest is computed in
+    float64. With group_size == 1 the unbiased std is undefined (0/0) and a lone output has nothing
+    to be compared with: every advantage is 0 (train_rl.py refuses G = 1 for that reason).
     """
-    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+    if group_size < 1 or rewards.dim() != 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"rewards must be (N,) with N divisible by group_size={group_size}, "
                          f"got shape {tuple(rewards.shape)}")
-    R = rewards if rewards.is_floating_point() else rewards.to(torch.get_default_dtype())
+    dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
+    groups = rewards.to(torch.float64).view(-1, group_size)  # (P, G)
     if group_size == 1:
-        return torch.zeros_like(R)
-    groups = R.view(-1, group_size)  # (P, G)
+        return torch.zeros(rewards.shape, dtype=dtype, device=rewards.device)
     mean = groups.mean(dim=1, keepdim=True)  # (P, 1)
     std = groups.std(dim=1, unbiased=True, keepdim=True)  # (P, 1)
-    return ((groups - mean) / (std + eps)).view(-1)  # (N,)
+    constant = groups.amax(dim=1, keepdim=True) == groups.amin(dim=1, keepdim=True)  # (P, 1)
+    A = torch.where(constant, 0.0, (groups - mean) / (std + eps))  # (P, G)
+    return A.view(-1).to(dtype)  # (N,)
+
+
+def constant_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """(P,) bool: the groups whose G rewards are all equal, i.e. the groups that carry no signal."""
+    groups = rewards.view(-1, group_size)  # (P, G)
+    return groups.amax(dim=1) == groups.amin(dim=1)
+
+
+# exp(20) = 4.9e8 is finite in float32 and bfloat16 (their range ends near exp(88)); a token whose
+# probability moved by more than that factor since it was sampled is far outside any trust region, and
+# the clipped surrogate sends it no gradient anyway when A > 0. Without the bound one log-prob of -inf
+# (or junk at a padding position) makes r = inf and the loss NaN. verl uses the same bound
+# (verl/trainer/ppo/core_algos.py, compute_policy_loss: clamp(log_prob - old_log_prob, -20, 20)).
+LOG_RATIO_BOUND = 20.0
+
+
+def log_ratio(logp: Tensor, other_logp: Tensor) -> Tensor:
+    """log pi_theta - log pi_other, clamped to [-LOG_RATIO_BOUND, LOG_RATIO_BOUND] before any exp. (B, T)"""
+    return (logp - other_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
 
 
 def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_eps: float) -> Tensor:
     """l_{i,t} = -min(r * A_i, clip(r, 1-eps, 1+eps) * A_i), r = exp(log pi_theta - log pi_old).
 
-    Per-token loss (B, T); `advantages` (B,) is shared by all tokens of its output.
+    Per-token loss (B, T); `advantages` (B,) is shared by all tokens of its output. The log-ratio is
+    clamped to +-LOG_RATIO_BOUND before `exp` (docs/method.md, "Numerical guards").
     """
-    r = torch.exp(logp - old_logp)  # (B, T)
+    r = torch.exp(log_ratio(logp, old_logp))  # (B, T)
     A = advantages.to(logp.dtype).unsqueeze(1)  # (B, 1)
     return -torch.minimum(r * A, torch.clamp(r, 1 - clip_eps, 1 + clip_eps) * A)  # (B, T)
 
@@ -46,8 +72,11 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """D_{i,t} = exp(log pi_ref - log pi_theta) - (log pi_ref - log pi_theta) - 1   (k3 estimator).
 
     Non-negative, 0 iff the two log-probs are equal; its mean under pi_theta is KL(pi_theta || pi_ref).
+    The difference is clamped to +-LOG_RATIO_BOUND before `exp`, so D stays finite (<= e^20 - 21). verl
+    also caps D at 10 ("low_var_kl"); we do not: that cap removes the KL's pull exactly where the
+    reference is >= 14x likelier than the policy, the tokens the penalty exists for.
     """
-    delta = ref_logp - logp  # (B, T)
+    delta = -log_ratio(logp, ref_logp)  # (B, T): log pi_ref - log pi_theta
     return torch.exp(delta) - delta - 1  # (B, T)
 
 
@@ -101,7 +130,7 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantage
 
     with torch.no_grad():
         n_gen = max(int(mask.sum()), 1)
-        r = torch.exp(logp - old_logp)  # (B, T)
+        r = torch.exp(log_ratio(logp, old_logp))  # (B, T)
         A = advantages.to(logp.dtype).unsqueeze(1)  # (B, 1)
         clipped = ((A > 0) & (r > 1 + clip_eps)) | ((A < 0) & (r < 1 - clip_eps))  # (B, T)
         stats = {

@@ -418,11 +418,6 @@ def answers_equivalent(pred, gold, *, question=""):
 
 # --- R_ft, R_fmt ----------------------------------------------------------------------------------
 
-def count_functional_tokens(completion):
-    """n_F: occurrences of the five functional-token strings (they cannot overlap one another)."""
-    return sum(completion.count(token) for token in FUNCTIONAL_TOKENS)
-
-
 def format_reward(completion, answer_format):
     """R_fmt ∈ {0, 1}. "tag": the stripped completion ends with `</answer>`, holds exactly one
     `<answer>` and one `</answer>`, and the answer is not blank. "boxed": extract_answer finds an
@@ -456,18 +451,21 @@ def overuse_penalty(n_functional, cfg):
 
 # --- R ----------------------------------------------------------------------------------------------
 
-def compute_reward(completion, answer, cfg, *, question="", num_tokens=None):
+def compute_reward(completion, answer, cfg, *, question="", num_tokens=None, functional=None):
     """Every component of R, plus n_functional and the weighted "total"; never raises on any string.
 
     `question` is the example's question: its written options let a reply name the option's text
     instead of its letter. `num_tokens` is the number of generated tokens, which the trainer passes.
     Without it, P_len measures `len(completion)` in characters instead, so set len_threshold/len_buffer
-    accordingly. R_ft pays only for a functional token that came with a correct answer, so the policy
+    accordingly. `functional` is the completion's functional tokens found by id (`decode_completion`),
+    which the trainer and eval pass: n_F = len(functional), the count the anchor's mask sees. Without
+    it (a hand-written string, whose ids nobody knows) n_F counts the five strings in the text. R_ft pays only for a functional token that came with a correct answer, so the policy
     cannot farm it by sprinkling tokens; P_over stops it from stuffing many.
     """
     pred = extract_answer(completion, cfg.answer_format)
     accuracy = 1.0 if answers_equivalent(pred, answer, question=question) else 0.0
-    n_functional = count_functional_tokens(completion)
+    n_functional = (sum(completion.count(t) for t in FUNCTIONAL_TOKENS) if functional is None
+                    else len(functional))
     functional = 1.0 if n_functional >= 1 and accuracy == 1.0 else 0.0
     fmt = format_reward(completion, cfg.answer_format)
     p_len = length_penalty(len(completion) if num_tokens is None else num_tokens, cfg)

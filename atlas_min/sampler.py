@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from atlas_min.model import forward, mrope_positions, token_logprobs
-from atlas_min.tokens import VISION_TOKENS
+from atlas_min.tokens import FUNCTIONAL_TOKENS, VISION_TOKENS, functional_in
 
 
 def rl_run_seed(cfg):
@@ -31,21 +31,33 @@ STOP_TOKENS = ["<|im_end|>", "<|endoftext|>"]  # the end of a turn, of a text; A
 
 
 def decode_completion(tokenizer, ids, mask):
-    """(text, number of generated tokens): the text without the stop token; functional tokens stay visible."""
+    """(text, number of generated tokens, functional tokens): the text without the stop token (functional
+    tokens stay visible in it), and the functional tokens found *by id*, in order. The reward counts n_F
+    from that list, as the anchor's mask does: a reply that spells "<|Zoom|>" out of ordinary tokens
+    decodes to the same text but holds no functional token (docs/method.md, "Reward")."""
     stops = set(tokenizer.convert_tokens_to_ids(STOP_TOKENS))
     kept = [t for t, m in zip(ids.tolist(), mask.tolist()) if m and t not in stops]
-    return tokenizer.decode(kept, skip_special_tokens=False), int(mask.sum())
+    functional = functional_in(kept, tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS))
+    return tokenizer.decode(kept, skip_special_tokens=False), int(mask.sum()), functional
 
 
 def _draw(logits, top_p, uniforms):
-    """One token per row from softmax(logits) truncated to its top-p nucleus, by inverse CDF."""
+    """One token per row from softmax(logits) truncated to its top-p nucleus, by inverse CDF.
+
+    Row n takes the first token k with cum_k > u_n * total (cum: the running sum of the kept
+    probabilities), so P(k) = p_k / total. The threshold is kept strictly below `total`: then the token
+    taken has cum_k > cum_{k-1} in floating point, i.e. a probability > 0, for every u in [0, 1)
+    (u = 0 included: a rule `cum < u * total` would take token 0 whatever its probability).
+    """
     probs = torch.softmax(logits, dim=-1)  # (N, V)
     order = None
     if top_p < 1.0:  # the nucleus needs the tokens by probability; without it any order gives the same draw
         probs, order = probs.sort(dim=-1, descending=True)
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # smallest prefix with mass >= top_p
-    cum = probs.cumsum(-1)
-    pick = (cum < uniforms[:, None] * cum[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)  # (N,)
+    cum = probs.cumsum(-1)  # (N, V), non-decreasing
+    total = cum[:, -1:]  # (N, 1)
+    threshold = torch.minimum(uniforms[:, None].to(cum.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    pick = torch.searchsorted(cum, threshold, right=True).squeeze(-1)  # (N,): #{k : cum_k <= threshold}
     return pick if order is None else order.gather(-1, pick[:, None]).squeeze(-1)
 
 
@@ -69,7 +81,9 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
     Returns prompt_ids / prompt_mask (B·G, P), completion_ids (B·G, C), completion_mask (B·G, C) bool
     (True on generated tokens up to and including <|im_end|>), logprobs (B·G, C) of the sampled
     tokens under softmax(logits / temperature) (temperature 1 when greedy), the model's distribution
-    before the sampler's masking and truncation: the quantity training's forward computes.
+    before the sampler's masking and truncation: the quantity training's forward computes; entropy
+    (B·G, C) of that same distribution at each position; truncated (B·G,) bool, rows that reached
+    max_new_tokens without a stop token.
     """
     stop_ids, pad_id = torch.tensor(tokenizer.convert_tokens_to_ids(STOP_TOKENS)), tokenizer.pad_token_id
     banned = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS))
@@ -92,7 +106,7 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
     out, _ = forward(model, batch, prompt_ids, prompt_mask, repeats=group_size, logits_to_keep=1, use_cache=True,
                      position_ids=positions)
     attention_mask, done = prompt_mask, torch.zeros(N, dtype=torch.bool, device=device)
-    tokens, logprobs, masks = [], [], []
+    tokens, logprobs, entropies, masks = [], [], [], []
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()  # (N, V)
         scaled = logits / temperature if temperature > 0 else logits
@@ -104,7 +118,9 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
             token = allowed.argmax(-1)
         token = token.masked_fill(done, pad_id)  # (N,)
         tokens.append(token)
-        logprobs.append(token_logprobs(scaled[:, None], token[:, None])[:, 0])
+        log_probs = torch.log_softmax(scaled, dim=-1)  # (N, V)
+        logprobs.append(log_probs.gather(-1, token[:, None])[:, 0])
+        entropies.append(-(log_probs.exp() * log_probs).sum(-1))  # H = -sum p log p, (N,)
         masks.append(~done)
         done = done | torch.isin(token, stop_ids.to(device))
         if step == max_new_tokens - 1 or (_all_done(done) if lockstep else bool(done.all())):
@@ -114,7 +130,8 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position.expand(3, N, 1),
                     cache=out.cache, use_cache=True)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": torch.stack(tokens, 1),
-            "completion_mask": torch.stack(masks, 1), "logprobs": torch.stack(logprobs, 1)}
+            "completion_mask": torch.stack(masks, 1), "logprobs": torch.stack(logprobs, 1),
+            "entropy": torch.stack(entropies, 1), "truncated": ~done}
 
 
 def sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, completion_mask, repeats=1, temperature=1.0):

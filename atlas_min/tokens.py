@@ -51,10 +51,13 @@ def add_functional_tokens(model, tokenizer):
     return ids
 
 
-def first_functional(text):
-    """The functional token that comes first in `text`, or None."""
-    found = [(text.find(t), t) for t in FUNCTIONAL_TOKENS if t in text]
-    return min(found)[1] if found else None
+def functional_in(token_ids, functional_ids):
+    """The functional tokens among `token_ids` (a list of ids), as strings, in order; n_F is its length.
+
+    Counted by id, as `functional_mask` marks the anchor's positions: the decoded text cannot tell a
+    functional token from the same characters spelled out of ordinary tokens."""
+    names = dict(zip(functional_ids, FUNCTIONAL_TOKENS))
+    return [names[t] for t in token_ids if t in names]
 
 
 def functional_mask(token_ids, functional_ids):

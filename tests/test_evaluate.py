@@ -85,8 +85,13 @@ def test_an_examples_named_token_decides_its_tasks_usual_token_over_its_reply():
     assert usual_tokens(data) == {"a": "<|Line|>"}
 
 
-def test_first_functional_is_the_earliest_functional_token_in_the_text():
-    from atlas_min.tokens import first_functional
-    assert first_functional("a <|Text|> b <|Zoom|>") == "<|Text|>"
-    assert first_functional("<|Zoom|> then <|Text|>") == "<|Zoom|>"
-    assert first_functional("no token") is None
+def test_functional_tokens_are_found_by_id_in_order_and_spelled_out_strings_are_not_tokens(micro):
+    from atlas_min.sampler import decode_completion
+    _, tokenizer, _ = micro
+    ids = tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS)
+    plain = tokenizer.encode(" a", add_special_tokens=False)
+    spelled = [tokenizer.convert_tokens_to_ids(c) for c in "<|Zoom|>"]  # the same characters, one byte token each
+    reply = torch.tensor(plain + [ids[4]] + spelled + [ids[0]] + plain + [ids[4]])
+    text, length, functional = decode_completion(tokenizer, reply, torch.ones(len(reply), dtype=torch.bool))
+    assert text == " a<|Text|><|Zoom|><|Zoom|> a<|Text|>" and length == len(reply)
+    assert functional == ["<|Text|>", "<|Zoom|>", "<|Text|>"]  # the spelled-out one is not there

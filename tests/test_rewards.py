@@ -10,7 +10,6 @@ from atlas_min.config import get_config
 from atlas_min.rewards import (
     answers_equivalent,
     compute_reward,
-    count_functional_tokens,
     extract_answer,
     format_reward,
     length_penalty,
@@ -137,9 +136,20 @@ def test_boxed_format_needs_a_balanced_nonblank_box(completion, expected):
 
 # --- R_ft -----------------------------------------------------------------------------------------
 
-def test_count_functional_tokens_counts_every_occurrence_of_the_five():
+def test_without_token_ids_n_functional_counts_every_occurrence_of_the_five_strings():
     text = "<|Zoom|><|Zoom|> x <|Line|><|Shape|><|Arrow|><|Text|> <|Circle|> <Zoom>"
-    assert count_functional_tokens(text) == 6
+    assert compute_reward(text, "x", MICRO)["n_functional"] == 6
+
+
+def test_with_token_ids_n_functional_is_the_count_by_id_and_spelled_out_strings_count_0():
+    # the reply's text shows two token strings, but its ids held one functional token (the other was
+    # spelled out of ordinary tokens): n_F, R_ft and P_over follow the ids
+    text = "<|Shape|> three <|Zoom|>. <answer>3</answer>"
+    by_id = compute_reward(text, "3", MICRO, functional=["<|Shape|>"])
+    spelled = compute_reward(text, "3", MICRO, functional=[])
+    assert by_id["n_functional"] == 1.0 and by_id["functional"] == 1.0
+    assert spelled["n_functional"] == 0.0 and spelled["functional"] == 0.0
+    assert spelled["total"] == pytest.approx(by_id["total"] - MICRO.w_ft)
 
 
 @pytest.mark.parametrize("completion, accuracy, functional", [

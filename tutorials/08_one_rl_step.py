@@ -98,9 +98,10 @@ def sample_group(k):
     model.train()
     scores, texts = [], []
     for ids, mask in zip(rollout["completion_ids"], rollout["completion_mask"]):
-        text, length = decode_completion(tokenizer, ids, mask)
+        text, length, functional = decode_completion(tokenizer, ids, mask)
         texts.append(text)
-        scores.append(compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length))
+        scores.append(compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length,
+                                     functional=functional))
     return ex, batch, rollout, texts, scores
 
 
