@@ -30,10 +30,10 @@ from atlas_min.cli import (Progress, UsageError, defer_interrupts, interrupted, 
                            release_run_folder, report, say_skipped, stop_interrupted, user_errors)
 from atlas_min.data import (check_lengths, collate_prompts, encode_example, load_examples, stream_indices,
                             to_device)
-from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, gathered, print0, reshard, setup, shard
+from atlas_min.dist import all_sum, autocast, cleanup, gathered, print0, reshard, setup, shard
 from atlas_min.grpo import constant_groups, functional_grad_share, group_advantages, grpo_loss
 from atlas_min.model import load_pretrained
-from atlas_min.optim import adamw, lr_at, set_lr
+from atlas_min.optim import adamw, clipped_step, lr_at, set_lr
 from atlas_min.rewards import compute_reward
 from atlas_min.sampler import decode_completion, rl_row_seeds, rl_run_seed, sample, sequence_logprobs
 from atlas_min.tokens import FUNCTIONAL_TOKENS, functional_mask
@@ -161,13 +161,11 @@ def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, f
                 for key in per_micro:
                     sums[key] += stats[key]
                 n_micro += 1
-            grad_norm = clip_grad_norm(model, cfg.grad_clip)
+            grad_norm = clipped_step(model, optimizer, cfg.grad_clip)
             if math.isfinite(grad_norm):
-                optimizer.step()
                 sums["grad_norm"] += grad_norm
             else:
                 skipped += 1
-            optimizer.zero_grad(set_to_none=True)
             n_mini += 1
     n_micro_all = all_sum(n_micro)
     logged = {key: all_sum(sums[key]) / n_micro_all for key in (*per_micro, "functional_grad_share")}

@@ -11,6 +11,7 @@ functional tokens included with no special weight; prompt, image and padding pos
 The global batch (its examples, their order, the normalising token count) is the same on any number
 of processes: each rank takes a contiguous slice and divides its summed loss by the global count.
 """
+import math
 import time
 
 import torch
@@ -20,9 +21,9 @@ from atlas_min.cli import (Progress, UsageError, defer_interrupts, interrupted, 
                            release_run_folder, report, say_skipped, stop_interrupted, user_errors)
 from atlas_min.data import (IGNORE, check_lengths, collate_sft, encode_example, load_examples, stream_indices,
                             to_device)
-from atlas_min.dist import all_sum, autocast, cleanup, clip_grad_norm, print0, setup, shard
+from atlas_min.dist import all_sum, autocast, cleanup, print0, setup, shard
 from atlas_min.model import forward, init_model, load_pretrained, reply_nll
-from atlas_min.optim import adamw, lr_at, set_lr
+from atlas_min.optim import adamw, clipped_step, lr_at, set_lr
 from atlas_min.tokens import FUNCTIONAL_TOKENS
 
 # 1. command line, processes, data
@@ -91,9 +92,9 @@ for step in range(start, total):
     n_reply = all_sum(sum(len(e["reply_ids"]) for e in encoded))  # the global normaliser
     loss_sum, ft_loss_sum, ft_count = sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world,
                                                device)
-    grad_norm = clip_grad_norm(model, cfg.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = clipped_step(model, optimizer, cfg.grad_clip)  # not finite: the update is skipped
+    if not math.isfinite(grad_norm):
+        print0(f"note: step {step + 1}: the gradient norm was not finite, the update was skipped")
 
     loss = all_sum(loss_sum) / n_reply
     progress.log(step, loss=loss, ft_loss=all_sum(ft_loss_sum) / max(all_sum(ft_count), 1), lr=lr,

@@ -101,8 +101,9 @@ class Config:
     kl_coef: float = 0.01  # beta
     anchor_coef: float = 0.5  # lambda; 0 is plain GRPO
     adv_eps: float = 1e-6
-    # RL: (0.9, 0.99), as verl's and OpenRLHF's GRPO defaults; policy-gradient steps are noisy, so the
-    # second moment averages over more of them (~100 updates) than in SFT.
+    # RL: (0.9, 0.99), ours (the paper gives none; verl's GRPO default is (0.9, 0.999) with a constant lr,
+    # OpenRLHF's (0.9, 0.95)): policy-gradient steps are noisy, so the second moment averages over ~100
+    # updates instead of SFT's ~20. Both stages: linear warm-up, then cosine decay to 0 (optim.lr_at).
     rl_beta1: float = 0.9
     rl_beta2: float = 0.99
 
@@ -179,9 +180,11 @@ PRESETS = {
         temperature=1.0, top_p=1.0,  # sample the policy itself: the PPO ratio starts at exactly 1
         clip_eps=0.2,  # PPO's and GRPO's usual ε
         kl_coef=0.01,  # β as verl's recipe
-        # λ, ours: L_anchor and L_GRPO are both means of the same clipped terms, so λ is the anchor's
-        # size relative to GRPO; 0.5 gives functional tokens (2.3% of tokens) about a third of the
-        # per-token weight while GRPO's sequence-level objective stays the larger term.
+        # λ, ours: L_anchor and L_GRPO are both means of the same clipped terms, so λ is the anchor's size
+        # relative to GRPO. At the paper's sparsity (4.8 functional of 203.7 tokens) and r = 1, λ = 0.5 weighs
+        # each functional token 1 + λ·203.7/4.8 ≈ 22× a text token, and gives functional positions
+        # (0.024 + λ)/(1 + λ) ≈ 0.35 of Σ|∂L/∂log π| (the functional gradient share): GRPO's sequence-level
+        # objective stays the larger part.
         anchor_coef=0.5,
         # Rewards, ours: a correct answer always outscores a wrong one (1 - 0.2 - 0.2 > 0.2); the token
         # bonus only ranks correct answers; format is mostly learned in SFT, so its weight is small.

@@ -23,36 +23,56 @@ from atlas_min.config import get_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(cmd):
+def _run(cmd, log=None):
+    """Run one stage's command from the repository root; with `log`, its output goes to that file."""
     print("$ " + " ".join(map(str, cmd)), flush=True)
     t0 = time.time()
-    subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
+    if log is None:
+        subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
+    else:
+        with open(log, "a") as f:
+            subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True, stdout=f, stderr=subprocess.STDOUT)
     return time.time() - t0
+
+
+def commit():
+    """The code's commit (`git rev-parse --short HEAD`), with "+changes" when tracked files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if git("diff", "--quiet", "HEAD", "--", "*.py").returncode else "")
 
 
 def launcher(procs):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
 
 
-def run_stage(folder, train_cmd, eval_args):
-    """Train into `folder` and evaluate it, unless both are already there; returns (eval dict, seconds).
+def run_stage(folder, train_cmd, eval_args, log=None):
+    """Train into `folder` and evaluate it, unless both are already there; returns the eval dict, with
+    "train_seconds" and "commit" (the code's commit when the stage trained, `commit()`).
 
-    A stage killed before its end is resumed from its latest checkpoint, not restarted."""
+    A stage killed before its end is resumed from its latest checkpoint, not restarted. With `log`, the
+    stage's output goes to that file (stages that run side by side)."""
     seconds = 0.0
     if not (folder / "model.safetensors").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "commit.txt").write_text(commit() + "\n")
         if list((folder / "checkpoints").glob("step_*/trainer_state.json")):
             script = next(c for c in train_cmd if str(c).endswith(".py"))
             train_cmd = train_cmd[:train_cmd.index(script) + 1] + ["--resume", folder]
         else:  # killed before its first checkpoint: start the stage again
             train_cmd = [*train_cmd, "--overwrite"]
-        seconds = _run(train_cmd)
+        seconds = _run(train_cmd, log)
     if not (folder / "eval.json").is_file():
-        _run([sys.executable, "eval.py", "--ckpt", folder, *eval_args])
+        _run([sys.executable, "eval.py", "--ckpt", folder, *eval_args], log)
     result = json.loads((folder / "eval.json").read_text())
-    timing = folder / "train_seconds.txt"
+    timing, code = folder / "train_seconds.txt", folder / "commit.txt"
     if seconds:
         timing.write_text(f"{seconds:.1f}\n")
     result["train_seconds"] = float(timing.read_text()) if timing.is_file() else float("nan")
+    result["commit"] = code.read_text().strip() if code.is_file() else "unknown"
     return result
 
 

@@ -2,10 +2,16 @@
 
     optimizer = adamw(model, cfg, "rl")
     set_lr(optimizer, lr_at(step, total, cfg.rl_warmup, cfg.rl_lr))
+    grad_norm = clipped_step(model, optimizer, cfg.grad_clip)   # nan: the update was skipped
+
+AdamW is torch's (decoupled weight decay, `weight_decay` in the config: 0 in every preset). The schedule is
+ours for both stages: linear warm-up, then cosine decay to 0 at the last step (docs/method.md, "Optimizer").
 """
 import math
 
 import torch
+
+from atlas_min.dist import clip_grad_norm
 
 
 def adamw(model, cfg, stage):
@@ -28,3 +34,18 @@ def lr_at(step, total, warmup, peak):
 def set_lr(optimizer, lr):
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
+
+
+def clipped_step(model, optimizer, max_norm):
+    """Clip the global gradient norm to `max_norm`, apply the update, clear the gradients; returns the norm.
+
+    A norm that is not finite (a NaN or inf anywhere in the gradient) is not applied: one such update
+    would turn every weight AdamW touches into NaN. The gradients are cleared and the norm returned, so
+    the caller counts the skip (docs/method.md, "Numerical guards"). Under FSDP the norm is global, so
+    every rank takes the same decision.
+    """
+    norm = clip_grad_norm(model, max_norm)
+    if math.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm

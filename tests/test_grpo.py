@@ -42,6 +42,25 @@ def test_a_constant_group_has_zero_advantages():
     assert A.tolist() == [0.0] * 9
 
 
+@pytest.mark.parametrize("reward", [1.7, 0.2, 1.2, 0.9, 1.5])  # sums of the presets' reward weights
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_constant_group_of_eight_has_exactly_zero_advantages_in_float32_too(reward, dtype):
+    # In float32 the mean of eight 1.7s is off by one rounding step and the std is ~1e-7, not 0: the
+    # formula alone gives +0.1057 to every output. The rule "a constant group gets 0" holds anyway.
+    A = group_advantages(torch.full((16,), reward, dtype=dtype), group_size=8)
+    assert A.dtype == dtype and A.tolist() == [0.0] * 16
+
+
+def test_a_mixed_group_beside_a_constant_one_keeps_its_float64_advantages():
+    rewards = torch.tensor([1.7] * 8 + [1.7] * 7 + [0.2], dtype=torch.float32)
+    A = group_advantages(rewards, group_size=8)
+    r = [float(x) for x in rewards[8:]]  # the float32 values, in python floats
+    mean = sum(r) / 8
+    std = math.sqrt(sum((x - mean) ** 2 for x in r) / 7)
+    assert A[:8].tolist() == [0.0] * 8
+    assert A[8:].tolist() == pytest.approx([(x - mean) / (std + 1e-6) for x in r], abs=1e-6)
+
+
 def test_advantages_are_normalised_per_group_not_across_the_batch():
     # two groups with very different reward scales get the same advantages: +-1/sqrt(2) each
     A = group_advantages(torch.tensor([0.0, 1.0, 10.0, 30.0]), group_size=2, eps=0.0)
@@ -93,6 +112,23 @@ def test_clipping_is_active_exactly_outside_the_range_on_the_side_the_advantages
                              torch.zeros(1, len(ratios), dtype=torch.bool),
                              clip_eps=eps, kl_coef=0.0, anchor_coef=0.0)
         assert stats["clip_frac"] == pytest.approx(n_clipped / len(ratios))
+
+
+def test_log_ratios_beyond_the_bound_give_a_finite_loss_and_gradient():
+    # old log-prob -inf (a token the sampler's distribution gave no mass), +-1000 nats, and junk at padding:
+    # exp is taken of the clamped log-ratio, so r <= e^20 and nothing becomes inf or NaN
+    logp = torch.tensor([[-1.0, -2.0, -0.5, 3.0]], requires_grad=True)
+    old = torch.tensor([[float("-inf"), -1000.0, 1000.0, 0.0]])
+    ref = torch.tensor([[-1e4, 1e4, -0.5, 0.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    for A in (1.0, -1.0):
+        loss, stats = grpo_loss(logp, old, ref, torch.tensor([A]), mask, mask, clip_eps=0.2, kl_coef=0.1,
+                                anchor_coef=1.0)
+        (g,) = torch.autograd.grad(loss, logp)
+        assert math.isfinite(loss.item()) and torch.isfinite(g).all() and math.isfinite(stats["ratio_mean"])
+    r = torch.exp(torch.clamp(torch.tensor(20.0), max=20.0)).item()
+    assert clipped_surrogate(torch.zeros(1, 1), torch.tensor([[-1e9]]), torch.tensor([-1.0]), 0.2).item() == \
+        pytest.approx(r)  # -min(r A, clip(r) A) with A = -1 and r = e^20
 
 
 def test_k3_kl_is_non_negative_and_zero_iff_log_probs_are_equal():
@@ -346,3 +382,23 @@ def test_slices_with_whole_batch_counts_add_up_to_the_whole_batch_loss():
     parts = [grpo_loss(logp[s], old[s], ref[s], A[s], mask[s], fmask[s], num_outputs=n_out,
                        num_anchor_outputs=n_anchor, **kw)[0] for s in (slice(0, 2), slice(2, 5), slice(5, 6))]
     torch.testing.assert_close(sum(parts), whole)
+
+
+def test_at_the_papers_sparsity_lambda_half_gives_functional_tokens_22x_the_weight_and_035_of_the_gradient():
+    # config.py's reason for anchor_coef=0.5: 4.8 functional of 203.7 tokens (as 48 of 2,037 per output),
+    # r = 1, every output with the same |A|. By hand: a text token's |g| is |A| / (B |o|); a functional
+    # one's adds λ |A| / (B |F|): ratio 1 + λ |o| / |F| = 1 + 0.5 * 2037 / 48; share (|F|/|o| + λ) / (1 + λ).
+    B, T, n_f, lam = 4, 2037, 48, 0.5
+    mask = torch.ones(B, T, dtype=torch.bool)
+    fmask = torch.zeros(B, T, dtype=torch.bool)
+    fmask[:, :: T // n_f][:, :n_f] = True
+    assert int(fmask.sum()) == B * n_f
+    A = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    logp = torch.full((B, T), -1.0, requires_grad=True)
+    loss, _ = grpo_loss(logp, logp.detach(), None, A, mask, fmask, clip_eps=0.2, kl_coef=0.0, anchor_coef=lam)
+    (g,) = torch.autograd.grad(loss, logp)
+    assert (g[fmask].abs() / g[~fmask].abs().mean()).mean().item() == pytest.approx(1 + lam * 2037 / 48)
+    assert 1 + lam * 2037 / 48 == pytest.approx(22.2, abs=0.05)
+    share = functional_grad_share(logp, logp.detach(), None, A, mask, fmask, clip_eps=0.2, kl_coef=0.0,
+                                  anchor_coef=lam)
+    assert share == pytest.approx((48 / 2037 + lam) / (1 + lam)) and share == pytest.approx(0.35, abs=0.005)

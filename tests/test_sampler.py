@@ -153,6 +153,19 @@ def test_draws_follow_softmax_and_top_p_keeps_the_smallest_nucleus():
     torch.testing.assert_close(freq, torch.tensor([0.731, 0.269, 0, 0, 0]), atol=0.01, rtol=0)
 
 
+def test_a_uniform_of_0_or_just_below_1_never_draws_a_token_of_probability_0():
+    from atlas_min.sampler import _draw
+    inf = float("-inf")
+    # token 0 banned (-inf), token 4 banned; tokens 1-3 possible; the last row has only token 3 left
+    logits = torch.tensor([[inf, 0.0, 1.0, 2.0, inf]] * 2 + [[inf, inf, inf, 5.0, inf]] * 2)
+    below_1 = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()  # the largest float32 < 1
+    u = torch.tensor([0.0, below_1, 0.0, below_1])
+    for top_p in (1.0, 0.5):
+        picked = _draw(logits, top_p, u).tolist()
+        assert all(torch.isfinite(logits[row, tok]) for row, tok in enumerate(picked)), picked
+    assert _draw(logits, 1.0, u).tolist() == [1, 3, 3, 3]  # u = 0: the first possible token; u -> 1: the last
+
+
 def test_rl_seed_moves_an_rl_runs_draws_and_0_leaves_them_as_seed_alone_gives():
     from atlas_min.config import get_config
     from atlas_min.sampler import rl_row_seeds
