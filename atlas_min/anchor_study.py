@@ -1,22 +1,30 @@
-"""The anchor study: does LA-GRPO's anchor help where the functional token decides the answer?
+"""The anchor study: does LA-GRPO's anchor help where the functional token decides the answer, and is
+that more than a bigger step?
 
-    python -m atlas_min.anchor_study                          # runs/anchor-study: results.json, results.md, curves.png
-    python -m atlas_min.anchor_study --seeds 3 --anchors 0.5,2 rl_steps=120   # overrides go to every stage
-    python -m atlas_min.anchor_study --plot-only              # redraw from what is on disk
-    python -m atlas_min.anchor_study --readme                 # also write the table into README.md
+    python -m atlas_min.anchor_study --jobs 2 --procs 1            # runs/anchor-study: results.json, results.md, curves.png
+    python -m atlas_min.anchor_study --seeds 3 --anchors 0.5,2 --lr-scales 2 rl_steps=120   # overrides go to every stage
+    python -m atlas_min.anchor_study --plot-only                   # redraw the table and picture from what is on disk
+    python -m atlas_min.anchor_study --readme                      # also write the table into README.md
 
 On the decisive toy (`--config toy_decisive`: the picture's frame selects the operation, the reply's
 functional token carries it out, and the SFT teacher writes the wrong token in most replies of one
-family), for each reply length (`toy_reply` short: functional tokens ≈ 10% of the reply; long: ≤ 3%):
-one SFT checkpoint, then GRPO (λ = 0) and LA-GRPO at each λ of `--anchors`, each on `--seeds` RL
-seeds (`rl_seed`) from that same checkpoint. Every stage is the user's own command line (train_sft.py,
-torchrun train_rl.py, eval.py --intervene), and a finished stage is reused, so an interrupted study
-continues where it stopped. The table shows mean [min, max] over seeds.
+family), for each reply length (`toy_reply` short: the token is 1 of 12 generated tokens; long: ~1 of 38):
+one SFT checkpoint, then on each of `--seeds` RL seeds (`rl_seed`) from that same checkpoint
+- GRPO (λ = 0) at the preset's learning rate;
+- the controls: GRPO with its learning rate multiplied by each of `--lr-scales` (does a bigger step
+  do what the anchor does?);
+- LA-GRPO at each λ of `--anchors`.
+Every stage is the user's own command line (train_sft.py, train_rl.py through torchrun, eval.py
+--intervene), and a finished stage is reused, so an interrupted study continues where it stopped.
+`--jobs 2 --procs 1` runs two single-process stages side by side (what 2 cores do best for a 0.6 M
+model); the numbers do not depend on the number of processes beyond float summation order.
+Each stage records the commit of the code it ran on (`commit.txt`); the table names them.
 """
 import json
-import shutil
 import statistics
+import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from atlas_min.cli import user_errors
@@ -24,12 +32,14 @@ from atlas_min.config import get_config
 from atlas_min.experiment import ROOT, driver_parser, launcher, run_stage, update_readme
 
 LENGTHS = ("short", "long")
+TAIL = 10  # "final" values average the RL run's last TAIL steps (one step's 128 samples are noisy)
 
 
-def _runs(anchors, seeds):
-    """{run name: (λ, rl_seed)}: GRPO and each LA-GRPO λ, on every seed."""
-    methods = {"grpo": 0.0, **{f"la-grpo-{a:g}": a for a in anchors}}
-    return {f"{m}-s{s}": (a, s) for m, a in methods.items() for s in range(seeds)}
+def methods(anchors, lr_scales, rl_lr):
+    """{method name: (λ, learning rate)}: GRPO, the larger-lr GRPO controls, LA-GRPO at each λ."""
+    out = {"grpo": (0.0, rl_lr)}
+    out |= {f"grpo-lr{s:g}x": (0.0, rl_lr * s) for s in lr_scales}
+    return out | {f"la-grpo-{a:g}": (a, rl_lr) for a in anchors}
 
 
 def _method(run):
@@ -40,18 +50,35 @@ def _metrics(folder):
     return [json.loads(line) for line in (folder / "metrics_rl.jsonl").read_text().splitlines()]
 
 
-def _summary(result, metrics, tail):
-    """The numbers of one run the table shows: held-out (greedy) eval, and the RL run's last `tail` steps."""
+def _result(folder):
+    """A finished stage's eval.json, with the commit its training ran on."""
+    code = folder / "commit.txt"
+    return json.loads((folder / "eval.json").read_text()) | {
+        "commit": code.read_text().strip() if code.is_file() else "unknown"}
+
+
+def _mean(rows, key):
+    return statistics.mean(r[key] for r in rows)
+
+
+def summary(result, metrics):
+    """The numbers of one run: held-out greedy eval, and from its RL samples the mean over steps, the final
+    (last TAIL steps) values, the largest KL, and the drift of functional tokens and length per reply from
+    the SFT policy's own samples (the first RL step samples from the SFT weights)."""
     gap = result.get("intervention_gap", {})
     right = result.get("right_token_rate", {})
     row = {"accuracy": result["accuracy"], "right_token": statistics.mean(right.values()) if right else None,
            "gap": statistics.mean(gap.values()) if gap else None, "length": result["mean_length"],
-           "functional_per_output": result["mean_functional_tokens"]}
+           "functional_per_output": result["mean_functional_tokens"], "commit": result.get("commit", "unknown")}
     if metrics:
-        last = metrics[-tail:]
-        row |= {"sampled_right_token": statistics.mean(m["right_token_rate"] for m in metrics),
-                "kl": statistics.mean(m["kl"] for m in last),
-                "functional_token_share": statistics.mean(m["functional_token_share"] for m in last)}
+        last = metrics[-TAIL:]
+        row |= {"sampled_right_token": _mean(metrics, "right_token_rate"),
+                "final_right_token": _mean(last, "right_token_rate"),
+                "kl": _mean(last, "kl"), "max_kl": max(m["kl"] for m in metrics),
+                "token_spam": _mean(last, "functional_per_completion") - metrics[0]["functional_per_completion"],
+                "length_drift": _mean(last, "completion_length") - metrics[0]["completion_length"],
+                "entropy": _mean(last, "entropy"), "constant_groups": _mean(metrics, "constant_group_share"),
+                "functional_token_share": _mean(last, "functional_token_share")}
     return row
 
 
@@ -62,88 +89,116 @@ def _spread(values):
     return f"{statistics.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
+COLUMNS = [("accuracy", "held-out accuracy"), ("right_token", "held-out right-token rate"),
+           ("sampled_right_token", "right-token rate of RL samples, mean over steps"),
+           ("final_right_token", f"… of the last {TAIL} steps"), ("gap", "intervention gap"),
+           ("kl", f"KL from SFT (last {TAIL} steps)"), ("max_kl", "largest KL of a step"),
+           ("token_spam", "functional tokens per reply, change"), ("length_drift", "reply length, change"),
+           ("entropy", "entropy (nats/token)"), ("constant_groups", "constant-group share")]
+
+
 def table(results, command, settings):
-    """results.md: one row per (length, method), mean [min, max] over seeds."""
-    cols = [("accuracy", "held-out accuracy"), ("right_token", "right-token rate"),
-            ("sampled_right_token", "right-token rate of RL samples, mean over steps"), ("gap", "intervention gap"),
-            ("kl", "KL (last 10 steps)"), ("length", "reply length"), ("functional_token_share",
-                                                                             "functional share of tokens")]
+    """results.md: one row per (length, method), mean [min, max] over seeds; the commits the stages ran on."""
     lines = [f"`{command}`", "", settings, "",
-             "| reply | model | " + " | ".join(title for _, title in cols) + " |", "|---|---|" + "---|" * len(cols)]
+             "| reply | model | " + " | ".join(title for _, title in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     for length, runs in results.items():
         by_method = {}
         for run, row in runs.items():
             by_method.setdefault("SFT" if run == "sft" else _method(run), []).append(row)
         for method, rows in by_method.items():
-            lines.append(f"| {length} | {method} | " + " | ".join(_spread([r.get(k) for r in rows]) for k, _ in cols)
+            lines.append(f"| {length} | {method} | " + " | ".join(_spread([r.get(k) for r in rows]) for k, _ in COLUMNS)
                          + " |")
+    commits = sorted({row["commit"] for runs in results.values() for row in runs.values()})
+    lines += ["", f"Code: commit {', '.join(commits)} (`commit.txt` of each stage, written when it trained)."]
     return "\n".join(lines)
 
 
-def plot(out, lengths, runs):
-    """curves.png: sampled accuracy and right-token rate over RL steps, mean line and min-max band per
-    method, one column of panels per reply length."""
+def plot(out, results, runs):
+    """curves.png, one column per reply length: the right-token rate of RL samples over steps; the same
+    against the KL from SFT (an equal-distance comparison); each run's final intervention gap against its
+    mean sampled right-token rate (what the speed cost in token dependence). Mean line and min-max band
+    over seeds; 10-step running means."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = [("accuracy", "accuracy of samples"), ("right_token_rate", "right-token rate of samples")]
-    fig, axes = plt.subplots(len(keys), len(lengths), figsize=(6 * len(lengths), 7), squeeze=False)
+    lengths = list(results)
+    fig, axes = plt.subplots(3, len(lengths), figsize=(6.5 * len(lengths), 13), squeeze=False)
     for col, length in enumerate(lengths):
-        methods = {}
+        by_method = {}
         for run in runs:
-            methods.setdefault(_method(run), []).append(_metrics(out / length / run))
-        for method, per_seed in methods.items():
-            steps = [m["step"] for m in per_seed[0]]
-            for row, (key, title) in enumerate(keys):
-                smooth = [[statistics.mean(m[key] for m in ms[max(0, i - 9):i + 1]) for i in range(len(ms))]
-                          for ms in per_seed]  # 10-step running mean per seed
-                n = min(map(len, smooth))
-                mean = [statistics.mean(s[i] for s in smooth) for i in range(n)]
-                ax = axes[row][col]
-                ax.plot(steps[:n], mean, label=method)
-                ax.fill_between(steps[:n], [min(s[i] for s in smooth) for i in range(n)],
-                                [max(s[i] for s in smooth) for i in range(n)], alpha=0.2)
-                ax.set_title(f"{length} replies: {title} (10-step mean)")
-                ax.set_xlabel("RL step")
-    axes[0][0].legend()
+            by_method.setdefault(_method(run), []).append((_metrics(out / length / run), results[length][run]))
+        for method, per_seed in by_method.items():
+            smooth = {key: [[statistics.mean(m[key] for m in ms[max(0, i - 9):i + 1]) for i in range(len(ms))]
+                            for ms, _ in per_seed] for key in ("right_token_rate", "kl")}
+            n = min(map(len, smooth["kl"]))
+            steps = [m["step"] for m in per_seed[0][0]][:n]
+            rate = smooth["right_token_rate"]
+            line, = axes[0][col].plot(steps, [statistics.mean(s[i] for s in rate) for i in range(n)], label=method)
+            axes[0][col].fill_between(steps, [min(s[i] for s in rate) for i in range(n)],
+                                      [max(s[i] for s in rate) for i in range(n)], alpha=0.2, color=line.get_color())
+            for k, (kl, r) in enumerate(zip(smooth["kl"], rate)):
+                axes[1][col].plot(kl, r, color=line.get_color(), alpha=0.6, label=method if k == 0 else None)
+            axes[2][col].scatter([row["sampled_right_token"] for _, row in per_seed], [row["gap"] for _, row in per_seed],
+                                 color=line.get_color(), label=method)
+        gap_sft = results[length]["sft"]["gap"]
+        axes[2][col].axhline(gap_sft, color="gray", linestyle=":", label="SFT")
+        titles = [("RL step", "right-token rate of samples"), ("KL from SFT (k3, per token)", "right-token rate of samples"),
+                  ("right-token rate of samples, mean over steps", "intervention gap after RL")]
+        for row, (xlabel, ylabel) in enumerate(titles):
+            axes[row][col].set_title(f"{length} replies: {ylabel} vs {xlabel}")
+            axes[row][col].set_xlabel(xlabel)
+            axes[row][col].set_ylabel(ylabel)
+        axes[0][col].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=90)
+    fig.savefig(out / "curves.png", dpi=80)
     print(f"wrote {out / 'curves.png'}")
+
+
+def _stages(out, base, length, runs, procs):
+    """[(folder, train command)] of one reply length's RL runs."""
+    sft_dir = out / length / "sft"
+    return [(out / length / run, [*launcher(procs), "train_rl.py", *base, "--init", sft_dir, "--out", out / length / run,
+                                  f"anchor_coef={anchor}", f"rl_lr={lr:g}", f"rl_seed={seed}"])
+            for run, (anchor, lr, seed) in runs.items()]
 
 
 def main():
     p = driver_parser(__doc__.splitlines()[0], "runs/anchor-study", "toy_decisive")
-    p.add_argument("--seeds", type=int, default=3, help="RL seeds per method")
+    p.add_argument("--seeds", type=int, default=5, help="RL seeds per method")
     p.add_argument("--anchors", default="0.5,2", help="λ values of the LA-GRPO runs (GRPO, λ = 0, always runs)")
+    p.add_argument("--lr-scales", default="2,4", help="the GRPO controls: the preset's rl_lr times each of these")
+    p.add_argument("--jobs", type=int, default=1, help="stages run side by side (each with --procs processes)")
     p.add_argument("--readme", action="store_true", help="also write the table into README.md (anchor-study)")
     p.add_argument("overrides", nargs="*", help="field=value, passed to every stage")
     args = p.parse_intermixed_args()
     with user_errors():
         cfg = get_config(args.config, args.overrides)
     out = Path(args.out).resolve()
-    runs = _runs([float(a) for a in args.anchors.split(",") if a], args.seeds)
-    if args.plot_only:
-        return plot(out, LENGTHS, runs)
+    named = methods([float(a) for a in args.anchors.split(",") if a],
+                    [float(s) for s in args.lr_scales.split(",") if s], cfg.rl_lr)
+    runs = {f"{m}-s{s}": (anchor, lr, s) for m, (anchor, lr) in named.items() for s in range(args.seeds)}
 
     results = {}
     for length in LENGTHS:
         base = ["--config", args.config, *args.overrides, f"toy_reply={length}"]
         sft_dir = out / length / "sft"
-        sft = run_stage(sft_dir, [sys.executable, "train_sft.py", *base, "--out", sft_dir],
-                     ["--intervene"])
-        results[length] = {"sft": _summary(sft, [], 10)}
-        for run, (anchor, seed) in runs.items():
-            folder = out / length / run
-            result = run_stage(folder, [*launcher(args.procs), "train_rl.py", *base, "--init", sft_dir, "--out", folder,
-                                     f"anchor_coef={anchor}", f"rl_seed={seed}"], ["--intervene"])
-            results[length][run] = _summary(result, _metrics(folder), 10)
+        stages = _stages(out, base, length, runs, args.procs)
+        if not args.plot_only:
+            run_stage(sft_dir, [sys.executable, "train_sft.py", *base, "--out", sft_dir], ["--intervene"])
+            log = None if args.jobs == 1 else "stage.log"
+            with ThreadPoolExecutor(args.jobs) as pool:  # each stage is a subprocess: threads only wait
+                list(pool.map(lambda s: run_stage(s[0], s[1], ["--intervene"], log and s[0] / log), stages))
+        results[length] = {"sft": summary(_result(sft_dir), [])}
+        results[length] |= {run: summary(_result(folder), _metrics(folder)) for (folder, _), run in zip(stages, runs)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
-    shown = [a for a in sys.argv[1:] if a != "--readme"]
+    shown = [a for a in sys.argv[1:] if a not in ("--readme", "--plot-only")]
     command = " ".join(["python -m atlas_min.anchor_study", *shown])
     settings = (f"(preset {args.config}: {cfg.max_steps or cfg.rl_steps} RL steps × {cfg.prompts_per_step} prompts × "
-                f"G={cfg.group_size}, lr {cfg.rl_lr:g}, {args.seeds} RL seeds per method, {args.procs} process(es); "
-                f"held-out split of {cfg.toy_eval_size} examples, greedy; mean [min, max] over seeds)")
+                f"G={cfg.group_size}, lr {cfg.rl_lr:g} (controls: × {args.lr_scales}), {args.seeds} RL seeds per "
+                f"method from one SFT checkpoint per reply length; held-out split of {cfg.toy_eval_size} examples, "
+                f"greedy; mean [min, max] over seeds; changes are the last {TAIL} steps' samples minus the first "
+                f"step's, i.e. the SFT policy's own samples)")
     text = table(results, command, settings)
     (out / "results.md").write_text(text + "\n")
     print(text)
@@ -151,7 +206,7 @@ def main():
         with user_errors():
             update_readme("anchor-study", text)
     try:
-        plot(out, LENGTHS, runs)
+        plot(out, results, runs)
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[plot]'): no curves.png")
     if args.readme and (out / "curves.png").is_file():  # README shows the picture from docs/

@@ -1,10 +1,15 @@
-"""The toy result in one command: SFT once, then GRPO and LA-GRPO from the same checkpoint and seed.
+"""The toy result in one command: SFT once, then GRPO, a larger-lr GRPO control and LA-GRPO from the same
+checkpoint and seed, each evaluated greedily with the token intervention probe.
 
-    python -m atlas_min.experiment                      # runs/experiment: sft/, grpo/, la-grpo/, results.md, curves.png
+    python -m atlas_min.experiment                      # the decisive toy, long replies: runs/experiment
+    python -m atlas_min.experiment --config toy --out runs/toy   # the five-family toy (the token decides nothing)
     python -m atlas_min.experiment --procs 1 seed=1     # one process; overrides go to every stage
     python -m atlas_min.experiment --plot-only          # redraw curves.png from the metrics on disk
     python -m atlas_min.experiment --readme             # also write the table into README.md
-    python -m atlas_min.experiment --out runs/experiment-noslip toy_teacher_slip=0 --readme toy-results-noslip
+
+The default is the decisive toy (`toy_decisive`, long replies, the teacher's token slip): the token
+decides the answer and is ~1 of 38 generated tokens, the setting LA-GRPO is for. The control asks
+whether a bigger GRPO step does what the anchor does (`--lr-scale`; `anchor_study` does it over seeds).
 
 Each stage is the user's own command line (train_sft.py, torchrun train_rl.py, eval.py), run as a
 subprocess; an existing stage folder with a model and eval.json is reused, so an interrupted
@@ -12,6 +17,7 @@ experiment continues where it stopped. The table is written from the eval.json f
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,14 +30,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(cmd, log=None):
-    """Run one stage's command from the repository root; with `log`, its output goes to that file."""
+    """Run one stage's command from the repository root. With `log` (stages side by side) its output goes to
+    that file and it gets one thread per process: two stages with two threads each would share 2 cores."""
     print("$ " + " ".join(map(str, cmd)), flush=True)
     t0 = time.time()
     if log is None:
         subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
     else:
         with open(log, "a") as f:
-            subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True, stdout=f, stderr=subprocess.STDOUT)
+            subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True, stdout=f, stderr=subprocess.STDOUT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     return time.time() - t0
 
 
@@ -88,23 +96,28 @@ def update_readme(section, text, readme=ROOT / "README.md"):
 
 
 def plot(out, runs):
-    """curves.png: reward, sampled accuracy and functional-gradient share per RL step, one line per run."""
+    """curves.png: what a reviewer reads first, per RL step, one line per run (10-step running means)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = [("reward", "reward"), ("accuracy", "accuracy of samples"), ("functional_grad_share", "functional share of |∂L/∂log π|")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    keys = [("accuracy", "accuracy of samples"), ("right_token_rate", "right-token rate of samples"),
+            ("kl", "KL from SFT (k3, per token)"), ("entropy", "entropy (nats per generated token)"),
+            ("constant_group_share", "constant-group share (no signal)"),
+            ("functional_grad_share", "functional gradient share")]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for name in runs:
         rows = [json.loads(line) for line in (out / name / "metrics_rl.jsonl").read_text().splitlines()]
-        for ax, (key, title) in zip(axes, keys):
+        for ax, (key, title) in zip(axes.flat, keys):
+            if key not in rows[0]:  # data that names no right token
+                continue
             values = [r[key] for r in rows]
             smooth = [sum(values[max(0, i - 9):i + 1]) / len(values[max(0, i - 9):i + 1]) for i in range(len(values))]
             ax.plot([r["step"] for r in rows], smooth, label=name)
             ax.set_title(title + " (10-step mean)")
             ax.set_xlabel("RL step")
-    axes[0].legend()
+    axes[0][0].legend()
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
+    fig.savefig(out / "curves.png", dpi=80)
     print(f"wrote {out / 'curves.png'}")
 
 
@@ -118,38 +131,58 @@ def driver_parser(description, out, config):
     return p
 
 
+def _mean_of(per_task):
+    return sum(per_task.values()) / len(per_task) if per_task else float("nan")
+
+
 def main():
-    p = driver_parser(__doc__.splitlines()[0], "runs/experiment", "toy")
-    p.add_argument("--anchor", type=float, default=0.5, help="λ of the LA-GRPO run (the GRPO run has λ = 0)")
+    p = driver_parser(__doc__.splitlines()[0], "runs/experiment", "toy_decisive")
+    p.add_argument("--anchor", type=float, default=0.5, help="λ of the LA-GRPO run (the GRPO runs have λ = 0)")
+    p.add_argument("--lr-scale", type=float, default=2.0,
+                   help="the control: GRPO with rl_lr times this (0: no control run)")
     p.add_argument("--readme", nargs="?", const="toy-results", default=None, metavar="SECTION",
                    help="also write the table into README.md (its toy-results section, or SECTION)")
     p.add_argument("overrides", nargs="*", help="field=value, passed to every stage")
     args = p.parse_intermixed_args()
     out = Path(args.out).resolve()
-    cfg = get_config(args.config, args.overrides)
-    runs = {"grpo": 0.0, "la-grpo": args.anchor}
+    with user_errors():
+        cfg = get_config(args.config, args.overrides)
+    runs = {"grpo": (0.0, cfg.rl_lr)}
+    if args.lr_scale:
+        runs[f"grpo-lr{args.lr_scale:g}x"] = (0.0, cfg.rl_lr * args.lr_scale)
+    runs["la-grpo"] = (args.anchor, cfg.rl_lr)
     if args.plot_only:
         return plot(out, runs)
 
     base = ["--config", args.config, *args.overrides]
-    sft = run_stage(out / "sft", [sys.executable, "train_sft.py", *base, "--out", out / "sft"], ["--blind", *args.overrides])
+    sft = run_stage(out / "sft", [sys.executable, "train_sft.py", *base, "--out", out / "sft"],
+                    ["--blind", "--intervene", *args.overrides])
     results = {"SFT": sft}
-    for name, anchor in runs.items():
+    for name, (anchor, lr) in runs.items():
         results[name] = run_stage(out / name, [*launcher(args.procs), "train_rl.py", *base, "--init", out / "sft",
-                                            "--out", out / name, f"anchor_coef={anchor}"], args.overrides)
+                                               "--out", out / name, f"anchor_coef={anchor}", f"rl_lr={lr:g}"],
+                                  ["--intervene", *args.overrides])
+        metrics = [json.loads(line) for line in (out / name / "metrics_rl.jsonl").read_text().splitlines()]
+        results[name]["kl"] = sum(m["kl"] for m in metrics[-10:]) / len(metrics[-10:])
     tasks = list(sft["per_task"])
-    shown = (["--config", args.config] if args.config != "toy" else []) + (["--procs", str(args.procs)] if args.procs != 2 else [])
-    shown += ["--anchor", str(args.anchor)] if args.anchor != 0.5 else []
-    shown += (["--out", args.out] if args.out != "runs/experiment" else []) + list(args.overrides)
+    defaults = {"--config": "toy_decisive", "--procs": "2", "--anchor": "0.5", "--lr-scale": "2",
+                "--out": "runs/experiment"}
+    given = {"--config": args.config, "--procs": str(args.procs), "--anchor": f"{args.anchor:g}",
+             "--lr-scale": f"{args.lr_scale:g}", "--out": args.out}
+    shown = [x for k, v in given.items() if v != defaults[k] for x in (k, v)] + list(args.overrides)
     command = " ".join(["python -m atlas_min.experiment", *shown])
     lines = [f"`{command}`",
-             f"(preset {args.config}, seed {cfg.seed}, {cfg.max_steps or cfg.rl_steps} RL steps × {cfg.prompts_per_step} prompts × G={cfg.group_size}, "
-             f"LA-GRPO λ={args.anchor}, {args.procs} process(es) for RL; held-out split of {sft['n']} examples, greedy)", "",
-             "| model | accuracy | " + " | ".join(tasks) + " | format | functional rate | functional tokens / output | train time |",
-             "|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
+             f"(preset {args.config}, seed {cfg.seed}, {cfg.max_steps or cfg.rl_steps} RL steps × {cfg.prompts_per_step} "
+             f"prompts × G={cfg.group_size}, lr {cfg.rl_lr:g} (control × {args.lr_scale:g}), LA-GRPO λ={args.anchor:g}, "
+             f"{args.procs} process(es) for RL; held-out split of {sft['n']} examples, greedy; code {sft['commit']})", "",
+             "| model | accuracy | " + " | ".join(tasks) + " | right-token rate | intervention gap | format "
+             "| functional tokens / output | KL from SFT (last 10 steps) | train time |",
+             "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|---|"]
     for name, r in results.items():
+        kl = f"{r['kl']:.4f}" if "kl" in r else "-"
         lines.append(f"| {name} | {r['accuracy']:.3f} | " + " | ".join(f"{r['per_task'][t]:.3f}" for t in tasks)
-                     + f" | {r['format_rate']:.3f} | {r['functional_rate']:.3f} | {r['mean_functional_tokens']:.2f}"
+                     + f" | {_mean_of(r.get('right_token_rate', {})):.3f} | {_mean_of(r.get('intervention_gap', {})):.3f}"
+                     + f" | {r['format_rate']:.3f} | {r['mean_functional_tokens']:.2f} | {kl}"
                      + f" | {r['train_seconds'] / 60:.1f} min |")
     lines += ["", f"SFT with blank images (blind): {sft['blind_accuracy']:.3f}; average chance {sft.get('chance', float('nan')):.3f}."]
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,30 @@
+"""The study drivers' arithmetic (atlas_min.anchor_study): what each table column means, on records
+written by hand. The drivers themselves run whole trainings and are not part of the suite."""
+import pytest
+
+from atlas_min.anchor_study import methods, summary
+
+
+def _step(step, kl, rate, n_f, length):
+    return {"step": step, "kl": kl, "right_token_rate": rate, "functional_per_completion": n_f,
+            "completion_length": length, "entropy": 1.0, "constant_group_share": 0.5,
+            "functional_token_share": n_f / length}
+
+
+def test_the_controls_are_grpo_at_scaled_learning_rates_and_the_anchored_runs_keep_the_presets_rate():
+    assert methods([0.5, 2.0], [2.0], 3e-5) == {"grpo": (0.0, 3e-5), "grpo-lr2x": (0.0, 6e-5),
+                                                "la-grpo-0.5": (0.5, 3e-5), "la-grpo-2": (2.0, 3e-5)}
+
+
+def test_stability_columns_are_the_largest_kl_and_the_drift_from_the_sft_policys_own_samples():
+    # 12 steps: the first samples from the SFT weights (1 token, 38 long); the last 10 average 2 tokens, 40 long
+    metrics = [_step(0, 0.0, 0.5, 1.0, 38.0), _step(1, 0.3, 0.6, 1.0, 38.0)]
+    metrics += [_step(s, 0.01 * s, 1.0, 2.0, 40.0) for s in range(2, 12)]
+    result = {"accuracy": 1.0, "right_token_rate": {"a": 1.0, "b": 0.5}, "intervention_gap": {"a": 0.2, "b": 0.4},
+              "mean_length": 40.0, "mean_functional_tokens": 2.0}
+    row = summary(result, metrics)
+    assert row["max_kl"] == 0.3  # step 1's, not the last steps'
+    assert row["kl"] == pytest.approx(sum(0.01 * s for s in range(2, 12)) / 10)
+    assert row["token_spam"] == pytest.approx(1.0) and row["length_drift"] == pytest.approx(2.0)
+    assert row["final_right_token"] == 1.0 and row["sampled_right_token"] == pytest.approx((0.5 + 0.6 + 10) / 12)
+    assert row["right_token"] == 0.75 and row["gap"] == pytest.approx(0.3)
