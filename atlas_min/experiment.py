@@ -44,13 +44,14 @@ def _run(cmd, log=None):
 
 
 def commit():
-    """The code's commit (`git rev-parse --short HEAD`), with "+changes" when tracked files differ from it."""
+    """The code's commit (`git rev-parse --short HEAD`), with "+changes" when the code a run executes (the
+    library and the three scripts) differs from it."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
     head = git("rev-parse", "--short", "HEAD")
     if head.returncode:
         return "unknown"
-    return head.stdout.strip() + ("+changes" if git("diff", "--quiet", "HEAD", "--", "*.py").returncode else "")
+    return head.stdout.strip() + ("+changes" if git("diff", "--quiet", "HEAD", "--", "atlas_min", "train_sft.py", "train_rl.py", "eval.py").returncode else "")
 
 
 def launcher(procs):
