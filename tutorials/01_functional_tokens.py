@@ -14,7 +14,9 @@
 #
 # Implementation: `atlas_min.tokens.add_functional_tokens` and `functional_mask`.
 # Here we use the `micro` preset: a random-init Qwen2.5-VL with a tiny BPE vocabulary trained on
-# the toy world's texts (everything offline, seconds on a CPU).
+# the toy world's texts (everything offline, on a CPU).
+#
+# In these tutorials every number the prose states is checked by an `assert` next to the code that makes it.
 
 # %%
 import math
@@ -23,10 +25,12 @@ import torch
 
 from atlas_min.config import get_config
 from atlas_min.model import build_model, build_tokenizer
+from atlas_min.plan import meta_model
 from atlas_min.tokens import FUNCTIONAL_TOKENS, add_functional_tokens, functional_mask
 from atlas_min.toy import corpus
 
 torch.set_printoptions(precision=4, sci_mode=False)
+assert len(FUNCTIONAL_TOKENS) == 5
 
 # %% [markdown]
 # ## A tokenizer and a model *without* the functional tokens
@@ -42,11 +46,12 @@ print("tokenizer size        :", len(tokenizer))
 print("embedding matrix      :", tuple(embed.shape), "(rows, hidden)")
 print("config vocab_size     :", model.config.text_config.vocab_size)
 print("head tied to embedding:", model.get_output_embeddings().weight is embed)
+assert model.get_output_embeddings().weight is embed
 
 # %% [markdown]
 # ## Before: "<|Line|>" is just characters
 # The BPE has never seen the string, so it falls apart into pieces ("Ġ" is byte-level BPE's
-# marker for a leading space): three in this sentence, four on its own. A model could still learn
+# marker for a leading space): three after a space, as in this sentence, four on its own. A model could still learn
 # to write the pieces one by one, but the "one word" of the paper's title would be several, with
 # no single row in the embedding (or single logit in the head) that stands for it.
 
@@ -61,7 +66,11 @@ def show(ids):
 
 ids_before = tokenizer.encode(text, add_special_tokens=False)
 show(ids_before)
-print("'<|Line|>' alone ->", tokenizer.convert_ids_to_tokens(tokenizer.encode("<|Line|>", add_special_tokens=False)))
+after_space = tokenizer.convert_ids_to_tokens(tokenizer.encode(" <|Line|>", add_special_tokens=False))
+alone = tokenizer.convert_ids_to_tokens(tokenizer.encode("<|Line|>", add_special_tokens=False))
+print("' <|Line|>' (after a space) ->", after_space)
+print("'<|Line|>' alone            ->", alone)
+assert (len(after_space), len(alone)) == (3, 4)
 
 # %% [markdown]
 # ## Add them
@@ -77,12 +86,15 @@ print("tokenizer size        :", len(tokenizer))
 print("embedding matrix      :", tuple(embed.shape), f"(+{embed.shape[0] - n_old} rows)")
 print("config vocab_size     :", model.config.text_config.vocab_size, "(follows the matrix: logits have this width)")
 print("head still tied       :", model.get_output_embeddings().weight is embed)
+assert ids == list(range(n_old, n_old + 5)) and embed.shape[0] == len(tokenizer) == n_old + 5
 
 # %% [markdown]
 # ## After: one id each
 # Added with `normalized=False`, the tokenizer matches the whole string before BPE runs. They are
 # *not* special tokens, so `decode(..., skip_special_tokens=True)` keeps them: they stay visible in
-# the text that the reward function reads (R_ft counts them). Note the space before `<|Line|>`:
+# the text that the reward function reads. The reward's count of functional tokens (n_F, behind
+# R_ft, the functional-token reward) is taken from the token *ids*, not from that text: the same
+# characters spelled out of ordinary tokens count 0 (tutorial 05). Note the space before `<|Line|>`:
 # it no longer merges with "<|" and becomes its own "Ġ" token. The toy replies always put a
 # space there, so the model simply learns "Ġ" then `<|Line|>`.
 
@@ -90,6 +102,8 @@ print("head still tied       :", model.get_output_embeddings().weight is embed)
 ids_after = tokenizer.encode(text, add_special_tokens=False)
 show(ids_after)
 print("decoded, specials skipped:", repr(tokenizer.decode(ids_after, skip_special_tokens=True)))
+assert ids_after.count(ids[1]) == 1 and tokenizer.convert_ids_to_tokens(ids_after[ids_after.index(ids[1]) - 1]) == "Ġ"
+assert tokenizer.decode(ids_after, skip_special_tokens=True) == text
 
 # %% [markdown]
 # ## The new rows are the mean of the old rows
@@ -101,6 +115,7 @@ print("decoded, specials skipped:", repr(tokenizer.decode(ids_after, skip_specia
 mean_row = old.mean(0)
 print("old rows unchanged, max |diff|     :", (embed[:n_old] - old).abs().max().item())
 print("new rows vs mean of old, max |diff|:", (embed[ids] - mean_row).abs().max().item())
+assert torch.equal(embed[:n_old], old) and torch.allclose(embed[ids], mean_row.expand(5, -1), rtol=0, atol=1e-7)
 
 # %% [markdown]
 # ### How long is the mean row?
@@ -115,6 +130,12 @@ norms = old.norm(dim=-1)
 print(f"norm of the new rows (the mean row): {embed[ids[0]].norm().item():.4f}")
 print(f"norms of the {n_old} old rows        : mean {norms.mean():.4f}, min {norms.min():.4f}, max {norms.max():.4f}")
 print(f"typical norm / sqrt(n)            : {norms.mean():.4f} / sqrt({n_old}) = {norms.mean() / math.sqrt(n_old):.4f}")
+print(f"row of norm 0: id {int(norms.argmin())}, {tokenizer.convert_ids_to_tokens(int(norms.argmin()))!r}, "
+      f"the padding token {tokenizer.pad_token!r}")
+new_norm = embed[ids[0]].norm().item()
+assert new_norm < norms.mean() / 10  # much shorter than a typical row ...
+assert 0.5 < new_norm / (norms.mean() / math.sqrt(n_old)) < 2  # ... about a typical norm / sqrt(n)
+assert norms[0] == 0 and tokenizer.pad_token_id == 0 and tokenizer.pad_token == "<|endoftext|>" and norms[1:].min() > 0
 
 # %% [markdown]
 # With trained embeddings (the 7B case) the rows are no longer independent random vectors, so the
@@ -135,11 +156,18 @@ probs = logits.softmax(-1)
 print(f"logit of <|Line|>: {logits[ids[1]].item():+.5f} | "
       f"mean logit of the old tokens: {logits[:n_old].mean().item():+.5f}")
 print(f"p(<|Line|>) = {probs[ids[1]].item():.5f} <= 1/n = 1/{n_old} = {1 / n_old:.5f}")
+assert torch.isclose(logits[ids[1]], logits[:n_old].mean(), rtol=0, atol=1e-6) and probs[ids[1]] <= 1 / n_old
 
 # %% [markdown]
 # All five rows are identical at the start. They become different only through training: SFT
 # puts `<|Line|>` after "Let me compare the lines." and `<|Shape|>` after "Let me mark the red
 # shapes.", and the gradients through those positions pull the rows apart (tutorial 04).
+
+# %%
+assert all(torch.equal(embed[i], embed[ids[0]]) for i in ids)
+replies = [line for line in corpus(cfg) if "<|Line|>" in line or "<|Shape|>" in line]
+assert any("Let me compare the lines. <|Line|>" in r for r in replies)
+assert any("Let me mark the red shapes. <|Shape|>" in r for r in replies)
 
 # %% [markdown]
 # ## Idempotent: a second call changes nothing
@@ -152,6 +180,7 @@ size = len(tokenizer)
 again = add_functional_tokens(model, tokenizer)
 print("same ids:", again == ids, "| same tokenizer size:", len(tokenizer) == size,
       "| weights identical:", torch.equal(model.get_input_embeddings().weight, snapshot))
+assert again == ids and len(tokenizer) == size and torch.equal(model.get_input_embeddings().weight, snapshot)
 
 # %% [markdown]
 # ## `functional_mask`: where the functional tokens are
@@ -166,17 +195,34 @@ small = torch.tensor([[word, line, eos, eos],
                       [shape, word, line, eos]])
 print("ids :\n", small)
 print("functional_mask:\n", functional_mask(small, ids))
+assert functional_mask(small, ids).tolist() == [[False, True, False, False], [True, False, True, False]]
 
 # %% [markdown]
 # ## The 7B case: spare rows, no resize
-# Qwen2.5-VL-7B's embedding matrix has 152,064 rows, but its tokenizer holds only ~151,665 tokens:
+# Qwen2.5-VL-7B's embedding matrix has 152,064 rows, but its tokenizer holds only 151,665 tokens:
 # the matrix was padded to a round size (a multiple of 128, friendly to GPU kernels and to tensor
 # parallel sharding). The five new ids (151,665 … 151,669) already have rows, so nothing needs to
 # grow. Worse, the naive `model.resize_token_embeddings(len(tokenizer))` would *shrink* the matrix
 # to 151,670 rows and change the logits' width. `add_functional_tokens` grows only when an id
 # falls outside the matrix and never shrinks it.
 #
-# We mimic that with the micro model: give it 16 spare rows first, then add the tokens.
+# Checked at the real sizes: `atlas_min.plan.meta_model` builds the `qwen2_5_vl_7b` preset on the
+# meta device (shapes only, no memory, no download) with a stand-in tokenizer of Qwen's size and
+# special-token ids, and adds the tokens.
+
+# %%
+model_7b, n_tokens_7b, rows_7b, ids_7b = meta_model(get_config("qwen2_5_vl_7b"))
+print(f"7B: {n_tokens_7b:,} tokens in {rows_7b:,} rows -> functional ids {ids_7b}, "
+      f"rows after: {model_7b.get_input_embeddings().weight.shape[0]:,} (input) and {model_7b.lm_head.weight.shape[0]:,} (untied head)")
+assert (n_tokens_7b, rows_7b) == (151_665, 152_064) and rows_7b % 128 == 0
+assert ids_7b == list(range(151_665, 151_670)) and n_tokens_7b + 5 == 151_670
+assert model_7b.get_input_embeddings().weight.shape[0] == model_7b.lm_head.weight.shape[0] == 152_064
+assert model_7b.lm_head.weight is not model_7b.get_input_embeddings().weight  # untied at 7B
+del model_7b
+
+# %% [markdown]
+# Meta tensors hold no values, so to watch the rows themselves we mimic that with the micro model:
+# give it 16 spare rows first, then add the tokens.
 
 # %%
 tokenizer7 = build_tokenizer(corpus(cfg), cfg.tokenizer_vocab)
@@ -189,6 +235,8 @@ w7 = model7.get_input_embeddings().weight
 print(f"after : {len(tokenizer7)} tokens, {w7.shape[0]} rows (unchanged), ids {ids7}")
 print("the 5 rows used are the mean of the real-token rows, max |diff|:",
       (w7[ids7] - w7[:min(ids7)].mean(0)).abs().max().item())
+assert rows_before == len(tokenizer7) - 5 + 16 and w7.shape[0] == rows_before
+assert torch.allclose(w7[ids7], w7[:min(ids7)].mean(0).expand(5, -1), rtol=0, atol=1e-7)
 
 # %% [markdown]
 # The mean is taken over the rows that hold real tokens (below the first new id), not over the

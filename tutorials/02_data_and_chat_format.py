@@ -57,6 +57,8 @@ for key, value in examples[1].items():
     print(f"  {key:9s}: {value!r}")
 print("tasks of the first 10:", [ex["task"] for ex in examples[:10]])
 print("a reply without a functional token (perception data):", repr(examples[5]["response"]))
+assert examples[1]["where"] == f"{train_path}:2"  # the second line of the file
+assert not any(t in examples[5]["response"] for t in FUNCTIONAL_TOKENS)
 
 # %% [markdown]
 # ## The chat prompt
@@ -74,7 +76,7 @@ print(prompt_text(examples[1]["question"], n_images=1, system_prompt=cfg.system_
 # replaces one `<|image_pad|>` in the text. So the prompt must hold grid.prod() // 4 copies of the
 # placeholder. `encode` expands it itself, with the PIL image processor: the stock
 # `Qwen2_5_VLProcessor` would do it too, but it carries a video processor that needs torchvision.
-# The micro preset's 56x56 images give a 4x4 patch grid, hence 4 image tokens.
+# The micro preset's 56x56 images give a 4x4 patch grid (56 / 14 = 4), hence 16 // 4 = 4 image tokens.
 #
 # The tokenizer and image processor are the micro preset's, functional tokens included
 # (tutorial 01); `init_model` builds them together with the (random-init) model.
@@ -97,12 +99,18 @@ print("<|image_pad|> in the prompt text:", text.count("<|image_pad|>"),
       "| in prompt_ids:", enc["prompt_ids"].count(pad_id))
 print("prompt_ids       :", len(enc["prompt_ids"]), "tokens")
 print("reply_ids        :", tokenizer.convert_ids_to_tokens(enc["reply_ids"]))
+assert cfg.image_size == 56 and image_processor.patch_size == 14 and image_processor.merge_size == 2
+assert grid.tolist() == [1, 4, 4] and int(grid.prod()) // 4 == 4 == enc["prompt_ids"].count(pad_id)
+assert image_processor.temporal_patch_size == 2 and enc["pixel_values"].shape == (16, 3 * 2 * 14 * 14) == (16, 1176)
 
 # %% [markdown]
 # The prompt and the reply are tokenised *separately* and concatenated. That way the SFT sequence
 # is token-for-token what the sampler will produce after the same prompt in stage 2 (a joint
 # tokenisation could merge a token across the prompt/reply boundary). The reply ends in
 # `<|im_end|>`: the model must learn to stop.
+
+# %%
+assert tokenizer.convert_ids_to_tokens(enc["reply_ids"][-1]) == "<|im_end|>"
 
 # %% [markdown]
 # ## `collate_sft`: a right-padded batch with labels on the reply only
@@ -116,6 +124,8 @@ batch = collate_sft(pair, tokenizer.pad_token_id)
 for key, value in batch.items():
     print(f"{key:15s}", tuple(value.shape) if torch.is_tensor(value) else value)
 print("prompt + reply lengths:", [(len(e["prompt_ids"]), len(e["reply_ids"])) for e in pair])
+assert IGNORE == -100 and [examples[i]["task"] for i in (1, 5)] == ["line", "shape"]
+assert "<|Line|>" in examples[1]["response"] and not any(t in examples[5]["response"] for t in FUNCTIONAL_TOKENS)
 
 # %% [markdown]
 # Row 0 as a table. Two stretches of the prompt are elided (their labels are all "-"). Every
@@ -151,6 +161,10 @@ table(0)
 n_loss = (batch["labels"] != IGNORE).sum(1)
 print("positions with a label per row:", n_loss.tolist(), "= reply lengths",
       [len(e["reply_ids"]) for e in pair])
+assert n_loss.tolist() == [len(e["reply_ids"]) for e in pair]
+n_prompt = len(pair[0]["prompt_ids"])  # row 0: no label on its prompt, label = token on its reply
+assert (batch["labels"][0, :n_prompt] == IGNORE).all()
+assert torch.equal(batch["labels"][0, n_prompt:], batch["input_ids"][0, n_prompt:])
 
 # %% [markdown]
 # Labels sit at the same position as the token they name; the shift "position t predicts token
@@ -163,11 +177,18 @@ print("row 1, last 8 positions:")
 print("  tokens:", tokenizer.convert_ids_to_tokens(batch["input_ids"][1, last - 8:].tolist()))
 print("  labels:", batch["labels"][1, last - 8:].tolist())
 print("  attn  :", batch["attention_mask"][1, last - 8:].tolist())
+n1 = len(pair[1]["prompt_ids"]) + len(pair[1]["reply_ids"])  # row 1's real length
+assert (batch["input_ids"][1, n1:] == tokenizer.convert_tokens_to_ids("<|endoftext|>")).all()
+assert (batch["attention_mask"][1, n1:] == 0).all() and (batch["labels"][1, n1:] == IGNORE).all()
 
 # %% [markdown]
 # `pixel_values` holds both images' patches stacked (16 + 16 rows), `image_grid_thw` one row per
 # image, and `images_per_row` says which images belong to which row; `atlas_min.model.forward`
 # uses them to put each image's features on its row's `<|image_pad|>` positions.
+
+# %%
+assert batch["pixel_values"].shape[0] == 16 + 16 and batch["image_grid_thw"].shape[0] == 2
+assert batch["images_per_row"] == [1, 1]
 
 # %% [markdown]
 # ## `collate_prompts`: left padding for generation
@@ -182,6 +203,9 @@ for b in range(2):
     print(f"row {b}: attn first 10 {prompts['attention_mask'][b, :10].tolist()}  "
           f"first 4 tokens {tokenizer.convert_ids_to_tokens(prompts['input_ids'][b, :4].tolist())}  "
           f"last 3 tokens {tokenizer.convert_ids_to_tokens(prompts['input_ids'][b, -3:].tolist())}")
+n_pad = prompts["input_ids"].shape[1] - len(pair[1]["prompt_ids"])  # the shape row's left padding
+assert n_pad > 0 and (prompts["attention_mask"][0] == 1).all() and (prompts["attention_mask"][1, :n_pad] == 0).all()
+assert prompts["input_ids"][1, n_pad:].tolist() == pair[1]["prompt_ids"]  # real tokens end in the last column
 
 # %% [markdown]
 # ## A bad line names its file, line and field
@@ -207,8 +231,10 @@ for what, bad in bad_lines.items():
     path.write_text(json.dumps(good) + "\n" + (bad if isinstance(bad, str) else json.dumps(bad)) + "\n")
     try:
         load_jsonl(path, need_response=True)
+        raise AssertionError(f"{what}: the bad line was accepted")
     except DataError as e:
         print(f"{what:24s} -> DataError: {e}")
+        assert str(e).startswith(f"{path}:2:")  # the file and line 2, the bad one
 shutil.rmtree(folder)
 
 # %% [markdown]

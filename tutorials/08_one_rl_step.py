@@ -1,24 +1,32 @@
 # %% [markdown]
-# # 08 — One RL step on a model, in seconds (docs/method.md, "Stage 2: GRPO" and "LA-GRPO")
+# # 08 — One RL step on a model (docs/method.md, "Stage 2: GRPO" and "LA-GRPO")
 #
 # Tutorials 05-07 took the GRPO pieces one at a time, on made-up numbers. Here they run together,
 # on a model, in the order `train_rl.py` runs them in one step:
 #
 #     1. sample G completions of one prompt from π_old      `sampler.sample` (tutorial 03)
-#     2. score them: R, then A_i within the group            `rewards.compute_reward`, `grpo.group_advantages` (05)
+#     2. score them: R, then A_i within the group            `sampler.decode_completion`, `rewards.compute_reward`,
+#                                                            `grpo.group_advantages` (05)
 #     3. log π_old and log π_ref, no grad, before any update `sampler.sequence_logprobs` (03)
-#     4. L_GRPO + λ·L_anchor, backward, one AdamW step       `grpo.grpo_loss` (06, 07), `optim.adamw`
+#     4. L_GRPO + λ·L_anchor, backward, one AdamW step       `grpo.grpo_loss` (06, 07), `optim.adamw`,
+#                                                            `optim.clipped_step`
 #
 # and then look at what the step did to each completion's functional token.
 #
 # A random-init model is useless for this: every completion is gibberish, every reward is 0, every
 # advantage is 0 and the step does nothing. That is what the fast micro runs of `train_sft.py` (4
-# steps) then `train_rl.py` do: they check that the scripts run, not that RL learns. So first a few
-# seconds of stage 1 (tutorial 04's step, in a loop) teach the micro model the reply format; it then
+# steps) then `train_rl.py` do: they check that the scripts run, not that RL learns. So first a short
+# stage 1 (tutorial 04's step, in a loop) teaches the micro model the reply format; it then
 # answers in the format but often wrongly, which is exactly what GRPO needs.
+#
+# Run time (`time python tutorials/08_one_rl_step.py`): about 12 s on 2 otherwise idle CPU cores, of
+# which the imports take about 5 s and the SFT loop about 6 s; the RL step itself takes under a second.
+# With other work on the same cores it is slower (39 s with a load average of 7 on 2 cores, the SFT
+# loop 22 s of it). The tutorial prints its own times at the end.
 
 # %%
 import copy
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +36,11 @@ from PIL import Image
 
 from atlas_min.config import get_config
 from atlas_min.data import IGNORE, collate_prompts, collate_sft, encode_example, load_examples, stream_indices
-from atlas_min.grpo import functional_grad_share, group_advantages, grpo_loss
+from atlas_min.grpo import constant_groups, functional_grad_share, group_advantages, grpo_loss
 from atlas_min.model import forward, init_model, reply_nll
-from atlas_min.optim import adamw, lr_at, set_lr
+from atlas_min.optim import adamw, clipped_step, lr_at, set_lr
 from atlas_min.rewards import compute_reward
-from atlas_min.sampler import decode_completion, rl_row_seeds, sample, sequence_logprobs
+from atlas_min.sampler import decode_completion, rl_row_seeds, rl_run_seed, sample, sequence_logprobs
 from atlas_min.tokens import FUNCTIONAL_TOKENS, functional_mask
 
 torch.set_printoptions(precision=4, sci_mode=False, linewidth=120)
@@ -44,8 +52,8 @@ t_start = time.time()
 # preset's 4 steps at 2e-3 only check that the script runs). The micro model (~112k parameters) then
 # fits the 64 toy replies' *format* well: "lead-in, functional token, `<answer>…</answer>`". Its
 # answers are far from always right, and it sometimes picks the wrong lead-in or token for the
-# question. G = 8 completions per prompt, as in the toy and 7B presets; `rl_lr` is for the RL step
-# below.
+# question. G = 8 completions per prompt, as in the toy and 7B presets (the micro preset has 4);
+# `rl_lr` is for the RL step below.
 
 # %%
 cfg = get_config("micro", ["sft_steps=150", "sft_lr=1e-2", "sft_warmup=10", "batch_size=16",
@@ -53,6 +61,12 @@ cfg = get_config("micro", ["sft_steps=150", "sft_lr=1e-2", "sft_warmup=10", "bat
 model, tokenizer, image_processor = init_model(cfg)
 functional_ids = tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS)
 train = load_examples(cfg, "train", need_response=True)
+micro, toy, big = get_config("micro"), get_config("toy"), get_config("qwen2_5_vl_7b")
+n_params = sum(p.numel() for p in model.parameters())
+print(f"micro model: {n_params:,} parameters; {len(train)} toy examples")
+assert (cfg.sft_steps, cfg.batch_size, cfg.sft_lr) == (150, 16, 1e-2) and (micro.sft_steps, micro.sft_lr) == (4, 2e-3)
+assert round(n_params, -3) == 112_000 and len(train) == 64
+assert cfg.group_size == toy.group_size == big.group_size == 8 and micro.group_size == 4
 encoded_sft = [encode_example(ex, tokenizer, image_processor, cfg, with_reply=True) for ex in train]
 optimizer = adamw(model, cfg, "sft")
 model.train()
@@ -70,21 +84,31 @@ for step in range(cfg.sft_steps):  # train_sft.py's step on one process, without
     optimizer.zero_grad(set_to_none=True)
     if step % 30 == 0 or step == cfg.sft_steps - 1:
         print(f"SFT step {step + 1:3d}: loss {loss.item():.3f}")
-print(f"SFT: {cfg.sft_steps} steps in {time.time() - t0:.1f} s")
+t_sft = time.time() - t0
+print(f"SFT: {cfg.sft_steps} steps in {t_sft:.1f} s")
 
 # %% [markdown]
 # ## The prompt and its group
-# `train_rl.py` takes its prompts from the same shuffled stream as SFT, under the seed
-# `seed + rl_seed_offset`, and seeds row r of step s with `rl_row_seeds(cfg, s, r, …)`. We walk that
-# stream from its start, seeding the k-th prompt's rows k·G … k·G + G − 1 as step 0 would, and keep
-# the first prompt whose G completions do *not* all get the same reward (and hold a functional token). (A constant group has all advantages 0 and teaches nothing, tutorial 05;
-# `train_rl.py` does not skip them, it just gets no gradient from them.) The reference model π_ref
-# is the frozen SFT model, a copy taken before any RL update.
+# An RL run's random draws all derive from `rl_run_seed(cfg)` (`atlas_min/sampler.py`): `seed`, moved
+# by `rl_seed` (0 leaves it as it is), so one SFT checkpoint can be trained with several RL seeds.
+# `train_rl.py` takes its prompts from the same kind of shuffled stream as SFT, under the seed
+# `rl_run_seed(cfg) + rl_seed_offset` (so not in SFT's order), step s taking the stream's next
+# `prompts_per_step` prompts; and it seeds row r of step s with `rl_row_seeds(cfg, s, r, …)`, which
+# derives from `rl_run_seed(cfg)`, s and r. We walk that stream from its start, seeding the k-th
+# prompt's rows k·G … k·G + G − 1 as a step 0 holding k + 1 prompts would, and keep the first prompt
+# whose G completions do *not* all get the same reward (and hold a functional token). (A constant
+# group has all advantages 0 and teaches nothing, tutorial 05; `train_rl.py` does not skip them, it
+# just gets no gradient from them and logs their share as `constant_group_share`.) The reference
+# model π_ref is the frozen SFT model, a copy taken before any RL update.
 
 # %%
 G = cfg.group_size
 reference = copy.deepcopy(model).requires_grad_(False).eval()
-stream = stream_indices(0, 16, len(train), seed=cfg.seed + cfg.rl_seed_offset, epoch_seed_stride=cfg.epoch_seed_stride)
+stream = stream_indices(0, 16, len(train), seed=rl_run_seed(cfg) + cfg.rl_seed_offset,
+                        epoch_seed_stride=cfg.epoch_seed_stride)  # train_rl.py's prompt order, 16 prompts of it
+assert rl_run_seed(cfg) == cfg.seed + cfg.rl_seed * cfg.epoch_seed_stride
+assert stream[:cfg.prompts_per_step] == stream_indices(0, cfg.prompts_per_step, len(train), seed=rl_run_seed(cfg)
+                                                       + cfg.rl_seed_offset, epoch_seed_stride=cfg.epoch_seed_stride)
 
 
 def sample_group(k):
@@ -105,11 +129,13 @@ def sample_group(k):
     return ex, batch, rollout, texts, scores
 
 
+walked_constant = []  # one bool per group walked: were all its G rewards equal?
 for k in range(len(stream)):
     ex, batch, rollout, texts, scores = sample_group(k)
+    walked_constant.append(bool(constant_groups(torch.tensor([s["total"] for s in scores]), G)))
     if len({s["total"] for s in scores}) > 1 and any(s["n_functional"] for s in scores):
         break
-rewards = torch.tensor([s["total"] for s in scores])  # (G,)
+rewards = torch.tensor([s["total"] for s in scores], dtype=torch.float64)  # (G,), float64 as train_rl.py's `score`
 assert len(set(rewards.tolist())) > 1, "every completion got the same reward: this step would teach nothing"
 
 image_path = Path(tempfile.mkdtemp(prefix="atlas_min_08_")) / "prompt.png"
@@ -123,9 +149,10 @@ print("gold    :", ex["answer"])
 # ## Steps 1-2: the G completions, their rewards, their advantages
 # R = w_acc·R_acc + w_ft·R_ft + w_fmt·R_fmt − w_len·P_len − w_over·P_over with the micro weights
 # (1, 0.5, 0.2, 0.2, 0.2; tutorial 05): a right answer with a functional token scores 1.7, right
-# without one 1.2, wrong but well formed 0.2, malformed 0. The replies are short (P_len starts at 48
-# tokens) and rarely hold more than one functional token (P_over starts beyond 3), so the penalties
-# are usually 0 here.
+# without one 1.2, wrong but well formed 0.2, malformed 0. n_F, the functional-token count behind
+# R_ft and P_over, comes from the sampled token ids (`decode_completion`, tutorial 05). The replies
+# are short (P_len starts at 48 tokens) and rarely hold more than one functional token (P_over starts
+# beyond 3), so the penalties are usually 0 here.
 
 # %%
 mask = rollout["completion_mask"]  # (G, C)
@@ -138,12 +165,19 @@ for i, (s, text) in enumerate(zip(scores, texts)):
           f"{text!r}")
 print("rewards in the group:", sorted({round(r, 3) for r in rewards.tolist()}),
       "| advantages sum to", round(advantages.sum().item(), 6))
+w = (cfg.w_acc, cfg.w_ft, cfg.w_fmt, cfg.w_len, cfg.w_over)
+assert w == (1, 0.5, 0.2, 0.2, 0.2) and (cfg.len_threshold, cfg.over_threshold) == (48, 3)
+assert [round(w[0] + w[1] + w[2], 6), round(w[0] + w[2], 6), w[2]] == [1.7, 1.2, 0.2]
+assert {round(r, 6) for r in rewards.tolist()} <= {1.7, 1.2, 0.2, 0.0, 1.5, 1.0}  # penalties 0 here
+assert all(s["length_penalty"] == s["overuse_penalty"] == 0 for s in scores)
+assert abs(advantages.sum().item()) < 1e-9
 
 # %% [markdown]
 # ## Step 3: log π_old and log π_ref, before any update
 # `train_rl.py` recomputes log π_old with the same full forward (`sequence_logprobs`) that will give
 # log π_θ during the update, so the ratio r is exactly 1 before the first update
-# (docs/method.md, "Log-probabilities"); the sampler's own log-probs agree with it to rounding.
+# (docs/method.md, "Log-probabilities"); the sampler's own log-probs agree with it only to rounding,
+# within the tests' 1e-4 (printed below).
 # π_ref is the frozen SFT model; it equals π_θ at this first step, so every KL term is 0.
 
 # %%
@@ -154,26 +188,34 @@ with torch.no_grad():
 print("max |sampler's log-probs - log π_old|:", (rollout["logprobs"] - old_logp).abs()[mask].max().item())
 print("max |log π_ref - log π_old|          :", (ref_logp - old_logp).abs()[mask].max().item())
 print("log π_old of the sampled tokens, row 0:", old_logp[0][mask[0]])
+assert (rollout["logprobs"] - old_logp).abs()[mask].max() < 1e-4 and torch.equal(ref_logp, old_logp)
 
 # %% [markdown]
 # ## Step 4: the loss with λ = 0 (GRPO) and λ > 0 (LA-GRPO)
 # At r = 1 every token's clipped term is −A_i, so L_GRPO = −mean_i A_i = 0: the advantages of a
-# group sum to 0. The *value* is 0, the *gradient* is not. L_anchor = mean over I_F (the outputs
-# with a functional token) of −A_i, which is not 0 unless I_F is the whole group.
-# `functional_grad_share` is the share of |∂L/∂log π| that lands on functional positions (tutorial 07).
+# group sum to 0 (and the KL terms are 0). The *value* is 0, the *gradient* is not. L_anchor = mean
+# over I_F (the outputs with a functional token) of −A_i, which is not 0 unless I_F is the whole group.
+# The functional gradient share (`functional_grad_share`) is the share of |∂L/∂log π| that lands on
+# functional positions; the functional token share is the share of generated tokens that are
+# functional (tutorial 07).
 
 # %%
 coefs = dict(clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef)
 logp = sequence_logprobs(model, *args, repeats=G, temperature=cfg.temperature)  # (G, C), with grad: log π_θ
 print("max |log π_θ - log π_old| before the step:", (logp.detach() - old_logp).abs()[mask].max().item(), "(so r = 1)")
-print(f"functional positions: {int(fmask.sum())} of {int(mask.sum())} generated tokens, "
-      f"in {int((fmask.sum(1) > 0).sum())} of {G} outputs (I_F)")
-asks = {}
+in_IF = fmask.sum(1) > 0  # (G,)
+print(f"functional positions: {int(fmask.sum())} of {int(mask.sum())} generated tokens "
+      f"(functional token share {fmask.sum().item() / mask.sum().item():.3f}), in {int(in_IF.sum())} of {G} outputs (I_F)")
+assert torch.equal(logp.detach(), old_logp)  # r = 1 exactly, not 1 ± rounding
+asks, logged = {}, {}
 for lam in (0.0, cfg.anchor_coef):
     loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, mask, fmask, **coefs, anchor_coef=lam)
     share = functional_grad_share(logp, old_logp, ref_logp, advantages, mask, fmask, **coefs, anchor_coef=lam)
     print(f"λ = {lam}: loss {loss.item():+.4f} (L_anchor {stats['anchor']:+.4f}), "
-          f"ratio_mean {stats['ratio_mean']:.6f}, kl {stats['kl']:.4f}, functional_grad_share {share:.3f}")
+          f"ratio_mean {stats['ratio_mean']:.6f}, kl {stats['kl']:.4f}, functional gradient share {share:.3f}")
+    assert abs(loss.item() - lam * stats["anchor"]) < 1e-6 and stats["ratio_mean"] == 1.0 and stats["kl"] == 0.0
+    assert abs(stats["anchor"] + advantages[in_IF].mean().item()) < 1e-6  # L_anchor = mean over I_F of −A_i
+    logged[lam] = dict(stats, functional_grad_share=share)
     x = logp.detach().requires_grad_(True)  # what the loss asks of each log-prob: −∂L/∂log π_t
     (grad,) = torch.autograd.grad(grpo_loss(x, old_logp, ref_logp, advantages, mask, fmask, **coefs,
                                             anchor_coef=lam)[0], x)
@@ -182,7 +224,8 @@ for lam in (0.0, cfg.anchor_coef):
 # %% [markdown]
 # What the loss asks of each functional token, −∂L/∂log π_t (tutorial 07's gradient, on the model's
 # own samples): the sign of A_i, and |A_i|/(G·|o_i|) from GRPO alone. The anchor adds
-# λ·|A_i|/(|I_F|·|F_i|): with ~17-token replies and one token each, about ten times more.
+# λ·|A_i|/(|I_F|·|F_i|): with ~17-token replies and one token each, about ten times more
+# (λ·G·|o_i|/|I_F| = 0.5·8·17/7 ≈ 9.7 for a 17-token reply when 7 of the 8 outputs are in I_F).
 #
 # Many outputs share their first words, so their functional token follows the *same* context: it is
 # one probability, asked to move by the sum of their asks. The column `ctx` labels each distinct
@@ -196,6 +239,14 @@ for i, t in positions:
     contexts.setdefault(key, "abcdefghijklmnop"[len(contexts)])
     rows_of_context.setdefault(contexts[key], []).append((i, t))
 net_ask = {c: sum(asks[cfg.anchor_coef][i, t].item() for i, t in where) for c, where in rows_of_context.items()}
+lengths = mask.sum(1)
+assert lengths[in_IF].median() == 17 and fmask.sum(1).max() == 1
+anchor_over_grpo = [(asks[cfg.anchor_coef][i, t] - asks[0.0][i, t]).item() / asks[0.0][i, t].item() for i, t in positions]
+assert all(abs(x / (cfg.anchor_coef * G * lengths[i].item() / int(in_IF.sum())) - 1) < 1e-3
+           for x, (i, _) in zip(anchor_over_grpo, positions))
+assert all(5 < x < 20 for x in anchor_over_grpo)  # "about ten times"
+assert (cfg.anchor_coef, G, int(in_IF.sum())) == (0.5, 8, 7) and round(0.5 * 8 * 17 / 7, 1) == 9.7
+assert all(abs(asks[0.0][i, t].item() - advantages[i].item() / (G * lengths[i].item())) < 1e-6 for i, t in positions)
 print(f"{'row':>3} {'A':>7}  {'token':<10} {'pos':>3} {'ctx':>3} {'ask λ=0':>9} "
       f"{f'ask λ={cfg.anchor_coef}':>9} {'net ask':>8}")
 for i, t in positions:
@@ -206,22 +257,55 @@ for i, t in positions:
 
 # %% [markdown]
 # ## One AdamW step on L_LA-GRPO (λ = `anchor_coef`)
-# As in `train_rl.py`'s `update`: backward, clip the gradient norm, step, with the RL optimiser
-# (betas 0.9, 0.99). The lr is 1e-3 (the override at the top; the micro preset has 1e-4), so that one
-# step moves the probabilities visibly.
+# As in `train_rl.py`'s `update`: backward, then `optim.clipped_step` (clip the global gradient norm
+# to `grad_clip`, step, clear the gradients; a norm that is not finite skips the step and counts in
+# `skipped_steps`), with the RL optimiser (betas 0.9, 0.99). The lr is 1e-3 (the override at the top;
+# the micro preset has 1e-4), so that one step moves the probabilities visibly.
 
 # %%
 rl_optimizer = adamw(model, cfg, "rl")
+assert optimizer.defaults["betas"] != rl_optimizer.defaults["betas"] == (cfg.rl_beta1, cfg.rl_beta2) == (0.9, 0.99)
+assert rl_optimizer.defaults["lr"] == cfg.rl_lr == 1e-3 and micro.rl_lr == 1e-4
 loss, _ = grpo_loss(logp, old_logp, ref_logp, advantages, mask, fmask, **coefs, anchor_coef=cfg.anchor_coef)
 loss.backward()
-grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-rl_optimizer.step()
-rl_optimizer.zero_grad(set_to_none=True)
+grad_norm = clipped_step(model, rl_optimizer, cfg.grad_clip)  # the norm before clipping
+skipped_steps = 0 if math.isfinite(grad_norm) else 1
 with torch.no_grad():
     new_logp = sequence_logprobs(model, *args, repeats=G, temperature=cfg.temperature)  # (G, C)
 _, moved = grpo_loss(new_logp, old_logp, ref_logp, advantages, mask, fmask, **coefs, anchor_coef=cfg.anchor_coef)
-print(f"grad norm {grad_norm.item():.4f} | now ratio_mean {moved['ratio_mean']:.4f}, "
+print(f"grad norm {grad_norm:.4f} | now ratio_mean {moved['ratio_mean']:.4f}, "
       f"clip_frac {moved['clip_frac']:.4f}, kl {moved['kl']:.4f}  (what a second mini-batch or ppo epoch would see)")
+assert skipped_steps == 0 and all(p.grad is None for p in model.parameters())
+
+# %% [markdown]
+# ## The step's log line
+# `train_rl.py` writes one record per step to `metrics_rl.jsonl` (docs/method.md, "What a run logs").
+# Here are its terms for this one-group step. From the rollout (`rollout_metrics`): the mean reward and
+# accuracy; the functional token share; `entropy`, the policy's entropy H = −Σ p log p per generated
+# token (nats; `sample` returns it per position, tutorial 03); `truncated_share`, the completions cut
+# at `max_new_tokens` without a stop token; `constant_group_share`, the groups whose G rewards were all
+# equal (here over the groups walked above). `right_token_rate`, the share of outputs whose first
+# functional token is the one the example names, appears only when the data names it (the micro toy
+# does not). From the update (`update`, the loss terms as the micro-batch computed them, before its
+# optimiser step): `kl`, `clip_frac`, `pg_loss`, `ratio_mean`, `anchor`, the functional gradient share,
+# the mean gradient norm (before clipping) and `skipped_steps`.
+
+# %%
+at = logged[cfg.anchor_coef]  # the λ = anchor_coef loss the update differentiates
+log_line = {
+    "reward": rewards.mean().item(), "accuracy": sum(s["accuracy"] for s in scores) / G,
+    "functional_token_share": fmask.sum().item() / mask.sum().item(),
+    "entropy": rollout["entropy"][mask].mean().item(), "truncated_share": rollout["truncated"].float().mean().item(),
+    "constant_group_share": sum(walked_constant) / len(walked_constant),
+    "kl": at["kl"], "clip_frac": at["clip_frac"], "pg_loss": at["pg_loss"], "ratio_mean": at["ratio_mean"],
+    "anchor": at["anchor"], "functional_grad_share": at["functional_grad_share"], "grad_norm": grad_norm,
+    "skipped_steps": skipped_steps}
+for key, value in log_line.items():
+    print(f"  {key:24s} {value:+.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
+assert "token" not in ex and 0 < log_line["entropy"] <= math.log(len(tokenizer))
+assert log_line["truncated_share"] == 0 and (lengths < cfg.max_new_tokens).all()  # every row stopped
+assert (at["kl"], at["clip_frac"], at["ratio_mean"]) == (0.0, 0.0, 1.0) and abs(at["pg_loss"]) < 1e-6
+assert walked_constant[-1] is False
 
 # %% [markdown]
 # ## What the step did to each functional token
@@ -243,7 +327,8 @@ print("A_i                               :", advantages)
 print("change of each completion's log π :", seq_change)
 print(f"mean change, outputs with A_i > 0: {seq_change[advantages > 0].mean().item():+.3f} | "
       f"with A_i < 0: {seq_change[advantages < 0].mean().item():+.3f}")
-print(f"\ntutorial run time: {time.time() - t_start:.1f} s")
+assert seq_change[advantages > 0].mean() > seq_change[advantages < 0].mean()
+print(f"\ntutorial run time: {time.time() - t_start:.1f} s after the imports, the SFT loop {t_sft:.1f} s of it")
 
 # %% [markdown]
 # Do not expect every functional token to move the way its own output's advantage points:
@@ -257,17 +342,21 @@ print(f"\ntutorial run time: {time.time() - t_start:.1f} s")
 # So one step's change at one position is the sum of every position's ask through every shared
 # weight; the asks themselves (the table before the step) are what the loss says about each token.
 # The whole completions read more cleanly: compare the mean change of the outputs with A_i > 0 and
-# of the others (the last line). Over many steps and prompts these pushes add up; one step shows
-# little more than their direction.
+# of the others (the `mean change` line). Over many steps and prompts these pushes add up; one step
+# shows little more than their direction.
+
+# %%
+assert cfg.tie_embeddings and model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 # %% [markdown]
 # ## From this to `train_rl.py`
 # `train_rl.py`'s loop (its part 3) is this step, with its phases as named functions: `sample_groups`
 # (step 1), `score` (step 2), `completion_logprobs` for log π_old and log π_ref (step 3), and
-# `update` (step 4). `update` differs from the single step above in what a real run needs:
-# `prompts_per_step` prompts per step, `ppo_epochs` passes over mini-batches of `rl_mini_batch`
-# completions (after the first mini-batch r is no longer 1 and clipping can act), micro-batches that
-# divide by the whole mini-batch's counts, FSDP over processes, and the lr schedule.
+# `update` (step 4), then `rollout_metrics` and the log line. `update` differs from the single step
+# above in what a real run needs: `prompts_per_step` prompts per step, `ppo_epochs` passes over
+# mini-batches of `rl_mini_batch` completions (after the first mini-batch r is no longer 1 and
+# clipping can act), micro-batches that divide by the whole mini-batch's counts, FSDP over processes,
+# and the lr schedule.
 #
 #     python train_sft.py --config toy --out runs/sft-toy
 #     python train_rl.py --config toy --init runs/sft-toy --out runs/rl-toy
