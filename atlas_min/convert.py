@@ -4,6 +4,9 @@ Usage:
     python -m atlas_min.convert conversations IN.json[l] OUT.jsonl [--image-root DIR] [--task NAME]
     python -m atlas_min.convert choice IN.json[l] OUT.jsonl [--image-root DIR] [--task NAME]
     python -m atlas_min.convert harness IN.{json,jsonl,csv,parquet} OUT.jsonl [--image-root DIR] [--task NAME]
+    python -m atlas_min.convert vinteraction IN [IN ...] OUT.jsonl [--image-dir DIR] [--seed N]
+        [--answer-format boxed|tag] [--task NAME] [--tokenizer DIR] [--polish MODEL_PATH [--polish-batch B]
+        [--polish-temperature T]]
 
 IN is `.jsonl` (one object a line; errors say `IN:LINE`), `.json` (a list; errors say `IN[INDEX]`, from 0),
 `.csv` (a header row, then one record a row; errors say `IN:LINE`) or `.parquet` (errors say `IN[INDEX]`;
@@ -46,21 +49,49 @@ OUT stores it relative to OUT's folder, and because our loader refuses image pat
 folder, every image must lie inside OUT's folder (after resolving symbolic links, as the loader does):
 write OUT next to the images or in a folder above them. Nothing is copied.
 
-What was assumed (public material as of 2026): ATLAS-178K is not released (github.com/ZiyuGuo99/ATLAS:
-"under company review"). Its source, We-Math/V-Interaction-400K (and V-Perception-40K) on the Hub, is
-parquet with embedded images and flat fields (id, question, image, answer, CoT_with_code, ...): no turns
-and no functional tokens, so export images to files first. Its authors train with ms-swift, whose
-`messages` + `images` records are handled above.
+vinteraction (SFT data, ATLAS-178K's recipe, paper §2.2 "Stage 1"). ATLAS-178K is not released
+(github.com/ZiyuGuo99/ATLAS: "under company review"); its sources are. IN is a parquet file of
+We-Math/V-Interaction-400K or V-Perception-40K from the Hub, or a folder of them (needs pyarrow:
+`pip install -e '.[parquet]'`); rows are read a batch at a time, errors say `IN[ROW]`, from 0.
+- V-Interaction row (id, question, image {bytes, path}, CoT_with_code, answer, ...): each code block of
+  CoT_with_code and its sandbox output become a transition sentence and the block's functional tokens
+  (OPERATIONS, the one table of rules; `trajectory`). The code is parsed, never run. A row whose code
+  does not parse, draws nothing the table maps, or failed in the sandbox, a row without code or final
+  answer, and a row whose final answer differs from its `answer` are dropped and counted (DROPS says why).
+- V-Perception row (id, question, image, answer: no CoT_with_code column): the answer alone is the reply.
+- Both: question without its `<image>` placeholder; answer from `answer` (a \boxed{} unwrapped); the
+  reply's final answer written as --answer-format asks; task = --task, else v_interaction / v_perception;
+  the image written once per distinct content to --image-dir (default: OUT-STEM_images beside OUT) and
+  checked as every image is when data loads. --polish rewrites each trajectory with a local instruction
+  model and keeps a rewrite only if its functional tokens, their order and its answer are unchanged.
+- Mixing: name both data sets (or their folders); OUT holds every kept row of both in an order shuffled
+  by --seed. OUT-STEM.summary.json (also printed) counts rows, drops, tokens per operation and the
+  functional tokens' share of the trajectories' length, beside the paper's 4.8 of 203.7 (2.3%, §2.3).
+- Bad input (a missing column, field or image, an image that does not load) stops the run with one line
+  and exit code 2; OUT, its images and its summary are then not written.
 """
 import argparse
+import ast
 import csv
+import hashlib
+import io
 import json
 import os
+import random
 import re
+import shutil
 import sys
+import tempfile
+import textwrap
+import warnings
 from pathlib import Path
 
-from atlas_min.rewards import extract_answer
+from PIL import Image
+
+from atlas_min.data import inspect_image
+from atlas_min.judge import JudgeError, _chat_text, _check_folder, _load
+from atlas_min.rewards import answers_equivalent, extract_answer
+from atlas_min.tokens import FUNCTIONAL_TOKENS
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
@@ -328,6 +359,428 @@ def convert_file(kind, in_path, out_path, image_root=None, task=None):
     return examples
 
 
+# --- vinteraction: V-Interaction-400K (and V-Perception-40K) parquet -> functional-token trajectories ---------
+
+ZOOM, LINE, SHAPE, ARROW, TEXT = FUNCTIONAL_TOKENS
+CROP_SLICE = "img[y0:y1, x0:x1]"  # the name under which a 2-D slice of an image array is looked up
+
+# Which drawing call becomes which functional token: the one table of rules, to read against the paper's
+# Tab. 1 (five operations: region, auxiliary line, shape, arrow, text label; docs/method.md, "Functional
+# tokens"), §2.1 ("bounding boxes, masks, cropping, and zooming" are all the region token, <|Zoom|>) and
+# §2.2 step 1 (line drawing, text annotation, shape drawing, cropping). A call matches a row by the name it
+# calls: `draw.line(...)`, `cv2.line(...)` and `line(...)` all call "line", so one name covers PIL's
+# ImageDraw method, the cv2 function and matplotlib's function, method or patch class alike. A row with a
+# condition matches only when it holds: "arrowprops", the call passes that keyword; "region", what is resized
+# is a crop, a 2-D slice or a name assigned one in the same block (resizing a whole image zooms nothing).
+# A call matching two rows gives both tokens in table order: annotate() with an arrow is <|Arrow|> <|Text|>.
+OPERATIONS = (  # (token, condition, names called, what they draw: libraries)
+    (ZOOM, None, {"crop", "getRectSubPix"}, "cut a region out: PIL, cv2"),
+    (ZOOM, None, {CROP_SLICE}, "a region of an image array: numpy"),
+    (ZOOM, "region", {"resize"}, "enlarge a region: PIL, cv2"),
+    (ZOOM, None, {"xlim", "ylim", "set_xlim", "set_ylim"}, "narrow the view: matplotlib"),
+    (ZOOM, None, {"rectangle", "rounded_rectangle", "Rectangle", "FancyBboxPatch"},
+     "a bounding box: PIL, cv2, matplotlib"),
+    (LINE, None, {"line", "polylines", "plot", "axhline", "axvline", "hlines", "vlines", "axline", "Line2D"},
+     "a line or polyline: PIL, cv2, matplotlib"),
+    (SHAPE, None, {"ellipse", "circle", "polygon", "regular_polygon", "arc", "chord", "pieslice", "point",
+                   "fillPoly", "fillConvexPoly", "drawContours", "drawMarker", "scatter",
+                   "Circle", "Ellipse", "Polygon", "RegularPolygon", "Wedge", "Arc"},
+     "a circle, ellipse, polygon, arc or marker: PIL, cv2, matplotlib"),
+    (ARROW, None, {"arrowedLine", "arrow", "Arrow", "FancyArrow", "FancyArrowPatch", "quiver"},
+     "an arrow: cv2, matplotlib"),
+    (ARROW, "arrowprops", {"annotate"}, "an annotation's arrow: matplotlib"),
+    (TEXT, None, {"text", "multiline_text", "putText", "annotate", "figtext"}, "a text label: PIL, cv2, matplotlib"),
+)
+
+# The transition sentence before a block's tokens (§2.2 step 2, "a predefined transition template"), ours:
+# an opener around one phrase per operation, each drawn from several, by the seed and the row id.
+OPENERS = ("Let me {}.", "To see this better, I will {}.", "Next, I'll {}.", "It helps to {} here.")
+PHRASES = {
+    ZOOM: ("zoom in on the region that matters", "mark out the region in question",
+           "take a closer look at that area"),
+    LINE: ("draw an auxiliary line", "add a helper line through the key points", "connect the points with a line"),
+    SHAPE: ("mark the figure with a shape", "outline the shape in question", "circle the element of interest"),
+    ARROW: ("draw an arrow to show the direction", "point at the target with an arrow",
+            "add an arrow between the parts"),
+    TEXT: ("label the key points", "write the values onto the image", "annotate the figure with text"),
+}
+# Why a row is dropped, in the summary's order. A block that does not parse, maps to no operation, or
+# failed in the sandbox drops its whole row, never the block alone: the reasoning after a block reads the
+# block's output, so cutting the block out leaves reasoning about a result that is no longer there, and
+# keeping its code as text would teach the model to write code where ATLAS writes a token. The paper
+# filters too: it keeps 138K rows (§2.2 step 1) of the preview's 252K (V-Thinker README.md:41).
+DROPS = ("no code block", "unparsable code", "code with no drawing operation", "code failed in the sandbox",
+         "no final answer", "answer differs from the answer field")
+
+# V-Thinker's layout (We-Math/V-Thinker@77a5ab8): data/prompt.txt:10-15 wraps code as <code>, a ```python
+# fence, </code>; the sandbox's reply follows as <sandbox_output>…</sandbox_output> (eval/wemath/utils.py:
+# 156 reads the block with this fence-optional pattern), and a failed run's reply says "Sandbox for <id>:"
+# (eval/wemath/sandbox.py:685-723), which V-Thinker's own reward reads as a failed block (agent_rm.py:274).
+_BLOCK = re.compile(r"(\s*)<code>(.*?)</code>(?:\s*<sandbox_output>(.*?)</sandbox_output>)?(\s*)", re.S)
+_FENCE = re.compile(r"\s*```[\w+-]*[ \t]*\n?(.*?)\n?[ \t]*```\s*", re.S)
+_FUNCTIONAL = re.compile("|".join(map(re.escape, FUNCTIONAL_TOKENS)))
+KIND_COLUMNS = {"v_interaction": ("question", "image", "answer", "CoT_with_code"),
+                "v_perception": ("question", "image", "answer")}
+EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
+# The paper's trajectories, for the summary: 4.8 functional tokens in 203.7 tokens on average, 2.3% (§2.3).
+PAPER = {"functional_per_trajectory": 4.8, "length_per_trajectory": 203.7, "functional_share": 0.023}
+
+
+def _called(node):
+    """The name a call calls: "line" for `a.b.line(...)` and for `line(...)`; None for other callees."""
+    f = node.func
+    return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+
+
+def _is_crop_slice(node):
+    """`img[y0:y1, x0:x1]`: a subscript whose first two indices are slices, each bounded. Both must be: a
+    coordinate array is sliced `pts[:, :2]`, an image's channels `img[:, :, ::-1]`."""
+    dims = node.slice.elts[:2] if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Tuple) else []
+    return len(dims) == 2 and all(isinstance(d, ast.Slice) and (d.lower or d.upper) for d in dims)
+
+
+def _is_region(node, regions):
+    if isinstance(node, ast.Name):
+        return node.id in regions
+    return _called(node) in ("crop", "getRectSubPix") if isinstance(node, ast.Call) else _is_crop_slice(node)
+
+
+def block_tokens(code):
+    """The functional tokens of one code block (§2.2 step 1: "we parse the original code"). The code is
+    parsed with `ast`, never run: nothing in it is executed, imported or opened. Each call, and each
+    read of a 2-D image slice, that OPERATIONS maps gives its token(s); they come in source order, each
+    once per block, at its first use: a token names an operation, not a count of calls (a loop drawing
+    ten lines is one call in the source anyway). Raises SyntaxError (or ValueError) for code that does
+    not parse."""
+    with warnings.catch_warnings():  # "\d" in the data's code warns at parse time: the data's, not ours
+        warnings.simplefilter("ignore")
+        tree = ast.parse(textwrap.dedent(code))
+    nodes = list(ast.walk(tree))
+    regions = {target.id for n in nodes if isinstance(n, ast.Assign) and _is_region(n.value, ())
+               for target in n.targets if isinstance(target, ast.Name)}
+    hits = []
+    for node in nodes:
+        if isinstance(node, ast.Call):
+            operands = [getattr(node.func, "value", None)] + node.args[:1]  # `x.resize(...)`, `cv2.resize(x)`
+            name, met = _called(node), {"arrowprops": any(k.arg == "arrowprops" for k in node.keywords),
+                                        "region": any(_is_region(x, regions) for x in operands if x)}
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and _is_crop_slice(node):
+            name, met = CROP_SLICE, {}
+        else:
+            continue
+        hits += [((node.lineno, node.col_offset), token) for token, condition, names, _ in OPERATIONS
+                 if name in names and (condition is None or met[condition])]
+    return list(dict.fromkeys(token for _, token in sorted(hits, key=lambda hit: hit[0])))
+
+
+def transition(tokens, rng):
+    """The sentence that replaces a code block, then its tokens: "Let me draw an auxiliary line and label
+    the key points. <|Line|> <|Text|>"."""
+    said = [rng.choice(PHRASES[token]) for token in tokens]
+    said = said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]
+    return rng.choice(OPENERS).format(said) + " " + " ".join(tokens)
+
+
+def trajectory(cot, rid, seed):
+    """(response, None), or (None, the DROPS reason): `cot` with each code block and its sandbox output
+    replaced by a transition sentence and the block's functional tokens (§2.2 step 2). The reasoning
+    around the blocks and the final answer are kept as written. Block k of row `rid` draws its phrasing
+    from random.Random(f"{seed}/{rid}/{k}"), so a conversion is the same on every run."""
+    parts, pos, k = [], 0, 0
+    for m in _BLOCK.finditer(cot):
+        lead, code, output, trail = m.groups()
+        if output is not None and "sandbox for" in output.lower():
+            return None, "code failed in the sandbox"
+        fenced = _FENCE.fullmatch(code)
+        try:
+            tokens = block_tokens(fenced[1] if fenced else code)
+        except (SyntaxError, ValueError, RecursionError):
+            return None, "unparsable code"
+        if not tokens:
+            return None, "code with no drawing operation"
+        space = ["\n" if "\n" in ws else " " for ws in (lead, trail)]
+        parts += [cot[pos:m.start()], space[0], transition(tokens, random.Random(f"{seed}/{rid}/{k}")), space[1]]
+        pos, k = m.end(), k + 1
+    text = ("".join(parts) + cot[pos:]).strip()
+    if re.search(r"</?(code|sandbox_output)>", text):  # an unclosed block, or an output without its code
+        return None, "unparsable code"
+    return (text, None) if k else (None, "no code block")
+
+
+def with_answer_format(text, answer_format):
+    """`text` with its final answer (the last <answer>…</answer>, V-Thinker's format: scripts/plugin/
+    agent_rm.py:229, 246) written as `answer_format` ("tag" or "boxed") asks, so SFT teaches the format
+    the trainer's prompt asks for and its reward reads; the answer itself is kept. None when `text` holds
+    no answer."""
+    end = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, max(end, 0))
+    if end < 0 or start < 0:
+        return text if extract_answer(text, answer_format) else None
+    inner = final_answer(text[start:end + len("</answer>")])  # a \boxed{} inside the tag unwrapped
+    if not inner:
+        return None
+    wrapped = f"<answer>{inner}</answer>" if answer_format == "tag" else f"\\boxed{{{inner}}}"
+    return text[:start] + wrapped + text[end + len("</answer>"):]
+
+
+def export_image(value, where, folder, written):
+    """The file name of an embedded image ({bytes, path}, as the Hub stores an `image` feature), written
+    to `folder` under the hash of its bytes (an image several rows share is written once) and checked as
+    data.check_images checks every image. `written` maps hashes to the names written so far."""
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if not isinstance(data, bytes) or not data:
+        fail(where, "image", f"expected embedded image bytes ({{bytes, path}}), got {str(value)[:80]}")
+    digest = hashlib.sha256(data).hexdigest()[:24]
+    if digest not in written:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                kind = im.format or "img"
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            fail(where, "image", f"embedded image cannot be read ({type(e).__name__}: {e})")
+        path = folder / f"{digest}.{EXTENSIONS.get(kind, kind.lower())}"
+        path.write_bytes(data)
+        problem, _ = inspect_image(path)
+        if problem:
+            fail(where, "image", f"embedded image {problem}")
+        written[digest] = path.name
+    return written[digest]
+
+
+def convert_vrow(rec, where, kind, rid, seed, answer_format):
+    """(question, answer, response) of one row, or the DROPS reason. A V-Perception row (no code) answers
+    with its answer alone, in `answer_format`; a V-Interaction row's response is its trajectory."""
+    question = strip_placeholders(scalar(rec.get("question"), "question", where), 1, where, "question")
+    if not question:
+        fail(where, "question", "empty once its <image> placeholders are removed")
+    gold = scalar(rec.get("answer"), "answer", where)
+    gold = final_answer(gold) or gold
+    if kind == "v_perception":
+        return question, gold, with_answer_format(f"<answer>{gold}</answer>", answer_format)
+    cot = rec.get("CoT_with_code")
+    if cot is not None and not isinstance(cot, str):
+        fail(where, "CoT_with_code", f"expected a string, got {type(cot).__name__}")
+    response, reason = trajectory(cot or "", rid, seed)
+    if reason:
+        return reason
+    response = with_answer_format(response, answer_format)
+    if response is None:
+        return "no final answer"
+    if not answers_equivalent(extract_answer(response, answer_format), gold, question=question):
+        return "answer differs from the answer field"
+    return question, gold, response
+
+
+POLISH_PROMPT = """Rewrite the reasoning below so that it reads naturally, as one person thinking aloud. Keep its \
+meaning, its steps and its final answer. Keep every functional token ({tokens}) exactly as written and in \
+the same order, and add none. Reply with the rewritten reasoning only.
+
+{response}"""
+
+
+def polish_generate(model, tokenizer, texts, max_new_tokens, temperature, device):
+    """Continuations of `texts`: greedy at temperature 0 (as eval.py's judge decodes), else sampled."""
+    import torch
+    from transformers import GenerationConfig
+
+    plain = not getattr(tokenizer, "chat_template", None)  # a chat template writes its own BOS, if any
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=plain).to(device)
+    eos = model.generation_config.eos_token_id
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id if eos is None else eos, **sampling)
+    with torch.inference_mode():
+        out = model.generate(**batch, generation_config=config)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def polish(model, tokenizer, responses, answer_format, temperature=0.0, device="cpu"):
+    """(replies, how many were rejected): each templated response rewritten by a local instruction model
+    (§2.2 step 2 polishes with Gemini-2.5-Pro "while preserving ... functional-token order"). A rewrite is
+    taken only if it holds the same functional tokens in the same order and the same final answer; else
+    the templated response is kept. At most twice the longest response's tokens, plus 32, are generated."""
+    prompts = [POLISH_PROMPT.format(tokens=", ".join(FUNCTIONAL_TOKENS), response=r) for r in responses]
+    longest = max(len(ids) for ids in tokenizer(responses, add_special_tokens=False)["input_ids"])
+    texts = [_chat_text(tokenizer, prompt) for prompt in prompts]
+    replies = polish_generate(model, tokenizer, texts, 2 * longest + 32, temperature, device)
+    kept = []
+    for template, reply in zip(responses, replies):
+        reply = (reply or "").strip()
+        same = (_FUNCTIONAL.findall(reply) == _FUNCTIONAL.findall(template)
+                and extract_answer(reply, answer_format) == extract_answer(template, answer_format))
+        kept.append(reply if reply and same else template)
+    return kept, sum(k is template for k, template in zip(kept, responses))
+
+
+def parquet_files(inputs):
+    """[(path, kind, ParquetFile)] of every input (a .parquet file, or a folder searched for them), each
+    file's kind read from its columns: with CoT_with_code V-Interaction, without it V-Perception."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConvertError("vinteraction reads parquet with pyarrow, which is not installed: "
+                           "pip install -e '.[parquet]'") from None
+    files = []
+    for given in map(Path, inputs):
+        found = sorted(given.rglob("*.parquet")) if given.is_dir() else [given] if given.is_file() else []
+        if not found:
+            raise ConvertError(f"{given}: no such parquet file, or a folder without one")
+        files += found
+    opened, unique = [], {}
+    for path in files:
+        unique.setdefault(path.resolve(), path)  # a file named twice (itself, and in its folder) is read once
+    for path in unique.values():
+        try:
+            handle = pq.ParquetFile(path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise ConvertError(f"{path}: not a readable parquet file ({e})") from None
+        names = handle.schema_arrow.names
+        kind = "v_interaction" if "CoT_with_code" in names else "v_perception"
+        missing = [c for c in KIND_COLUMNS[kind] if c not in names]
+        if missing:
+            raise ConvertError(f"{path}: no column '{missing[0]}' (a V-Interaction row has question, image, "
+                               "answer and CoT_with_code; a V-Perception row question, image and answer)")
+        opened.append((path, kind, handle))
+    return opened
+
+
+def _rows(path, handle, kind, batch_rows):
+    """(index, record) of a parquet file's rows, read `batch_rows` at a time and only the columns used
+    (not edited_image, tool_code, ...); a damaged file is a ConvertError."""
+    columns = [c for c in ("id", *KIND_COLUMNS[kind]) if c in handle.schema_arrow.names]
+    batches, index = handle.iter_batches(batch_size=batch_rows, columns=columns), 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise ConvertError(f"{path}[{index}]: not a readable parquet row group ({e})") from None
+        if batch is None:
+            return
+        for rec in batch.to_pylist():
+            yield index, rec
+            index += 1
+
+
+def _shuffle_lines(src, dst, seed):
+    """`src`'s lines in the order random.Random(seed) shuffles them, written to `dst`, one line in memory."""
+    offsets, at = [], 0
+    with open(src, "rb") as f:
+        for line in f:
+            offsets.append(at)
+            at += len(line)
+    random.Random(seed).shuffle(offsets)
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        for at in offsets:
+            f.seek(at)
+            g.write(f.readline())
+
+
+def _length_counter(tokenizer_path):
+    """Token counts of texts by a local tokenizer (the functional tokens added, one token each), else
+    words (whitespace-separated; a functional token is one); and the unit's name."""
+    if not tokenizer_path:
+        return lambda texts: [len(_FUNCTIONAL.sub(r" \g<0> ", t).split()) for t in texts], "words"
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConvertError(f"--tokenizer {tokenizer_path}: cannot load a tokenizer ({e})") from None
+    tok.add_tokens([AddedToken(t, normalized=False) for t in FUNCTIONAL_TOKENS if t not in tok.get_vocab()])
+    return lambda texts: [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]], \
+        f"tokens of {tokenizer_path}"
+
+
+def convert_vinteraction(inputs, out_path, *, image_dir=None, seed=0, answer_format="boxed", task=None,
+                         tokenizer=None, polish_model=None, polish_batch=8, polish_temperature=0.0,
+                         device="cpu", batch_rows=64):
+    """ATLAS-178K's recipe (§2.2 step 1-3) on V-Interaction-400K (and V-Perception-40K) parquet: rows read
+    `batch_rows` at a time (pyarrow's iter_batches: a 600 MB part is never in memory whole), images written
+    to `image_dir` (default: OUT's folder/OUT-STEM_images, inside OUT's folder), each V-Interaction row's
+    code blocks turned into functional tokens (`trajectory`), optionally polished (`polish`). OUT holds
+    the kept rows of all inputs in the order random.Random(seed) shuffles them (the mix: all of both, as
+    the paper concatenates V-Perception-40K; the trainers reshuffle every epoch anyway). Returns the
+    summary, also written to OUT-STEM.summary.json. Bad input raises ConvertError and leaves OUT, its
+    images and summary unwritten."""
+    files = parquet_files(inputs)
+    out_path = Path(out_path)
+    out_dir = out_path.parent.resolve()
+    image_dir = (Path(image_dir) if image_dir else out_path.parent / f"{out_path.stem}_images").resolve()
+    if not image_dir.is_relative_to(out_dir):
+        raise ConvertError(f"--image-dir {image_dir} lies outside OUT's folder {out_dir}, and atlas_min's loader "
+                           "refuses image paths that leave the data folder")
+    if polish_batch < 1 or not polish_temperature >= 0:
+        raise ConvertError(f"--polish-batch {polish_batch} must be >= 1 and --polish-temperature "
+                           f"{polish_temperature} >= 0")
+    count, unit = _length_counter(tokenizer)
+    if polish_model:
+        _check_folder(Path(polish_model))
+        polish_tokenizer, polish_lm = _load(Path(polish_model), device)
+        if polish_temperature > 0:  # sampled rewrites: the same on every run with the same seed
+            import torch
+            torch.manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_dir))
+    stats = {"rows_read": 0, "kept": 0, "kept_by_kind": dict.fromkeys(KIND_COLUMNS, 0),
+             "dropped": dict.fromkeys(DROPS, 0), "functional_tokens": dict.fromkeys(FUNCTIONAL_TOKENS, 0),
+             "polished": 0, "polish_rejected": 0}
+    totals, written, pending = [0, 0, 0], {}, []
+    try:
+        (work / "images").mkdir()
+        with open(work / "rows.jsonl", "w", encoding="utf-8") as rows:
+            def flush():  # polish the trajectories (perception replies are bare answers), count, write
+                templated = [ex for kind, ex in pending if kind == "v_interaction"]
+                if polish_model and templated:
+                    texts, rejected = polish(polish_lm, polish_tokenizer, [ex["response"] for ex in templated],
+                                             answer_format, polish_temperature, device)
+                    stats["polished"] += len(texts) - rejected
+                    stats["polish_rejected"] += rejected
+                    for ex, text in zip(templated, texts):
+                        ex["response"] = text
+                for (kind, ex), n in zip(pending, count([ex["response"] for _, ex in pending])):
+                    found = _FUNCTIONAL.findall(ex["response"])
+                    for token in found:
+                        stats["functional_tokens"][token] += 1
+                    if kind == "v_interaction":  # trajectories, functional tokens, all their tokens
+                        totals[:] = totals[0] + 1, totals[1] + len(found), totals[2] + n
+                    rows.write(json.dumps(ex, ensure_ascii=False) + "\n")
+                pending.clear()
+
+            for path, kind, handle in files:
+                for index, rec in _rows(path, handle, kind, batch_rows):
+                    where = f"{path}[{index}]"
+                    rid, ex_task = meta(rec, index, path.stem, task or kind, id_keys=("id",), task_keys=())
+                    stats["rows_read"] += 1
+                    result = convert_vrow(rec, where, kind, rid, seed, answer_format)
+                    if isinstance(result, str):  # a dropped row's image is never read
+                        stats["dropped"][result] += 1
+                        continue
+                    name = export_image(rec.get("image"), where, work / "images", written)
+                    image = Path(os.path.relpath(image_dir / name, out_dir)).as_posix()
+                    question, answer, response = result
+                    pending.append((kind, {"id": rid, "images": [image], "question": question, "answer": answer,
+                                           "response": response, "task": ex_task}))
+                    stats["kept"] += 1
+                    stats["kept_by_kind"][kind] += 1
+                    if not polish_model or len(pending) >= polish_batch:
+                        flush()
+            flush()
+        _shuffle_lines(work / "rows.jsonl", work / "out.jsonl", seed)
+        n, n_f, n_all = totals
+        stats.update(images=len(written), trajectories=n, length_unit=unit,
+                     functional_per_trajectory=round(n_f / max(1, n), 2),
+                     length_per_trajectory=round(n_all / max(1, n), 1),
+                     functional_share=round(n_f / max(1, n_all), 4), paper=PAPER)
+        (work / "summary.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+        image_dir.mkdir(parents=True, exist_ok=True)
+        for image in (work / "images").iterdir():
+            os.replace(image, image_dir / image.name)
+        os.replace(work / "out.jsonl", out_path)
+        os.replace(work / "summary.json", out_path.with_name(f"{out_path.stem}.summary.json"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return stats
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m atlas_min.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -339,13 +792,41 @@ def main(argv=None):
         command.add_argument("--image-root", help="folder that relative image paths in IN start from (default: IN's)")
         command.add_argument("--task", help="task of every example (default: IN's stem; conversations and "
                                             "choice first try the fields category/task/subject)")
+    vi = commands.add_parser("vinteraction", help="V-Interaction-400K / V-Perception-40K parquet -> SFT data")
+    vi.add_argument("inputs", nargs="+", metavar="IN", help="parquet files or folders of them, mixed as given")
+    vi.add_argument("output", metavar="OUT", help="OUT.jsonl")
+    vi.add_argument("--image-dir", help="where the images go, inside OUT's folder (default: OUT-STEM_images)")
+    vi.add_argument("--seed", type=int, default=0, help="transition phrasings and OUT's order (default 0)")
+    vi.add_argument("--answer-format", choices=("boxed", "tag"), default="boxed",
+                    help="final answers as \\boxed{} (the 7B preset's, default) or <answer></answer>")
+    vi.add_argument("--task", help="task of every example (default: v_interaction / v_perception)")
+    vi.add_argument("--tokenizer", metavar="DIR", help="count the summary's lengths in this tokenizer's tokens")
+    vi.add_argument("--polish", metavar="MODEL_PATH", help="a local instruction model that rewrites each reply")
+    vi.add_argument("--polish-batch", type=int, default=8, help="replies per generate call (default 8)")
+    vi.add_argument("--polish-temperature", type=float, default=0.0, help="0 (default): greedy")
     args = parser.parse_args(argv)
     try:
-        examples = convert_file(args.kind, args.input, args.output, args.image_root, args.task)
-    except (ConvertError, OSError) as e:
+        if args.kind != "vinteraction":
+            examples = convert_file(args.kind, args.input, args.output, args.image_root, args.task)
+            print(f"wrote {len(examples)} examples to {args.output}")
+            return 0
+        device = "cpu"
+        if args.polish:
+            import torch
+
+            from atlas_min.cli import quiet_libraries
+            quiet_libraries()  # no per-tensor "Loading weights" bar, as in eval.py
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        summary = convert_vinteraction(args.inputs, args.output, image_dir=args.image_dir, seed=args.seed,
+                                       answer_format=args.answer_format, task=args.task, tokenizer=args.tokenizer,
+                                       polish_model=args.polish, polish_batch=args.polish_batch,
+                                       polish_temperature=args.polish_temperature, device=device)
+    except (ConvertError, JudgeError, OSError) as e:
         print(f"error: {e}".replace("\n", "\\n"), file=sys.stderr)
         return 2
-    print(f"wrote {len(examples)} examples to {args.output}")
+    print(json.dumps(summary, indent=1))
+    out = Path(args.output)
+    print(f"wrote {summary['kept']} examples to {out} (summary: {out.with_name(out.stem + '.summary.json')})")
     return 0
 
 
