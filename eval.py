@@ -14,17 +14,19 @@ ATLAS's harness asks its judge (docs/eval_protocol.md; the authors used Qwen3-VL
 """
 import argparse
 import json
+from dataclasses import fields
 from pathlib import Path
 
 from atlas_min import checkpoint
 from atlas_min.cli import UsageError, quiet_libraries, say_skipped, user_errors
 from atlas_min.config import get_config
-from atlas_min.data import check_lengths, load_examples
+from atlas_min.data import check_lengths, data_file, file_record, load_examples
 from atlas_min.dist import cleanup, print0, setup, shard
 from atlas_min.evaluate import chance_by_task, evaluate, intervene
-from atlas_min.judge import judge, judge_prompt
+from atlas_min.judge import judge, judge_prompt, load_judge
 from atlas_min.model import load_pretrained, set_pixel_bounds
 from atlas_min.rewards import extract_answer
+from atlas_min.run_folder import check_output
 
 # 1. command line, config, data
 p = argparse.ArgumentParser(description="Evaluate a checkpoint")
@@ -42,24 +44,24 @@ p.add_argument("--judge-prompt", default=None, metavar="FILE",
 p.add_argument("overrides", nargs="*", help="field=value")
 opts = p.parse_intermixed_args()
 quiet_libraries()
+# what eval.json records of how it decoded and scored, beside the checkpoint, the config and the data's hash
+PROTOCOL = ("eval_max_new_tokens", "answer_format", "system_prompt", "question_suffix", "image_separator")
 ckpt = Path(opts.ckpt)
 out = Path(opts.out or ckpt / "eval.json")
-with user_errors():
-    if not (ckpt / "config.json").is_file():
-        raise UsageError(f"--ckpt {ckpt}: not a model folder (no config.json)")
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder: name the JSON file to write, e.g. {out / 'eval.json'}")
-    if opts.config:
-        cfg = get_config(opts.config, opts.overrides)
-    elif (ckpt / checkpoint.STATE).is_file():
-        cfg = get_config(overrides=opts.overrides, base=checkpoint.read_state(ckpt)[1])
-    else:
+with user_errors():  # every check before any work: a late error would lose the whole decode
+    checkpoint.require_model(ckpt, "--ckpt")
+    saved = checkpoint.read_state(ckpt)[1] if (ckpt / checkpoint.STATE).is_file() else None
+    base = get_config(opts.config) if opts.config else saved
+    if base is None:
         raise UsageError(f"--ckpt {ckpt} has no {checkpoint.STATE}: pass --config NAME")
-    if opts.data:
-        cfg = get_config(overrides=[f"eval_data={opts.data}"], base=cfg)
+    cfg = get_config(overrides=opts.overrides + ([f"eval_data={opts.data}"] if opts.data else []), base=base)
+    differ = [f.name for f in fields(base) if saved and getattr(base, f.name) != getattr(saved, f.name)]
+    if differ:  # the prompt, the answer format, the toy's eval split may then not be the ones it was trained on
+        print0(f"note: --config {opts.config} differs from the settings {ckpt} was trained with in {len(differ)} "
+               f"field(s): {', '.join(differ[:8])}{', ...' if len(differ) > 8 else ''}")
+    data_path = data_file(cfg, "eval")
+    check_output(out, [ckpt, data_path, opts.judge, opts.judge_prompt])
     data = load_examples(cfg, "eval", on_skip=say_skipped)
-    if not data:
-        raise UsageError(f"{opts.data or cfg.eval_data or 'the eval split'} holds no examples")
     template = None
     if opts.judge_prompt:
         if not opts.judge:
@@ -71,7 +73,7 @@ with user_errors():
     if opts.judge and not (Path(opts.judge) / "config.json").is_file():
         raise UsageError(f"--judge {opts.judge}: not a model folder (no config.json)")
 
-# 2. the model, sharded under torchrun
+# 2. the model, sharded under torchrun; the judge (rank 0) loaded before the decode, so it cannot fail after it
 rank, world, device = setup()
 model, tokenizer, image_processor = load_pretrained(ckpt, cfg, on_meta=rank > 0)  # rank 0 reads the weights
 if cfg.eval_min_pixels:  # the eval protocol's image bounds (ATLAS's harness at 7B)
@@ -79,6 +81,7 @@ if cfg.eval_min_pixels:  # the eval protocol's image bounds (ATLAS's harness at 
 with user_errors():
     data = check_lengths(data, tokenizer, image_processor, cfg, generate=cfg.eval_max_new_tokens,
                          on_skip=say_skipped, context=model.config.get_text_config().max_position_embeddings)
+    judge_model = load_judge(opts.judge, str(device)) if opts.judge and rank == 0 else None
 model = shard(model, cfg, device).eval()
 
 # 3. greedy decoding, scored; optional probes
@@ -92,13 +95,14 @@ outputs = result.pop("outputs")
 if opts.judge and rank == 0:  # a missing, unclosed or empty final answer is 0 without asking, as the harness
     items = [{"question": r["question"], "gold": r["answer"],
               "answer": extract_answer(r["output"], cfg.answer_format)} for r in outputs]
-    with user_errors():
-        verdicts = judge(opts.judge, items, template=template, device=str(device))
+    verdicts = judge(judge_model, items, template=template, device=str(device))
     result["judge_accuracy"] = sum(verdicts) / len(verdicts)
     result["judge_asked"] = sum(reply is not None for reply in verdicts.replies)
     result["judge_unparsed"] = verdicts.unparsed
 chance = chance_by_task(data)
 result["chance"] = sum(chance.values()) / len(chance)
+result |= {"config": cfg.name, "checkpoint": str(ckpt.resolve()), "data": file_record(data_path),
+           "protocol": {**{k: getattr(cfg, k) for k in PROTOCOL}, "image_size_bounds": dict(image_processor.size)}}
 
 # 4. the table, eval.json
 print0(f"\n{'task':<14}{'accuracy':>10}{'chance':>8}  functional tokens used")
@@ -116,7 +120,9 @@ print0(f"chance (always the task's most frequent answer), averaged over tasks: {
 if "judge_accuracy" in result:
     print0(f"judge_accuracy {result['judge_accuracy']:.3f} ({opts.judge}: asked about "
            f"{result['judge_asked']} answers, {result['judge_unparsed']} verdicts unread)")
-if opts.intervene:
+if opts.intervene and not result["intervention"]:
+    print0("\nintervention: no output held a functional token, so there was none to replace")
+elif opts.intervene:
     print0("\nintervention: accuracy with each functional token forced at the output's first one")
     for task, per_token in result["intervention"].items():
         gap = result["intervention_gap"].get(task)

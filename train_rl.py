@@ -26,26 +26,26 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.cli import (Progress, UsageError, defer_interrupts, interrupted, parse_run_args,
-                           release_run_folder, report, say_skipped, stop_interrupted, user_errors)
+from atlas_min.cli import (Progress, UsageError, defer_interrupts, interrupted, parse_run_args, report,
+                           say_skipped, stop_interrupted, user_errors)
+from atlas_min.config import check_world
 from atlas_min.data import (check_lengths, collate_prompts, encode_example, load_examples, stream_indices,
                             to_device)
 from atlas_min.dist import all_sum, autocast, cleanup, gathered, print0, reshard, setup, shard
 from atlas_min.grpo import constant_groups, functional_grad_share, group_advantages, grpo_loss
 from atlas_min.model import load_pretrained
-from atlas_min.optim import adamw, clipped_step, lr_at, set_lr
+from atlas_min.optim import adamw, clipped_step, count_nonfinite, lr_at, set_lr
 from atlas_min.rewards import compute_reward
+from atlas_min.run_folder import release
 from atlas_min.sampler import decode_completion, rl_row_seeds, rl_run_seed, sample, sequence_logprobs
 from atlas_min.tokens import FUNCTIONAL_TOKENS, functional_mask
 
 # 1. command line, processes, data
 with user_errors():
-    opts, cfg, resume_from = parse_run_args("Stage 2: GRPO / LA-GRPO", stage="rl")
+    opts, cfg, resume_from, record = parse_run_args("Stage 2: GRPO / LA-GRPO", stage="rl")
     rank, world, device = setup()
     G = cfg.group_size
-    if cfg.prompts_per_step % world or cfg.rl_mini_batch % (G * world):
-        raise UsageError(f"prompts_per_step={cfg.prompts_per_step} and rl_mini_batch/G="
-                         f"{cfg.rl_mini_batch}/{G} must divide by {world} processes")
+    check_world(cfg, world, "rl")
     train = load_examples(cfg, "train", on_skip=say_skipped)
 run = opts.out
 total = cfg.max_steps or cfg.rl_steps
@@ -193,72 +193,79 @@ def rollout_metrics(scores, rollout, fmask, constant):
             "constant_group_share": all_sum(int(constant.sum())) / all_sum(len(constant)), **right}
 
 
-# 3. the loop: sample, score, log-probs before the update, update, log, save
+# 3. the loop: sample, score, log-probs before the update, update, log, save; a run that diverges
+#    (optim.count_nonfinite) or cannot save ends in one line, its lock released
 progress = Progress(run, "rl", start, total, cfg.log_every)
 defer_interrupts(run)  # from here on, Ctrl-C stops the run after the step it is in
-for step in range(start, total):
-    seconds = {}
-    lr = lr_at(step, total, cfg.rl_warmup, cfg.rl_lr)
-    set_lr(optimizer, lr)
-    first_prompt = rank * prompts_per_rank
-    order = stream_indices(step, cfg.prompts_per_step, len(train), seed=rl_run_seed(cfg) + cfg.rl_seed_offset,
-                           epoch_seed_stride=cfg.epoch_seed_stride)
-    prompts = [train[i] for i in order[first_prompt:first_prompt + prompts_per_rank]]
+streak = 0  # steps in a row whose loss or gradient norm was not finite: none of them is ever saved
+with user_errors():
+    for step in range(start, total):
+        seconds = {}
+        lr = lr_at(step, total, cfg.rl_warmup, cfg.rl_lr)
+        set_lr(optimizer, lr)
+        first_prompt = rank * prompts_per_rank
+        order = stream_indices(step, cfg.prompts_per_step, len(train), seed=rl_run_seed(cfg) + cfg.rl_seed_offset,
+                               epoch_seed_stride=cfg.epoch_seed_stride)
+        prompts = [train[i] for i in order[first_prompt:first_prompt + prompts_per_rank]]
 
-    t0 = time.time()
-    encoded, rollout = sample_groups(model, tokenizer, image_processor, prompts, cfg, step, first_prompt * G,
-                                     device)
-    mask = rollout["completion_mask"]  # (N, C)
-    fmask = functional_mask(rollout["completion_ids"], functional_ids) & mask  # (N, C)
-    seconds["sampling"] = time.time() - t0
+        t0 = time.time()
+        encoded, rollout = sample_groups(model, tokenizer, image_processor, prompts, cfg, step, first_prompt * G,
+                                         device)
+        mask = rollout["completion_mask"]  # (N, C)
+        fmask = functional_mask(rollout["completion_ids"], functional_ids) & mask  # (N, C)
+        seconds["sampling"] = time.time() - t0
 
-    t0 = time.time()
-    scores, advantages, constant = score(tokenizer, prompts, rollout, cfg)  # each group lives on one rank: exact
-    advantages = advantages.to(device)  # (N,)
-    seconds["scoring"] = time.time() - t0
+        t0 = time.time()
+        scores, advantages, constant = score(tokenizer, prompts, rollout, cfg)  # each group lives on one rank: exact
+        advantages = advantages.to(device)  # (N,)
+        seconds["scoring"] = time.time() - t0
 
-    # log π_old before any update, log π_ref from the frozen SFT model; no grad
-    t0 = time.time()
-    micro_slices = chunks(len(prompts), max(1, cfg.micro_batch_size // G))
-    pad_id = tokenizer.pad_token_id
-    old_logp = torch.cat([completion_logprobs(model, encoded, rollout, s, cfg, pad_id, device)
-                          for s in micro_slices])  # (N, C)
-    seconds["old_logprobs"] = time.time() - t0
-    t0 = time.time()
-    ref_logp = None
-    if reference is not None:
-        ref_logp = torch.cat([completion_logprobs(reference, encoded, rollout, s, cfg, pad_id, device)
+        # log π_old before any update, log π_ref from the frozen SFT model; no grad
+        t0 = time.time()
+        micro_slices = chunks(len(prompts), max(1, cfg.micro_batch_size // G))
+        pad_id = tokenizer.pad_token_id
+        old_logp = torch.cat([completion_logprobs(model, encoded, rollout, s, cfg, pad_id, device)
                               for s in micro_slices])  # (N, C)
-        reshard(reference)
-    seconds["reference"] = time.time() - t0
+        seconds["old_logprobs"] = time.time() - t0
+        t0 = time.time()
+        ref_logp = None
+        if reference is not None:
+            ref_logp = torch.cat([completion_logprobs(reference, encoded, rollout, s, cfg, pad_id, device)
+                                  for s in micro_slices])  # (N, C)
+            reshard(reference)
+        seconds["reference"] = time.time() - t0
 
-    t0 = time.time()
-    losses = update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, fmask, cfg, world,
-                    pad_id, device)
-    seconds["update"] = time.time() - t0
-    if losses["skipped_steps"]:
-        print0(f"note: step {step + 1}: {losses['skipped_steps']} update(s) skipped, the gradient norm was not finite")
+        t0 = time.time()
+        losses = update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, fmask, cfg, world,
+                        pad_id, device)
+        seconds["update"] = time.time() - t0
+        if losses["skipped_steps"]:
+            print0(f"note: step {step + 1}: {losses['skipped_steps']} update(s) skipped, the gradient norm was not finite")
 
-    metrics = rollout_metrics(scores, rollout, fmask, constant)
-    progress.log(step, **metrics, **losses, lr=lr,
-                 **{f"t_{k}": round(all_sum(v) / world, 3) for k, v in seconds.items()})
-    stop = step + 1 < total and interrupted()  # a Ctrl-C on any rank: every rank stops after this step
-    due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total
-    if due or stop and cfg.save_on_interrupt:
-        checkpoint.save(checkpoint.step_folder(run, step + 1), model, tokenizer, image_processor, cfg,
-                        step + 1, optimizer, extra={"init": str(init)})
-        checkpoint.prune(run, cfg.keep_checkpoints)
-    if stop:
-        saved_to = checkpoint.step_folder(run, step + 1) if cfg.save_on_interrupt else None
-        stop_interrupted(run, step + 1, total, saved_to, "train_rl.py")
+        metrics = rollout_metrics(scores, rollout, fmask, constant)
+        progress.log(step, **metrics, **losses, lr=lr,
+                     **{f"t_{k}": round(all_sum(v) / world, 3) for k, v in seconds.items()})
+        finite = not losses["skipped_steps"] and all(math.isfinite(losses[k]) for k in ("pg_loss", "kl", "anchor"))
+        streak = count_nonfinite(streak, finite, step, total, cfg.max_nonfinite_steps)
+        stop = step + 1 < total and interrupted()  # a Ctrl-C on any rank: every rank stops after this step
+        due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total
+        saved_to = None
+        if (due or stop and cfg.save_on_interrupt) and not streak:
+            saved_to = checkpoint.step_folder(run, step + 1)
+            checkpoint.save(saved_to, model, tokenizer, image_processor, cfg, step + 1, optimizer,
+                            extra={"init": str(init), "run": record})
+            checkpoint.prune(run, cfg.keep_checkpoints)
+        if stop:
+            stop_interrupted(run, step + 1, total, saved_to, "train_rl.py")
 
 # 4. the final model (a resumable checkpoint too, unless final_dtype makes it lean) and the run report
-checkpoint.save_final(run, model, tokenizer, image_processor, cfg, total, optimizer,
-                      extra={"init": str(init)})
+with user_errors():
+    checkpoint.save_final(run, model, tokenizer, image_processor, cfg, total, optimizer,
+                          extra={"init": str(init), "run": record})
 report(run, f"RL ({'LA-GRPO' if cfg.anchor_coef else 'GRPO'}, {cfg.name})",
        [f"init {init}, steps {start}→{total}, {world} process(es)",
         f"last step: reward {metrics['reward']:.3f}, accuracy {metrics['accuracy']:.3f}",
         f"checkpoint: {run}"])
 print0(f"saved {run}")
-release_run_folder(run)
+release(run)
 cleanup()

@@ -17,24 +17,25 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.cli import (Progress, UsageError, defer_interrupts, interrupted, parse_run_args,
-                           release_run_folder, report, say_skipped, stop_interrupted, user_errors)
+from atlas_min.cli import (Progress, UsageError, defer_interrupts, interrupted, parse_run_args, report,
+                           say_skipped, stop_interrupted, user_errors)
+from atlas_min.config import check_world
 from atlas_min.data import (IGNORE, check_lengths, collate_sft, encode_example, load_examples, stream_indices,
                             to_device)
 from atlas_min.dist import all_sum, autocast, cleanup, print0, setup, shard
 from atlas_min.model import forward, init_model, load_pretrained, reply_nll
-from atlas_min.optim import adamw, clipped_step, lr_at, set_lr
+from atlas_min.optim import adamw, clipped_step, count_nonfinite, lr_at, set_lr
+from atlas_min.run_folder import release
 from atlas_min.tokens import FUNCTIONAL_TOKENS
 
 # 1. command line, processes, data
 with user_errors():
-    opts, cfg, resume_from = parse_run_args("Stage 1: SFT with functional tokens", stage="sft")
+    opts, cfg, resume_from, record = parse_run_args("Stage 1: SFT with functional tokens", stage="sft")
     rank, world, device = setup()
     if cfg.vocab_rows and not cfg.model_path and not resume_from:
         raise UsageError(f"config {cfg.name} trains a pretrained model: "
                          "set model_path=/path/to/Qwen2.5-VL-7B-Instruct")
-    if cfg.batch_size % world:
-        raise UsageError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
+    check_world(cfg, world, "sft")
     train = load_examples(cfg, "train", need_response=True, on_skip=say_skipped)
 run = opts.out
 total = cfg.max_steps or cfg.sft_steps
@@ -78,41 +79,47 @@ def sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world, device
     return loss_sum, ft_loss_sum, ft_count
 
 
-# 3. the loop
+# 3. the loop; a run that diverges (optim.count_nonfinite) or cannot save ends in one line, its lock released
 progress = Progress(run, "sft", start, total, cfg.log_every)
 defer_interrupts(run)  # from here on, Ctrl-C stops the run after the step it is in
-for step in range(start, total):
-    t0 = time.time()
-    lr = lr_at(step, total, cfg.sft_warmup, cfg.sft_lr)
-    set_lr(optimizer, lr)
-    order = stream_indices(step, cfg.batch_size, len(train), seed=cfg.seed,
-                           epoch_seed_stride=cfg.epoch_seed_stride)
-    encoded = [encode_example(train[i], tokenizer, image_processor, cfg, with_reply=True)
-               for i in order[rank * per_rank:(rank + 1) * per_rank]]
-    n_reply = all_sum(sum(len(e["reply_ids"]) for e in encoded))  # the global normaliser
-    loss_sum, ft_loss_sum, ft_count = sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world,
-                                               device)
-    grad_norm = clipped_step(model, optimizer, cfg.grad_clip)  # not finite: the update is skipped
-    if not math.isfinite(grad_norm):
-        print0(f"note: step {step + 1}: the gradient norm was not finite, the update was skipped")
+streak = 0  # steps in a row whose loss or gradient norm was not finite: none of them is ever saved
+with user_errors():
+    for step in range(start, total):
+        t0 = time.time()
+        lr = lr_at(step, total, cfg.sft_warmup, cfg.sft_lr)
+        set_lr(optimizer, lr)
+        order = stream_indices(step, cfg.batch_size, len(train), seed=cfg.seed,
+                               epoch_seed_stride=cfg.epoch_seed_stride)
+        encoded = [encode_example(train[i], tokenizer, image_processor, cfg, with_reply=True)
+                   for i in order[rank * per_rank:(rank + 1) * per_rank]]
+        n_reply = all_sum(sum(len(e["reply_ids"]) for e in encoded))  # the global normaliser
+        loss_sum, ft_loss_sum, ft_count = sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world,
+                                                   device)
+        grad_norm = clipped_step(model, optimizer, cfg.grad_clip)  # not finite: the update is skipped
+        if not math.isfinite(grad_norm):
+            print0(f"note: step {step + 1}: the gradient norm was not finite, the update was skipped")
 
-    loss = all_sum(loss_sum) / n_reply
-    progress.log(step, loss=loss, ft_loss=all_sum(ft_loss_sum) / max(all_sum(ft_count), 1), lr=lr,
-                 grad_norm=grad_norm, tokens_per_s=round(n_reply / (time.time() - t0), 1))
-    stop = step + 1 < total and interrupted()  # a Ctrl-C on any rank: every rank stops after this step
-    due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total
-    if due or stop and cfg.save_on_interrupt:
-        checkpoint.save(checkpoint.step_folder(run, step + 1), model, tokenizer, image_processor, cfg,
-                        step + 1, optimizer)
-        checkpoint.prune(run, cfg.keep_checkpoints)
-    if stop:
-        saved_to = checkpoint.step_folder(run, step + 1) if cfg.save_on_interrupt else None
-        stop_interrupted(run, step + 1, total, saved_to, "train_sft.py")
+        loss = all_sum(loss_sum) / n_reply
+        progress.log(step, loss=loss, ft_loss=all_sum(ft_loss_sum) / max(all_sum(ft_count), 1), lr=lr,
+                     grad_norm=grad_norm, tokens_per_s=round(n_reply / (time.time() - t0), 1))
+        streak = count_nonfinite(streak, math.isfinite(loss) and math.isfinite(grad_norm), step, total,
+                                 cfg.max_nonfinite_steps)
+        stop = step + 1 < total and interrupted()  # a Ctrl-C on any rank: every rank stops after this step
+        due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total
+        saved_to = None
+        if (due or stop and cfg.save_on_interrupt) and not streak:
+            saved_to = checkpoint.step_folder(run, step + 1)
+            checkpoint.save(saved_to, model, tokenizer, image_processor, cfg, step + 1, optimizer,
+                            extra={"run": record})
+            checkpoint.prune(run, cfg.keep_checkpoints)
+        if stop:
+            stop_interrupted(run, step + 1, total, saved_to, "train_sft.py")
 
 # 4. the final model (a resumable checkpoint too, unless final_dtype makes it lean) and the run report
-checkpoint.save_final(run, model, tokenizer, image_processor, cfg, total, optimizer)
+with user_errors():
+    checkpoint.save_final(run, model, tokenizer, image_processor, cfg, total, optimizer, extra={"run": record})
 report(run, f"SFT ({cfg.name})", [f"steps {start}→{total}, {world} process(es)", f"final loss {loss:.4f}",
                                   f"checkpoint: {run}"])
 print0(f"saved {run}")
-release_run_folder(run)
+release(run)
 cleanup()

@@ -48,6 +48,7 @@ from transformers import GenerationConfig
 
 from atlas_min import checkpoint
 from atlas_min.cli import UsageError, quiet_libraries, user_errors
+from atlas_min.run_folder import check_output
 from atlas_min.config import get_config, to_dict
 from atlas_min.data import collate_prompts, encode_example, load_examples, prompt_text, to_device
 from atlas_min.dist import autocast, clip_grad_norm, shard
@@ -388,6 +389,8 @@ def main():
     with user_errors():
         cfg = get_config(args.config, args.overrides)
         check_args(args, cfg)
+        if args.json:  # before the minutes of measuring, not after them
+            check_output(args.json, [args.ckpt])
         result = run(args, cfg)
     lines = report_lines(result)
     print("\n".join(lines))

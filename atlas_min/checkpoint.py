@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from atlas_min.config import from_dict, to_dict
-from atlas_min.dist import barrier, full_model_state, full_optimizer_state, is_main, load_optimizer_state
+from atlas_min.dist import all_sum, full_model_state, full_optimizer_state, is_main, load_optimizer_state
 
 STATE = "trainer_state.json"
 
@@ -59,30 +59,39 @@ def save(folder, model, tokenizer, image_processor, cfg, step, optimizer=None, e
 
     With `optimizer` and fp32 weights the folder is resumable; a lean one (bf16 weights, no AdamW state:
     the final model of a 7B run, a sixth of the size) says so in its trainer state and is never resumed.
+    A write that fails (a full disk) removes its temporary folder and raises CheckpointError on every
+    rank: the last complete checkpoint stays as it was.
     """
     folder = Path(folder)
     state = full_model_state(model)
     resumable = optimizer is not None and dtype == "float32"
     optim = full_optimizer_state(model, optimizer) if resumable else None
+    failed = None
     if is_main():
         tmp = folder.parent / f".tmp-{folder.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        _write_model(tmp, model, state, tokenizer, image_processor, getattr(torch, dtype))
-        trainer_state = {"step": step, "config": to_dict(cfg), "resumable": resumable, **(extra or {})}
-        if optim is not None:
-            tensors, groups = _flatten_optimizer(optim)
-            save_file(tensors, tmp / "optimizer.safetensors")
-            trainer_state["param_groups"] = groups
-        (tmp / STATE).write_text(json.dumps(trainer_state, indent=1))
-        if folder.exists():  # the run folder holds checkpoints/ and logs: move our files in, the state last
-            (folder / STATE).unlink(missing_ok=True)  # until the new state lands, this folder is incomplete
-            for item in sorted(tmp.iterdir(), key=lambda p: p.name == STATE):
-                os.replace(item, folder / item.name)
-            tmp.rmdir()
-        else:
-            os.replace(tmp, folder)
-    barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            _write_model(tmp, model, state, tokenizer, image_processor, getattr(torch, dtype))
+            trainer_state = {"step": step, "config": to_dict(cfg), "resumable": resumable, **(extra or {})}
+            if optim is not None:
+                tensors, groups = _flatten_optimizer(optim)
+                save_file(tensors, tmp / "optimizer.safetensors")
+                trainer_state["param_groups"] = groups
+            (tmp / STATE).write_text(json.dumps(trainer_state, indent=1))
+            if folder.exists():  # the run folder holds checkpoints/ and logs: move our files in, the state last
+                (folder / STATE).unlink(missing_ok=True)  # until the new state lands, this folder is incomplete
+                for item in sorted(tmp.iterdir(), key=lambda p: p.name == STATE):
+                    os.replace(item, folder / item.name)
+                tmp.rmdir()
+            else:
+                os.replace(tmp, folder)
+        except (OSError, SafetensorError) as e:
+            failed = getattr(e, "strerror", None) or str(e)
+            shutil.rmtree(tmp, ignore_errors=True)
+    if all_sum(failed is not None):  # every rank learns rank 0's outcome (and waits for it, as a barrier)
+        raise CheckpointError(f"cannot save step {step} to {folder} ({failed or 'rank 0 failed'}): "
+                              "the last complete checkpoint is kept")
 
 
 def save_final(run, model, tokenizer, image_processor, cfg, step, optimizer, extra=None):
@@ -98,21 +107,39 @@ def step_folder(run, step):
     return Path(run) / "checkpoints" / f"step_{step:06d}"
 
 
-def problem(folder):
-    """Why `folder` is not a complete, readable checkpoint, or None. Reads headers, not tensors: the
-    trainer state and config.json parse, and both safetensors files have a readable header."""
-    for name in (STATE, "config.json", "model.safetensors", "optimizer.safetensors"):
-        if not (folder / name).is_file():
-            return f"no {name}"
+def problem(folder, resumable=True):
+    """Why `folder` is not a complete Qwen2.5-VL model folder (`resumable`: also a trainer state and the AdamW
+    state to resume from), or None. Reads headers, not tensors: config.json names the architecture, a
+    tokenizer is there, every safetensors file (one, or an index's shards) has a header that fits its size."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return "not a model folder (no config.json)"
     try:
-        read_state(folder)
-        json.loads((folder / "config.json").read_text())
-        for name in ("model.safetensors", "optimizer.safetensors"):
+        kind = json.loads((folder / "config.json").read_text()).get("model_type")
+        if kind != "qwen2_5_vl":
+            return f"not a Qwen2.5-VL model (its config.json says model_type {kind!r})"
+        if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+            return "no tokenizer (tokenizer.json)"
+        index = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        if resumable:
+            read_state(folder)
+            files.append("optimizer.safetensors")
+        for name in files:
+            if not (folder / name).is_file():
+                return f"no {name}"
             with safe_open(folder / name, "pt") as f:
                 f.keys()
-    except (CheckpointError, OSError, ValueError, SafetensorError) as e:
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
         return f"unreadable ({type(e).__name__}: {str(e)[:120]})"
     return None
+
+
+def require_model(folder, what):
+    """CheckpointError naming `what` (an option or field) unless `folder` is a complete model folder."""
+    reason = problem(folder, resumable=False)
+    if reason:
+        raise CheckpointError(f"{what} {folder}: {reason}")
 
 
 def find(path, skipped=None):
@@ -121,14 +148,10 @@ def find(path, skipped=None):
     nor a damaged old one a newer: each skipped folder and its reason is appended to `skipped`."""
     path = Path(path)
     folders = [p for p in [path, *(path / "checkpoints").glob("step_*")] if (p / STATE).is_file() and not _lean(p)]
-    ranked = []
-    for folder in folders:
-        reason = problem(folder)
-        if reason:
-            if skipped is not None:
-                skipped.append(f"{folder}: {reason}")
-        else:
-            ranked.append((read_state(folder)[0]["step"], folder))
+    reasons = {folder: problem(folder) for folder in folders}
+    ranked = [(read_state(folder)[0]["step"], folder) for folder, reason in reasons.items() if not reason]
+    if skipped is not None:
+        skipped += [f"{folder}: {reason}" for folder, reason in reasons.items() if reason]
     if not ranked:
         raise CheckpointError(f"{path} holds no complete checkpoint (looked for {path}/checkpoints/step_*/{STATE})")
     return max(ranked, key=lambda r: r[0])[1]

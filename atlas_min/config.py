@@ -64,6 +64,11 @@ class Config:
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     activation_checkpointing: bool = False
+    # A run stops (exit 2) after this many steps in a row whose loss or gradient norm is not finite, and never
+    # saves such a step. One is survivable: its update is skipped (optim.clipped_step), a lost batch. Three in a
+    # row mean the weights or AdamW's moments themselves are broken (every batch overflows): going on only burns
+    # compute, and the last checkpoint saved is then the last one from a finite step (optim.count_nonfinite).
+    max_nonfinite_steps: int = 3
     # Every random draw derives from (seed, step, row) through these strides, so a resumed run and any
     # number of processes draw the same. They are primes larger than any count they multiply past (epochs,
     # steps, rows per step), so distinct (seed, epoch) or (seed, step, row) never share a generator seed.
@@ -228,6 +233,21 @@ class ConfigError(ValueError):
     pass
 
 
+# What `--resume RUN field=value` may change (run_folder), and why: how long the run goes, when it saves and
+# logs, how a step fits in memory, eval.py's own settings. Every other field is fixed at the run's start: a
+# resume that changes one is refused, since the run's record would then describe a run that never happened.
+# A change is recorded in the trainer state with the step it took effect.
+RESUME_MAY_CHANGE = {
+    "max_steps sft_steps rl_steps": "the run's length; the cosine lr schedule is recomputed for it from then on",
+    "save_every keep_checkpoints save_on_interrupt final_dtype": "when and how checkpoints are written",
+    "log_every max_nonfinite_steps": "what is printed, and when a diverging run stops",
+    "micro_batch_size activation_checkpointing": "memory only: the same global batch and loss (to float rounding)",
+    "eval_max_new_tokens eval_min_pixels eval_max_pixels eval_batch_size": "eval.py's settings: no step reads them",
+}
+MUTABLE = {name for names in RESUME_MAY_CHANGE for name in names.split()}
+TOY_TASKS = ("shape", "line", "arrow", "zoom", "text", "puzzle_shape", "puzzle_line")  # toy.ANSWERS' families
+
+
 def _parse(field, text):
     kind = field.type if isinstance(field.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[field.type]
     if kind is bool:
@@ -266,14 +286,14 @@ POSITIVE = ("text_hidden text_layers text_heads text_kv_heads text_intermediate 
             "toy_train_size toy_eval_size log_every sft_steps batch_size micro_batch_size rl_steps "
             "prompts_per_step group_size rl_mini_batch ppo_epochs max_new_tokens eval_max_new_tokens "
             "eval_batch_size epoch_seed_stride step_seed_stride row_seed_stride sft_lr rl_lr grad_clip "
-            "clip_eps rope_theta rms_norm_eps").split()
+            "clip_eps rope_theta rms_norm_eps max_nonfinite_steps").split()
 NON_NEGATIVE = ("seed rl_seed rl_seed_offset vocab_rows vision_fullatt_every vision_tokens_per_second max_steps "
                 "save_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer over_threshold "
                 "eval_min_pixels eval_max_pixels weight_decay temperature kl_coef anchor_coef adv_eps w_acc w_ft "
                 "w_fmt w_len w_over len_max_penalty over_slope over_max_penalty").split()
-SHARES = "toy_no_token_share toy_teacher_slip".split()  # in [0, 1]
+SHARES = "toy_no_token_share toy_teacher_slip toy_token_slip".split()  # in [0, 1]
 BETAS = "sft_beta1 sft_beta2 rl_beta1 rl_beta2".split()  # in [0, 1)
-CHOICES = {"answer_format": ("tag", "boxed"), "final_dtype": ("float32", "bfloat16")}
+CHOICES = {"answer_format": ("tag", "boxed"), "final_dtype": ("float32", "bfloat16"), "toy_reply": ("short", "long")}
 
 
 def check(cfg):
@@ -295,12 +315,37 @@ def check(cfg):
             raise bad(name, "one of " + ", ".join(options))
     if cfg.group_size < 2:  # A_i compares an output with its group: a lone output's advantage is 0, RL would do nothing
         raise bad("group_size", ">= 2 (GRPO compares each output with the others of its group)")
+    tasks = [t.strip() for t in cfg.toy_tasks.split(",") if t.strip()]
+    if not tasks or set(tasks) - set(TOY_TASKS):
+        raise bad("toy_tasks", "a comma-separated list of " + ", ".join(TOY_TASKS))
+    # Shapes a Qwen2.5-VL can have: whole heads, an even text head (rotary halves), a vision head in quarters
+    # (2-D rotary), whole query groups per kv head, and an mrope split t,h,w of the text head's rotary half
+    text_head = cfg.text_hidden / cfg.text_heads
+    if text_head % 2 or cfg.text_heads % cfg.text_kv_heads:
+        raise bad("text_heads", f"a multiple of text_kv_heads={cfg.text_kv_heads} that divides text_hidden="
+                                f"{cfg.text_hidden} into even head sizes")
+    if (cfg.vision_hidden / cfg.vision_heads) % 4:
+        raise bad("vision_heads", f"a divisor of vision_hidden={cfg.vision_hidden} into head sizes divisible by 4")
+    section = cfg.mrope_section.split(",") if cfg.mrope_section else None
+    if section and (len(section) != 3 or not all(s.strip().isdigit() for s in section)
+                    or sum(map(int, section)) != text_head / 2):
+        raise bad("mrope_section", f"three counts t,h,w summing to half the text head size ({text_head / 2:g})")
     if cfg.min_pixels > cfg.max_pixels:
         raise bad("min_pixels", f"<= max_pixels={cfg.max_pixels}")
     if cfg.rl_mini_batch % cfg.group_size or (cfg.prompts_per_step * cfg.group_size) % cfg.rl_mini_batch:
         raise bad("rl_mini_batch", f"a multiple of group_size={cfg.group_size} that divides prompts_per_step x "
                                    f"group_size={cfg.prompts_per_step * cfg.group_size} (updates hold whole groups)")
     return cfg
+
+
+def check_world(cfg, world, stage):
+    """ConfigError unless `world` processes can split `stage`'s global batches: SFT's batch_size examples,
+    RL's prompts_per_step prompts and rl_mini_batch completions, whole groups on each rank."""
+    if stage == "sft" and cfg.batch_size % world:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
+    if stage == "rl" and (cfg.prompts_per_step % world or cfg.rl_mini_batch % (cfg.group_size * world)):
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} and rl_mini_batch/G={cfg.rl_mini_batch}/"
+                          f"{cfg.group_size} must divide by the {world} processes")
 
 
 def to_dict(cfg):

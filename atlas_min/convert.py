@@ -345,6 +345,8 @@ def convert_file(kind, in_path, out_path, image_root=None, task=None):
     root = Path(image_root) if image_root else in_path.parent
     if not root.is_dir():
         raise ConvertError(f"--image-root {root}: no such folder")
+    if out_path.resolve() == in_path.resolve():
+        raise ConvertError(f"{out_path} is the input file: writing it would replace the data it converts")
     out_dir = out_path.parent.resolve()
     examples = []
     for index, (where, rec) in enumerate(read_records(in_path)):
@@ -354,8 +356,12 @@ def convert_file(kind, in_path, out_path, image_root=None, task=None):
         rid, ex_task = meta(rec, index, in_path.stem, task, **keys)
         images = relocate(ex.pop("images"), where, root, out_dir)
         examples.append({"id": rid, "images": images, **ex, "task": ex_task})
+    if not examples:
+        raise ConvertError(f"{in_path}: holds no records, nothing to convert")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text("".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples), encoding="utf-8")
+    tmp = out_path.with_name(out_path.name + ".tmp")  # written, then renamed: a crash leaves no half file
+    tmp.write_text("".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples), encoding="utf-8")
+    tmp.replace(out_path)
     return examples
 
 

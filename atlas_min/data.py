@@ -12,7 +12,9 @@ token-for-token what the sampler will later produce after the same prompt:
     {question}<|im_end|>\\n<|im_start|>assistant\\n      ← prompt (no loss)
     {response}<|im_end|>                                ← reply (loss), the stop token included
 """
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -61,7 +63,7 @@ def load_jsonl(path, need_response=False):
         for k, rel in enumerate(ex["images"]):
             if not isinstance(rel, str):
                 raise DataError(f"{where}: field 'images[{k}]' must be str, got {type(rel).__name__}")
-            full = (root / rel).resolve()
+            full = Path(os.path.realpath(root / rel))  # a symlink loop stays a path, which is no file (below)
             if not full.is_relative_to(root):
                 raise DataError(f"{where}: field 'images[{k}]' = {rel!r} leaves the data folder {root}")
             if not full.is_file():
@@ -71,17 +73,33 @@ def load_jsonl(path, need_response=False):
     return examples
 
 
-def load_examples(cfg, split, need_response=False, on_skip=None):
-    """The examples of `split` ("train" or "eval"), every image checked (`check_images`; `on_skip` gets
-    the dropped lines): the config's JSONL file, or the toy world's split. The toy's files are written
-    atomically (`toy.write_toy_data`), so ranks may all ask at once.
-    """
+def data_file(cfg, split):
+    """The JSONL file of `split` ("train" or "eval"): the config's, or the toy world's. The toy's files are
+    written atomically (`toy.write_toy_data`), so ranks may all ask at once."""
     path = cfg.train_data if split == "train" else cfg.eval_data
     if not path:
         from atlas_min.toy import ensure_toy_data  # only when no data is given: real data never loads the toy
         path = ensure_toy_data(cfg)[0 if split == "train" else 1]
-    return check_images(load_jsonl(path, need_response=need_response), skip=cfg.skip_bad_examples,
-                        on_skip=on_skip)
+    return Path(path)
+
+
+def file_record(path):
+    """{"path", "bytes", "sha256"} of a data file: what a run or an eval read, recorded to compare and cite."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    data = path.read_bytes()  # JSONL only (images stay where they are): megabytes, read once
+    return {"path": str(path.resolve()), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def load_examples(cfg, split, need_response=False, on_skip=None):
+    """The examples of `split`'s `data_file`, every image checked (`check_images`; `on_skip` gets the
+    dropped lines). A file with no example is a DataError: nothing could be trained or scored."""
+    path = data_file(cfg, split)
+    examples = load_jsonl(path, need_response=need_response)
+    if not examples:
+        raise DataError(f"{path}: holds no examples")
+    return check_images(examples, skip=cfg.skip_bad_examples, on_skip=on_skip)
 
 
 MAX_ASPECT = 200  # Qwen2-VL's image processor refuses images whose long side is ≥ 200× the short one
@@ -129,7 +147,10 @@ def keep_good(examples, bad, what, skip, on_skip):
     if bad and on_skip is not None:
         on_skip(bad, what)
     dropped = {line.split(": field", 1)[0] for line in bad}
-    return [ex for ex in examples if ex["where"] not in dropped]
+    kept = [ex for ex in examples if ex["where"] not in dropped]
+    if not kept:
+        raise DataError(f"all {len(examples)} example(s) {what}: skip_bad_examples=true dropped them all")
+    return kept
 
 
 def check_lengths(examples, tokenizer, image_processor, cfg, *, context, generate=0, with_reply=False,

@@ -97,15 +97,19 @@ def parse_verdict(text):
 
 
 def _check_folder(path):
-    """JudgeError, naming the folder, unless `path` looks like a saved model (a folder with config.json)."""
+    """JudgeError, naming the folder, unless `path` looks like a saved model: config.json and a tokenizer."""
     if not path.is_dir():
         raise JudgeError(f"judge model {path}: no such folder")
     if not (path / "config.json").is_file():
         raise JudgeError(f"judge model {path}: not a model folder (no config.json)")
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise JudgeError(f"judge model {path}: no tokenizer (tokenizer.json)")  # transformers would build an empty one
 
 
-def _load(path, device):
-    """(tokenizer, model) from a local folder; JudgeError names the folder when they cannot be loaded."""
+def load_judge(path, device="cpu"):
+    """(tokenizer, model) from a local folder, for `judge`; JudgeError names the folder (and the first line
+    of the reason) when they cannot be loaded: no tokenizer, or not a causal LM (a vision-language model)."""
+    path = Path(path)
     _check_folder(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer  # here: importing rewards needs no torch
 
@@ -113,7 +117,8 @@ def _load(path, device):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="auto")
     except (OSError, ValueError, KeyError) as e:
-        raise JudgeError(f"judge model {path}: cannot load a causal LM and its tokenizer ({e})") from None
+        reason = str(e).splitlines()[0][:300]
+        raise JudgeError(f"judge model {path}: cannot load a causal LM and its tokenizer ({reason})") from None
     tokenizer.padding_side = "left"  # rows end where generation starts
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -147,8 +152,9 @@ def _generate(model, tokenizer, texts, max_new_tokens, device):
 
 
 def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, device="cpu"):
-    """Verdicts (a list of bools, one per item) of the local model in `model_path` on `items`, each a
-    mapping with "question", "gold" and "answer" (the extracted answer, or None when there is none).
+    """Verdicts (a list of bools, one per item) of the local model in `model_path` (or a (tokenizer, model)
+    pair from `load_judge`) on `items`, each a mapping with "question", "gold" and "answer" (the extracted
+    answer, or None when there is none).
 
     An item whose answer is None or blank is False without asking the model, as the harness scores a
     missing box 0 (judge_results.py:79-81). Every other item is asked with judge_prompt, greedily, at
@@ -165,12 +171,13 @@ def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, 
         answer = item["answer"]
         asked = isinstance(answer, str) and bool(answer.strip())
         prompts.append(judge_prompt(item["question"], item["gold"], answer, template) if asked else None)
-    path = Path(model_path)
-    _check_folder(path)
+    loaded = model_path if isinstance(model_path, tuple) else None
+    if not loaded:
+        _check_folder(Path(model_path))
     asked = [k for k, prompt in enumerate(prompts) if prompt is not None]
     replies = [None] * len(items)
     if asked:
-        tokenizer, model = _load(path, device)
+        tokenizer, model = loaded or load_judge(model_path, device)
         for start in range(0, len(asked), batch_size):
             chunk = asked[start:start + batch_size]
             texts = [_chat_text(tokenizer, prompts[k]) for k in chunk]

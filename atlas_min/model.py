@@ -9,6 +9,7 @@ import torch
 from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil)
 
+from atlas_min.checkpoint import require_model
 from atlas_min.tokens import add_functional_tokens
 
 # Qwen's special tokens, in Qwen's order (ids differ from Qwen's own: this vocabulary is tiny).
@@ -93,8 +94,7 @@ def load_pretrained(path, cfg=None, on_meta=False):
     `dist.shard` hands their shards of rank 0's weights to.
     """
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
+    require_model(path, "model")  # the architecture, a tokenizer, whole weight files: named before any weight is read
     if on_meta:
         with torch.device("meta"):
             model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_pretrained(path))

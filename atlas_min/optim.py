@@ -49,3 +49,20 @@ def clipped_step(model, optimizer, max_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+class DivergedError(ValueError):
+    """A run whose loss or gradient norm stayed non-finite (`count_nonfinite`): it stops, unsaved."""
+
+
+def count_nonfinite(streak, finite, step, total, limit):
+    """Steps in a row, up to `step` (0-based) of `total`, whose loss or gradient norm was not finite (`finite`
+    is False): 0 after a finite step. Raises DivergedError when that reaches `limit` (cfg.max_nonfinite_steps),
+    or when the run's last step is one: the final model is never the weights of a non-finite step. The
+    trainers save no checkpoint while the count is above 0, so the last one saved is from a finite step."""
+    streak = 0 if finite else streak + 1
+    if streak and (streak >= limit or step + 1 == total):
+        raise DivergedError(f"step {step + 1}: the loss or gradient norm was not finite for {streak} step(s) in a "
+                            f"row (max_nonfinite_steps={limit}): the run diverged and stops without saving them; "
+                            "its last checkpoint is from a finite step (lower the learning rate?)")
+    return streak

@@ -40,7 +40,7 @@ import sys
 import torch
 
 from atlas_min.cli import die, user_errors
-from atlas_min.config import ConfigError, get_config
+from atlas_min.config import ConfigError, check_world, get_config
 from atlas_min.dist import cleanup
 from atlas_min.model import build_model, build_tokenizer
 from atlas_min.tokens import add_functional_tokens
@@ -230,6 +230,8 @@ def main():
         die(f"--gpus {args.gpus} --gpu-mem-gb {args.gpu_mem_gb}: need at least 1 GPU and positive memory")
     try:
         cfg = get_config(args.config, args.overrides)
+        for stage in ("sft", "rl"):  # a layout the trainers refuse has no budget to print
+            check_world(cfg, args.gpus, stage)
     except ConfigError as e:
         die(str(e))
     measured = measure_sharding(cfg) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None

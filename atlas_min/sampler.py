@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from atlas_min.model import forward, mrope_positions, token_logprobs
+from atlas_min.optim import DivergedError
 from atlas_min.tokens import FUNCTIONAL_TOKENS, VISION_TOKENS, functional_in
 
 
@@ -56,6 +57,8 @@ def _draw(logits, top_p, uniforms):
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # smallest prefix with mass >= top_p
     cum = probs.cumsum(-1)  # (N, V), non-decreasing
     total = cum[:, -1:]  # (N, 1)
+    if not torch.isfinite(total).all():  # NaN or inf logits: a diverged policy has no distribution to draw from
+        raise DivergedError("the policy's next-token probabilities are not finite: the run diverged")
     threshold = torch.minimum(uniforms[:, None].to(cum.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
     pick = torch.searchsorted(cum, threshold, right=True).squeeze(-1)  # (N,): #{k : cum_k <= threshold}
     return pick if order is None else order.gather(-1, pick[:, None]).squeeze(-1)

@@ -158,7 +158,7 @@ def test_judge_asks_in_batches_of_batch_size(tiny, monkeypatch):
 def test_an_item_without_an_answer_is_false_without_loading_or_asking_the_model(tiny, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was used")
-    monkeypatch.setattr(judge_module, "_load", fail)
+    monkeypatch.setattr(judge_module, "load_judge", fail)
     monkeypatch.setattr(judge_module, "_generate", fail)
     verdicts = judge(tiny, [ITEMS[2], dict(ITEMS[2], answer="  ")])
     assert verdicts == [False, False] and verdicts.unparsed == 0
