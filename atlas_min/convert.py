@@ -89,7 +89,7 @@ from pathlib import Path
 from PIL import Image
 
 from atlas_min.data import inspect_image
-from atlas_min.judge import JudgeError, _chat_text, _check_folder, _load
+from atlas_min.judge import JudgeError, chat_text, generate, load_judge
 from atlas_min.rewards import answers_equivalent, extract_answer
 from atlas_min.tokens import FUNCTIONAL_TOKENS
 
@@ -583,22 +583,6 @@ the same order, and add none. Reply with the rewritten reasoning only.
 {response}"""
 
 
-def polish_generate(model, tokenizer, texts, max_new_tokens, temperature, device):
-    """Continuations of `texts`: greedy at temperature 0 (as eval.py's judge decodes), else sampled."""
-    import torch
-    from transformers import GenerationConfig
-
-    plain = not getattr(tokenizer, "chat_template", None)  # a chat template writes its own BOS, if any
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=plain).to(device)
-    eos = model.generation_config.eos_token_id
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id if eos is None else eos, **sampling)
-    with torch.inference_mode():
-        out = model.generate(**batch, generation_config=config)
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
 def polish(model, tokenizer, responses, answer_format, temperature=0.0, device="cpu"):
     """(replies, how many were rejected): each templated response rewritten by a local instruction model
     (§2.2 step 2 polishes with Gemini-2.5-Pro "while preserving ... functional-token order"). A rewrite is
@@ -606,8 +590,8 @@ def polish(model, tokenizer, responses, answer_format, temperature=0.0, device="
     the templated response is kept. At most twice the longest response's tokens, plus 32, are generated."""
     prompts = [POLISH_PROMPT.format(tokens=", ".join(FUNCTIONAL_TOKENS), response=r) for r in responses]
     longest = max(len(ids) for ids in tokenizer(responses, add_special_tokens=False)["input_ids"])
-    texts = [_chat_text(tokenizer, prompt) for prompt in prompts]
-    replies = polish_generate(model, tokenizer, texts, 2 * longest + 32, temperature, device)
+    texts = [chat_text(tokenizer, prompt) for prompt in prompts]
+    replies = generate(model, tokenizer, texts, 2 * longest + 32, device, temperature)
     kept = []
     for template, reply in zip(responses, replies):
         reply = (reply or "").strip()
@@ -719,8 +703,7 @@ def convert_vinteraction(inputs, out_path, *, image_dir=None, seed=0, answer_for
                            f"{polish_temperature} >= 0")
     count, unit = _length_counter(tokenizer)
     if polish_model:
-        _check_folder(Path(polish_model))
-        polish_tokenizer, polish_lm = _load(Path(polish_model), device)
+        polish_tokenizer, polish_lm = load_judge(polish_model, device)
         if polish_temperature > 0:  # sampled rewrites: the same on every run with the same seed
             import torch
             torch.manual_seed(seed)

@@ -125,7 +125,7 @@ def load_judge(path, device="cpu"):
     return tokenizer, model.to(device).eval()
 
 
-def _chat_text(tokenizer, prompt):
+def chat_text(tokenizer, prompt):
     """The model's input text: the prompt as one user message in the tokenizer's chat template (as the
     harness sends it: no system message), or the bare prompt for a tokenizer without a template."""
     if getattr(tokenizer, "chat_template", None):
@@ -134,17 +134,18 @@ def _chat_text(tokenizer, prompt):
     return prompt
 
 
-def _generate(model, tokenizer, texts, max_new_tokens, device):
-    """Greedy continuations (temperature 0, as the harness) of `texts`, decoded without special tokens."""
+def generate(model, tokenizer, texts, max_new_tokens, device, temperature=0.0):
+    """Continuations of `texts`, decoded without special tokens: greedy at temperature 0 (as the harness
+    judges), sampled above it (convert's optional polishing)."""
     import torch
     from transformers import GenerationConfig
 
     plain = not getattr(tokenizer, "chat_template", None)  # a chat template writes its own BOS, if any
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=plain).to(device)
     eos = model.generation_config.eos_token_id
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
-                              pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id if eos is None else eos)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id if eos is None else eos, **sampling)
     with torch.inference_mode():
         out = model.generate(**batch, generation_config=config)
     new = out[:, batch["input_ids"].shape[1]:]
@@ -180,8 +181,8 @@ def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, 
         tokenizer, model = loaded or load_judge(model_path, device)
         for start in range(0, len(asked), batch_size):
             chunk = asked[start:start + batch_size]
-            texts = [_chat_text(tokenizer, prompts[k]) for k in chunk]
-            for k, reply in zip(chunk, _generate(model, tokenizer, texts, max_new_tokens, device)):
+            texts = [chat_text(tokenizer, prompts[k]) for k in chunk]
+            for k, reply in zip(chunk, generate(model, tokenizer, texts, max_new_tokens, device)):
                 replies[k] = reply
     parsed = [None if reply is None else parse_verdict(reply) for reply in replies]
     unparsed = sum(1 for k in asked if parsed[k] is None)

@@ -126,7 +126,7 @@ def test_parse_verdict_reads_canned_replies(text, verdict):
 
 def test_judge_parses_each_reply_into_one_bool_per_item(tiny, monkeypatch):
     calls = []
-    monkeypatch.setattr(judge_module, "_generate", canned(["Correct.", "Incorrect", "maybe"], calls))
+    monkeypatch.setattr(judge_module, "generate", canned(["Correct.", "Incorrect", "maybe"], calls))
     verdicts = judge(tiny, ITEMS)
     assert verdicts == [True, False, False, False]
     assert verdicts.unparsed == 1  # "maybe"
@@ -135,7 +135,7 @@ def test_judge_parses_each_reply_into_one_bool_per_item(tiny, monkeypatch):
 
 def test_judge_wraps_the_prompt_in_the_tokenizers_chat_template(tiny, monkeypatch):
     calls = []
-    monkeypatch.setattr(judge_module, "_generate", canned(["Correct"], calls))
+    monkeypatch.setattr(judge_module, "generate", canned(["Correct"], calls))
     judge(tiny, ITEMS[:1])
     prompt = judge_prompt(QUESTION, "B", "white")
     assert calls == [[f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"]]
@@ -143,14 +143,14 @@ def test_judge_wraps_the_prompt_in_the_tokenizers_chat_template(tiny, monkeypatc
 
 def test_judge_sends_the_bare_prompt_when_the_tokenizer_has_no_chat_template(tiny_plain, monkeypatch):
     calls = []
-    monkeypatch.setattr(judge_module, "_generate", canned(["Correct"], calls))
+    monkeypatch.setattr(judge_module, "generate", canned(["Correct"], calls))
     judge(tiny_plain, ITEMS[:1])
     assert calls == [[judge_prompt(QUESTION, "B", "white")]]
 
 
 def test_judge_asks_in_batches_of_batch_size(tiny, monkeypatch):
     calls = []
-    monkeypatch.setattr(judge_module, "_generate", canned(["Correct"] * 5, calls))
+    monkeypatch.setattr(judge_module, "generate", canned(["Correct"] * 5, calls))
     judge(tiny, [ITEMS[0]] * 5, batch_size=2)
     assert [len(texts) for texts in calls] == [2, 2, 1]
 
@@ -159,7 +159,7 @@ def test_an_item_without_an_answer_is_false_without_loading_or_asking_the_model(
     def fail(*args, **kwargs):
         raise AssertionError("the model was used")
     monkeypatch.setattr(judge_module, "load_judge", fail)
-    monkeypatch.setattr(judge_module, "_generate", fail)
+    monkeypatch.setattr(judge_module, "generate", fail)
     verdicts = judge(tiny, [ITEMS[2], dict(ITEMS[2], answer="  ")])
     assert verdicts == [False, False] and verdicts.unparsed == 0
 

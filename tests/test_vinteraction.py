@@ -397,7 +397,7 @@ TEMPLATE = "<think>Let me draw an auxiliary line. <|Line|>\nLabel it. <|Text|></
 ], ids=["keeps-all", "loses-one", "reorders", "adds-one", "changes-the-answer", "empty"])
 def test_a_polished_reply_is_taken_only_if_it_keeps_tokens_order_and_answer(tiny_lm, monkeypatch, reply, accepted):
     from transformers import AutoTokenizer
-    monkeypatch.setattr(convert, "polish_generate", lambda *args: [reply])
+    monkeypatch.setattr(convert, "generate", lambda *args: [reply])
     texts, rejected = polish(None, AutoTokenizer.from_pretrained(tiny_lm), [TEMPLATE], "boxed")
     assert texts == [reply if accepted else TEMPLATE] and rejected == (0 if accepted else 1)
 
