@@ -1,4 +1,4 @@
-"""Speed, measured side by side in one run (the figures README.md's "Speed" section shows):
+"""Speed and memory, measured side by side in one run (the figures README.md's "Speed" section shows):
 
     python -m atlas_min.bench                               # toy preset, random-init model
     python -m atlas_min.bench --ckpt runs/experiment/sft    # a trained checkpoint (realistic lengths)
@@ -12,23 +12,32 @@
    share of the weight-bandwidth bound: a decode step reads the language model's weights (decoder
    layers, final norm, lm_head) and every row's KV cache once, so at most bandwidth ÷ (weight bytes + KV
    bytes at the decode's mean context) steps per second, and rows × that tokens per second.
-2. Update: one forward + backward + AdamW step as `train_rl.py` runs it on one GPU (fp32 weights, bf16
-   autocast on CUDA, activation checkpointing as the preset says, gradient clipping) on `--update-rows`
-   rows of prompt + `--completion-tokens` random completion tokens, median of `--repeats` after a
-   warm-up. Model FLOP utilisation = model FLOPs ÷ seconds ÷ peak bf16 FLOP/s, with model FLOPs by the
-   6 · parameters · tokens rule per part (`update_flops`); attention scores and recomputation are not
+2. Varied lengths ("varied"): the same two decoders, greedy, on the same rows, each row's reply length drawn
+   by `reply_lengths` (log-normal, stated below) and forced by `ForcedLengths`: a random-init model never
+   stops, a trained one stops when it likes. Our sampler drops a row once it stops; `generate` decodes every
+   row until the longest ends. Also the row-steps each decodes (the speed-up if a step's cost followed its rows).
+3. Update: one forward + backward + AdamW step as `train_rl.py` runs it on one GPU (fp32 weights, bf16
+   autocast on CUDA, activation checkpointing and logprob_chunk as the preset says, gradient clipping) on
+   `--update-rows` rows of prompt + `--completion-tokens` random completion tokens, median of `--repeats`
+   after a warm-up. Model FLOP utilisation = model FLOPs ÷ seconds ÷ peak bf16 FLOP/s, with model FLOPs by
+   the 6 · parameters · tokens rule per part (`update_flops`); attention scores and recomputation are not
    counted (the usual MFU, not hardware utilisation).
-3. The phases of RL steps, from `train_rl.py` itself (a subprocess of 3 steps; the last one's timings),
+4. Memory: the peak of that update and of a no-grad log-prob pass on the same rows, with logprob_chunk=0
+   ("plain") and with the preset's (or 256, "chunked"), each in a fresh subprocess (`probe_memory`):
+   torch.cuda.max_memory_allocated on a GPU, the process's peak resident memory on a CPU; beside the fall
+   `logit_fall` predicts.
+5. The phases of RL steps, from `train_rl.py` itself (a subprocess of 3 steps; the last one's timings),
    for the toy presets and checkpoints.
 
 Peak FLOP/s and bandwidth come from `--peak-tflops` / `--bandwidth-gbs`, else from PEAKS by the GPU's name;
 without either (a CPU) the shares are n/a, null in the JSON. The model runs in bf16 for decoding on CUDA,
-fp32 on CPU.
+fp32 on CPU. `--skip` leaves sections out.
 
-The `qwen2_5_vl_7b` preset (no `--ckpt`) builds a random-init model at the preset's sizes with Qwen's
-special-token ids and feeds it synthetic prompts: one random image at max_pixels and PROMPT_TEXT text tokens
-each (words of `plan.qwen_vocab_standin`, a tokenizer of Qwen's size). No weights, tokenizer or data needed;
-fewer layers (`text_layers=4 vision_depth=4`) keep the widths and fit one GPU. No RL step is timed there.
+The `qwen2_5_vl_7b` preset (no `--ckpt`) builds a random-init model at the preset's sizes (or the widths the
+overrides choose) with Qwen's special-token ids and 152,064-row vocabulary, and feeds it synthetic prompts:
+one random image at max_pixels and `--prompt-tokens` text tokens each (words of `plan.qwen_vocab_standin`, a
+tokenizer of Qwen's size). No weights, tokenizer or data needed; fewer layers (`text_layers=4
+vision_depth=4`) keep the widths and fit one GPU. No RL step is timed there.
 """
 import argparse
 import json
@@ -267,6 +276,8 @@ def compare_varied(model, tokenizer, batch, cfg, repeats):
     return {"rows": len(lengths), "sampler_tokens_per_s": n_ours / t_ours, "generate_tokens_per_s": n_theirs / t_theirs,
             "sampler_seconds": t_ours, "generate_seconds": t_theirs, "greedy_match": same_tokens(ids_ours, ids_theirs),
             "tokens": n_ours, "lengths_as_drawn": n_ours == n_theirs == int(lengths.sum()),
+            # rows × steps each decodes: the speed-up if a step's cost were proportional to its rows
+            "row_steps": {"sampler": int(lengths.sum()), "generate": len(lengths) * int(lengths.max())},
             "lengths": {"distribution": f"log-normal, mean {LENGTH_MEAN_SHARE} × max_new_tokens, σ {LENGTH_SIGMA}, "
                                         "clipped to [1, max_new_tokens]", "max_new_tokens": cfg.max_new_tokens,
                         "mean": float(lengths.float().mean()), "max": int(lengths.max()), "drawn": lengths.tolist()}}
@@ -521,7 +532,8 @@ def report_lines(r):
         lines.append(f"- varied reply lengths ({v['lengths']['distribution']}; here mean {v['lengths']['mean']:.1f}, "
                      f"longest {v['lengths']['max']}), greedy: sampler {v['sampler_tokens_per_s']:,.1f} tokens/s "
                      f"({v['sampler_seconds']:.2f} s), `model.generate` {v['generate_tokens_per_s']:,.1f} tokens/s "
-                     f"({v['generate_seconds']:.2f} s): {v['sampler_tokens_per_s'] / v['generate_tokens_per_s']:.2f}×; "
+                     f"({v['generate_seconds']:.2f} s): {v['sampler_tokens_per_s'] / v['generate_tokens_per_s']:.2f}× "
+                     f"(row-steps decoded: {v['row_steps']['generate'] / v['row_steps']['sampler']:.2f}× fewer); "
                      f"outputs identical: {v['greedy_match']}")
     if u:
         peak = None if u["mfu"] is None else r["peak_flops"] / 1e12

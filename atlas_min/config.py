@@ -274,7 +274,8 @@ POSITIVE = ("text_hidden text_layers text_heads text_kv_heads text_intermediate 
             "prompts_per_step group_size rl_mini_batch ppo_epochs max_new_tokens eval_max_new_tokens "
             "eval_batch_size epoch_seed_stride step_seed_stride row_seed_stride sft_lr rl_lr grad_clip "
             "clip_eps rope_theta rms_norm_eps").split()
-NON_NEGATIVE = ("logprob_chunk seed rl_seed rl_seed_offset vocab_rows vision_fullatt_every vision_tokens_per_second max_steps "
+NON_NEGATIVE = ("logprob_chunk seed rl_seed rl_seed_offset vocab_rows vision_fullatt_every vision_tokens_per_second "
+                "max_steps "
                 "save_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer over_threshold "
                 "eval_min_pixels eval_max_pixels weight_decay temperature kl_coef anchor_coef adv_eps w_acc w_ft "
                 "w_fmt w_len w_over len_max_penalty over_slope over_max_penalty").split()

@@ -187,7 +187,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
 
 
 def entropy(logits):
-    """H = −Σ p log p of softmax(logits) = logsumexp(x) − Σ softmax(x)·x, finite where p underflows: (N, V) -> (N,)."""
+    """H = −Σ p log p of p = softmax(x) = logsumexp(x) − Σ p·x: finite where p underflows to 0. (N, V) -> (N,)."""
     return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
 
 

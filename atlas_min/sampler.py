@@ -3,8 +3,9 @@
 `sample` repeats each prompt G times (its images encoded once), prefills once, then decodes one
 token per step with a KV cache and explicit mrope positions: temperature, top-p, a stop per row at
 `<|im_end|>`, never a vision placeholder. A row that stops leaves the decode batch and the cache, so
-a step costs what the rows still running need (replies vary from a few tokens to max_new_tokens). `sequence_logprobs` recomputes the log-probs of given
-completions with one full forward, as training does (docs/method.md, "Log-probabilities").
+a step costs what the rows still running need (replies vary from a few tokens to max_new_tokens).
+`sequence_logprobs` recomputes the log-probs of given completions with one full forward, as training
+does (docs/method.md, "Log-probabilities").
 
 Randomness: row r draws its uniforms from its own generator seeded with `row_seeds[r]` (see
 `rl_row_seeds`), so a row's sample depends on its seed and its logits only, not on which rows share its
@@ -84,8 +85,8 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
     (True on generated tokens up to and including <|im_end|>), logprobs (B·G, C) of the sampled
     tokens under softmax(logits / temperature) (temperature 1 when greedy), the model's distribution
     before the sampler's masking and truncation: the quantity training's forward computes; entropy
-    (B·G, C) of that same distribution at each position; truncated (B·G,) bool, rows that reached
-    max_new_tokens without a stop token.
+    (B·G, C) of that same distribution at each position (both 0 where the mask is False); truncated
+    (B·G,) bool, rows that reached max_new_tokens without a stop token.
     """
     stop_ids, pad_id = torch.tensor(tokenizer.convert_tokens_to_ids(STOP_TOKENS)), tokenizer.pad_token_id
     banned = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS))
@@ -107,13 +108,14 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
     rope_deltas = rope_deltas.repeat_interleave(group_size, 0)  # (N, 1)
     out, _ = forward(model, batch, prompt_ids, prompt_mask, repeats=group_size, logits_to_keep=1, use_cache=True,
                      position_ids=positions)
-    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs, entropies = torch.zeros(N, max_new_tokens, device=device), torch.zeros(N, max_new_tokens, device=device)
-    masks, done = torch.zeros(N, max_new_tokens, dtype=torch.bool, device=device), torch.zeros(N, dtype=torch.bool, device=device)
+    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # pad after a row's stop
+    logprobs, entropies = (torch.zeros(N, max_new_tokens, device=device) for _ in range(2))  # 0 after it
+    masks = torch.zeros(N, max_new_tokens, dtype=torch.bool, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
     # The decode batch holds only the rows still running (`rows`, indices into the N rows): a finished row
     # leaves it with its KV cache, so a step costs what the running rows need. `live` is False only for a
     # stand-in row kept when all of this rank's rows are done but another rank's are not (lockstep).
-    rows, live, attention_mask = torch.arange(N, device=device), torch.ones(N, dtype=torch.bool, device=device), prompt_mask
+    rows, live, attention_mask = torch.arange(N, device=device), done.logical_not(), prompt_mask
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()  # (n, V), n = rows in the decode batch
         scaled = logits / temperature if temperature > 0 else logits
@@ -144,8 +146,8 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
             "truncated": ~done}
 
 
-def sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, completion_mask, repeats=1, temperature=1.0,
-                      chunk=0):
+def sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, completion_mask, repeats=1,
+                      temperature=1.0, chunk=0):
     """log π(o_t | q, o_<t) of every completion token, (B, C), from one full forward (with grad if enabled);
     `chunk` as in `model.token_logprobs` (the config's `logprob_chunk`)."""
     input_ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P + C)

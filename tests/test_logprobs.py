@@ -61,9 +61,11 @@ def test_sequence_logprobs_chunked_give_the_micro_models_gradients_of_the_plain_
     model, tokenizer, image_processor = micro
     batch = collate_prompts([encode(ex, tokenizer, image_processor, "sys") for ex in load_jsonl(toy_files[0])[:2]],
                             tokenizer.pad_token_id)
-    completion = torch.randint(7, len(tokenizer) - 5, (4, 6), generator=torch.Generator().manual_seed(0))  # no special token
+    # no special token (ids 0-6) and no functional one (the last five)
+    completion = torch.randint(7, len(tokenizer) - 5, (4, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(4, 6, dtype=torch.bool)
-    prompt_ids, prompt_mask = batch["input_ids"].repeat_interleave(2, 0), batch["attention_mask"].repeat_interleave(2, 0)
+    prompt_ids = batch["input_ids"].repeat_interleave(2, 0)
+    prompt_mask = batch["attention_mask"].repeat_interleave(2, 0)
     grads, values = [], []
     for chunk in (0, 4):
         model.zero_grad()

@@ -215,7 +215,8 @@ def _stop_sometimes(model, tokenizer, shift=2.0):
     """A hook: p(<|im_end|>) ≈ e^-shift at every step, so sampled rows stop at varied steps."""
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     return model.lm_head.register_forward_hook(
-        lambda module, inputs, logits: logits.index_copy(-1, torch.tensor([eos]), logits.logsumexp(-1, keepdim=True) - shift))
+        lambda module, inputs, logits: logits.index_copy(-1, torch.tensor([eos]),
+                                                         logits.logsumexp(-1, keepdim=True) - shift))
 
 
 def _lengths(out):
@@ -259,7 +260,8 @@ def test_a_seeded_sample_is_each_rows_sample_alone_while_finished_rows_leave_the
     _lively(model)
     batch = _prompts(tokenizer, image_processor, toy_files, n=1)
     _stop_sometimes(model, tokenizer)
-    together = sample(model, batch, tokenizer, group_size=8, max_new_tokens=12, temperature=1.0, row_seeds=range(20, 28))
+    together = sample(model, batch, tokenizer, group_size=8, max_new_tokens=12, temperature=1.0,
+                      row_seeds=range(20, 28))
     assert len(set(_lengths(together))) >= 3
     for r in range(8):  # alone: a batch of one row, nothing to leave it
         alone = sample(model, batch, tokenizer, group_size=1, max_new_tokens=12, temperature=1.0, row_seeds=[20 + r])
@@ -282,7 +284,8 @@ def test_in_lockstep_a_rank_whose_rows_are_done_steps_one_stand_in_row_until_all
     calls = []
     monkeypatch.setattr(sampler, "_all_done", lambda done: calls.append(bool(done.all())) or len(calls) == 5)
     sizes = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
     out = sample(model, batch, tokenizer, group_size=4, max_new_tokens=12, temperature=1.0, row_seeds=range(4))
     assert calls == [True] * 5  # "another rank" was done only at the 5th check
     assert sizes == [4, 1, 1, 1, 1]  # the prefill, then one stand-in row per step
