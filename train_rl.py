@@ -94,7 +94,7 @@ def completion_logprobs(policy, encoded, rollout, prompt_slice, cfg, pad_id, dev
     with torch.set_grad_enabled(grad), autocast(device):
         return sequence_logprobs(policy, images, rollout["prompt_ids"][rows], rollout["prompt_mask"][rows],
                                  rollout["completion_ids"][rows], rollout["completion_mask"][rows],
-                                 repeats=cfg.group_size, temperature=cfg.temperature)
+                                 repeats=cfg.group_size, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
 
 
 def sample_groups(model, tokenizer, image_processor, prompts, cfg, step, first_row, device):

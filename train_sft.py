@@ -70,7 +70,7 @@ def sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world, device
         batch = to_device(collate_sft(encoded[i:i + cfg.micro_batch_size], pad_id), device)
         with autocast(device):
             logits = forward(model, batch, batch["input_ids"], batch["attention_mask"])[0].logits
-        token_loss = reply_nll(logits, batch["labels"], IGNORE)  # (b, T-1)
+        token_loss = reply_nll(logits, batch["labels"], IGNORE, cfg.logprob_chunk)  # (b, T-1)
         (token_loss.sum() / n_reply * world).backward()  # FSDP averages gradients over ranks: undo it
         is_functional = torch.isin(batch["labels"][:, 1:], functional_ids)  # (b, T-1)
         loss_sum += token_loss.sum().item()

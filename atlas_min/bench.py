@@ -1,4 +1,4 @@
-"""Speed, measured side by side in one run (the figures README.md's "Speed" section shows):
+"""Speed and memory, measured side by side in one run (the figures README.md's "Speed" section shows):
 
     python -m atlas_min.bench                               # toy preset, random-init model
     python -m atlas_min.bench --ckpt runs/experiment/sft    # a trained checkpoint (realistic lengths)
@@ -12,23 +12,32 @@
    share of the weight-bandwidth bound: a decode step reads the language model's weights (decoder
    layers, final norm, lm_head) and every row's KV cache once, so at most bandwidth ÷ (weight bytes + KV
    bytes at the decode's mean context) steps per second, and rows × that tokens per second.
-2. Update: one forward + backward + AdamW step as `train_rl.py` runs it on one GPU (fp32 weights, bf16
-   autocast on CUDA, activation checkpointing as the preset says, gradient clipping) on `--update-rows`
-   rows of prompt + `--completion-tokens` random completion tokens, median of `--repeats` after a
-   warm-up. Model FLOP utilisation = model FLOPs ÷ seconds ÷ peak bf16 FLOP/s, with model FLOPs by the
-   6 · parameters · tokens rule per part (`update_flops`); attention scores and recomputation are not
+2. Varied lengths ("varied"): the same two decoders, greedy, on the same rows, each row's reply length drawn
+   by `reply_lengths` (log-normal, stated below) and forced by `ForcedLengths`: a random-init model never
+   stops, a trained one stops when it likes. Our sampler drops a row once it stops; `generate` decodes every
+   row until the longest ends. Also the row-steps each decodes (the speed-up if a step's cost followed its rows).
+3. Update: one forward + backward + AdamW step as `train_rl.py` runs it on one GPU (fp32 weights, bf16
+   autocast on CUDA, activation checkpointing and logprob_chunk as the preset says, gradient clipping) on
+   `--update-rows` rows of prompt + `--completion-tokens` random completion tokens, median of `--repeats`
+   after a warm-up. Model FLOP utilisation = model FLOPs ÷ seconds ÷ peak bf16 FLOP/s, with model FLOPs by
+   the 6 · parameters · tokens rule per part (`update_flops`); attention scores and recomputation are not
    counted (the usual MFU, not hardware utilisation).
-3. The phases of RL steps, from `train_rl.py` itself (a subprocess of 3 steps; the last one's timings),
+4. Memory: the peak of that update and of a no-grad log-prob pass on the same rows, with logprob_chunk=0
+   ("plain") and with the preset's (or 256, "chunked"), each in a fresh subprocess (`probe_memory`):
+   torch.cuda.max_memory_allocated on a GPU, the process's peak resident memory on a CPU; beside the fall
+   `logit_fall` predicts.
+5. The phases of RL steps, from `train_rl.py` itself (a subprocess of 3 steps; the last one's timings),
    for the toy presets and checkpoints.
 
 Peak FLOP/s and bandwidth come from `--peak-tflops` / `--bandwidth-gbs`, else from PEAKS by the GPU's name;
 without either (a CPU) the shares are n/a, null in the JSON. The model runs in bf16 for decoding on CUDA,
-fp32 on CPU.
+fp32 on CPU. `--skip` leaves sections out.
 
-The `qwen2_5_vl_7b` preset (no `--ckpt`) builds a random-init model at the preset's sizes with Qwen's
-special-token ids and feeds it synthetic prompts: one random image at max_pixels and PROMPT_TEXT text tokens
-each (words of `plan.qwen_vocab_standin`, a tokenizer of Qwen's size). No weights, tokenizer or data needed;
-fewer layers (`text_layers=4 vision_depth=4`) keep the widths and fit one GPU. No RL step is timed there.
+The `qwen2_5_vl_7b` preset (no `--ckpt`) builds a random-init model at the preset's sizes (or the widths the
+overrides choose) with Qwen's special-token ids and 152,064-row vocabulary, and feeds it synthetic prompts:
+one random image at max_pixels and `--prompt-tokens` text tokens each (words of `plan.qwen_vocab_standin`, a
+tokenizer of Qwen's size). No weights, tokenizer or data needed; fewer layers (`text_layers=4
+vision_depth=4`) keep the widths and fit one GPU. No RL step is timed there.
 """
 import argparse
 import json
@@ -122,8 +131,9 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _timed(fn, repeats):
-    fn()  # warm-up: first-call allocations and lazy initialisation are not what we measure
+def _timed(fn, repeats, warm_up=True):
+    if warm_up:  # first-call allocations and lazy initialisation are not what we measure
+        fn()
     seconds, out = [], None
     for _ in range(repeats):
         _sync()
@@ -134,16 +144,17 @@ def _timed(fn, repeats):
     return statistics.median(seconds), out
 
 
-def synthetic_prompts(cfg, tokenizer, image_processor, n, seed):
-    """`n` encoded prompts: one random-noise image at max_pixels and PROMPT_TEXT text tokens (chat template,
-    system prompt and a question of random words) each; words are `w<id>` entries of `tokenizer`."""
+def synthetic_prompts(cfg, tokenizer, image_processor, n, seed, text_tokens=PROMPT_TEXT):
+    """`n` encoded prompts: one random-noise image at max_pixels and `text_tokens` text tokens (chat template,
+    system prompt and a question of random words; the template alone if it is longer) each; words are `w<id>`
+    entries of `tokenizer`."""
     gen = np.random.default_rng(seed)
     empty = prompt_text(cfg.question_suffix, 1, cfg.system_prompt, cfg.image_separator)
     template = len(tokenizer.encode(empty, add_special_tokens=False)) - 1  # less the image's placeholder
     side = math.isqrt(cfg.max_pixels)
     out = []
     for _ in range(n):
-        words = " ".join(f"w{i}" for i in gen.integers(1, 150_000, max(0, PROMPT_TEXT - template)))
+        words = " ".join(f"w{i}" for i in gen.integers(1, 150_000, max(0, text_tokens - template)))
         image = Image.fromarray(gen.integers(0, 256, (side, side, 3), dtype=np.uint8))
         out.append(encode_example({"question": words}, tokenizer, image_processor, cfg, images=[image]))
     return out
@@ -161,8 +172,9 @@ def bench_model(cfg, ckpt, device):
     return *init_model(cfg), "preset"
 
 
-def compare_samplers(model, tokenizer, batch, cfg, repeats):
-    """Tokens/s of `sample` and `model.generate` on the rows of `batch` (G per prompt); greedy agreement."""
+def decoders(model, tokenizer, batch, cfg):
+    """(ours, theirs): functions of the temperature that decode the rows of `batch` (G per prompt) with `sample`
+    and with `model.generate` under the same settings; each returns (completion ids, generated tokens)."""
     G, stops = cfg.group_size, tokenizer.convert_tokens_to_ids(STOP_TOKENS)
     seeds = list(range(batch["input_ids"].shape[0] * G))
     rows = {k: v.repeat_interleave(G, 0) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
@@ -190,14 +202,86 @@ def compare_samplers(model, tokenizer, batch, cfg, repeats):
         stopped = is_stop.cumsum(1) - is_stop.long()  # tokens after the first stop are padding
         return new, int((stopped == 0).sum())
 
+    return ours, theirs
+
+
+def same_tokens(a, b):
+    """True when two decodes hold the same tokens over the width both reached."""
+    C = min(a.shape[1], b.shape[1])
+    return bool(torch.equal(a[:, :C], b[:, :C]))
+
+
+def compare_samplers(model, tokenizer, batch, cfg, repeats):
+    """Tokens/s of `sample` and `model.generate` on the rows of `batch` (G per prompt); greedy agreement."""
+    ours, theirs = decoders(model, tokenizer, batch, cfg)
     t_ours, (_, n_ours) = _timed(lambda: ours(cfg.temperature), repeats)
     t_theirs, (_, n_theirs) = _timed(lambda: theirs(cfg.temperature), repeats)
-    greedy_ours, greedy_theirs = ours(0.0)[0], theirs(0.0)[0]
-    C = min(greedy_ours.shape[1], greedy_theirs.shape[1])
-    same = bool(torch.equal(greedy_ours[:, :C], greedy_theirs[:, :C]))
-    return {"rows": rows["input_ids"].shape[0], "sampler_tokens_per_s": n_ours / t_ours,
+    return {"rows": batch["input_ids"].shape[0] * cfg.group_size, "sampler_tokens_per_s": n_ours / t_ours,
             "generate_tokens_per_s": n_theirs / t_theirs, "sampler_seconds": t_ours,
-            "generate_seconds": t_theirs, "greedy_match": same}
+            "generate_seconds": t_theirs, "greedy_match": same_tokens(ours(0.0)[0], theirs(0.0)[0])}
+
+
+# Reply lengths of the varied workload: log-normal, clipped to [1, max_new_tokens]. The mean is ATLAS's 203.7
+# tokens of the 7B preset's 1,024 (a share of 0.2); σ = 0.8 is ours (a spread where most replies are short and a
+# few of 64 run several times the mean: the longest row sets how long an uncompacted batch decodes).
+LENGTH_MEAN_SHARE, LENGTH_SIGMA = 0.2, 0.8
+
+
+def reply_lengths(n, max_new_tokens, seed):
+    """`n` lengths from the log-normal above: μ = ln(mean) − σ²/2 makes exp(μ + σ²/2) the mean."""
+    mu = math.log(LENGTH_MEAN_SHARE * max_new_tokens) - LENGTH_SIGMA ** 2 / 2
+    drawn = np.random.default_rng(seed).lognormal(mu, LENGTH_SIGMA, n)
+    return torch.from_numpy(np.clip(np.rint(drawn), 1, max_new_tokens).astype(np.int64))
+
+
+class ForcedLengths:
+    """A forward hook on the model that makes row r's reply exactly `lengths[r]` tokens: the stop tokens are
+    banned before its last step and <|im_end|> is made the favourite at it; every other logit is the model's.
+
+    It follows the rows itself: a call with more than one position is a prefill (all rows, step 0); a decode
+    call with fewer rows than the last one means the sampler dropped the rows that stopped (keeping the order),
+    while `generate` keeps every row."""
+
+    def __init__(self, lengths, stop_ids, eos_id):
+        self.lengths, self.stops, self.eos = lengths, torch.tensor(stop_ids), eos_id
+
+    def __call__(self, module, args, kwargs, out):
+        if kwargs["input_ids"].shape[1] > 1:
+            self.rows, self.step = torch.arange(len(self.lengths)), 0
+        else:
+            self.step += 1
+            if kwargs["input_ids"].shape[0] < len(self.rows):
+                self.rows = self.rows[self.lengths[self.rows] > self.step]
+        logits = out.logits[:, -1]  # (n, V), changed in place
+        left = (self.lengths[self.rows] - 1 - self.step).to(logits.device)  # (n,) steps after this one
+        stops = self.stops.to(logits.device)
+        logits[:, stops] = torch.where(left[:, None] > 0, float("-inf"), logits[:, stops])
+        last = left == 0
+        logits[last, self.eos] = logits[last].max(-1).values + 30  # e^30: a greedy and a sampled certainty
+        return out
+
+
+def compare_varied(model, tokenizer, batch, cfg, repeats):
+    """Greedy tokens/s of `sample` and `model.generate` on the rows of `batch` with reply lengths drawn by
+    `reply_lengths` and forced by `ForcedLengths`, and whether both made the same tokens. No warm-up of its own
+    (the decode section's warms both up)."""
+    ours, theirs = decoders(model, tokenizer, batch, cfg)
+    lengths = reply_lengths(batch["input_ids"].shape[0] * cfg.group_size, cfg.max_new_tokens, cfg.seed)
+    hook = model.register_forward_hook(ForcedLengths(lengths, tokenizer.convert_tokens_to_ids(STOP_TOKENS),
+                                                     tokenizer.convert_tokens_to_ids("<|im_end|>")), with_kwargs=True)
+    try:
+        t_ours, (ids_ours, n_ours) = _timed(lambda: ours(0.0), repeats, warm_up=False)
+        t_theirs, (ids_theirs, n_theirs) = _timed(lambda: theirs(0.0), repeats, warm_up=False)
+    finally:
+        hook.remove()
+    return {"rows": len(lengths), "sampler_tokens_per_s": n_ours / t_ours, "generate_tokens_per_s": n_theirs / t_theirs,
+            "sampler_seconds": t_ours, "generate_seconds": t_theirs, "greedy_match": same_tokens(ids_ours, ids_theirs),
+            "tokens": n_ours, "lengths_as_drawn": n_ours == n_theirs == int(lengths.sum()),
+            # rows × steps each decodes: the speed-up if a step's cost were proportional to its rows
+            "row_steps": {"sampler": int(lengths.sum()), "generate": len(lengths) * int(lengths.max())},
+            "lengths": {"distribution": f"log-normal, mean {LENGTH_MEAN_SHARE} × max_new_tokens, σ {LENGTH_SIGMA}, "
+                                        "clipped to [1, max_new_tokens]", "max_new_tokens": cfg.max_new_tokens,
+                        "mean": float(lengths.float().mean()), "max": int(lengths.max()), "drawn": lengths.tolist()}}
 
 
 def decode_figures(model, rows, prompt_tokens, new_tokens, bandwidth):
@@ -221,10 +305,10 @@ def random_completions(tokenizer, rows, length, seed):
     return pool[torch.randint(len(pool), (rows, length), generator=torch.Generator().manual_seed(seed))]
 
 
-def time_update(model, batch, completion_ids, cfg, repeats, device):
-    """(median seconds of one RL update step: forward + backward + clip + AdamW, {part: (parameters, tokens)})
-    on the prompts of `batch`, each repeated G times and followed by its rows of `completion_ids`. Casts
-    `model` to fp32 in place, as train_rl.py holds it on one GPU."""
+def update_step(model, batch, completion_ids, cfg, device):
+    """(one RL update step: forward + backward + clip + AdamW, the model as train_rl.py holds it on one GPU) on the
+    prompts of `batch`, each repeated G times and followed by its rows of `completion_ids`. Casts `model` to fp32
+    in place."""
     G = cfg.group_size
     prompt_ids = batch["input_ids"].repeat_interleave(G, 0)
     prompt_mask = batch["attention_mask"].repeat_interleave(G, 0)
@@ -232,28 +316,108 @@ def time_update(model, batch, completion_ids, cfg, repeats, device):
     model = shard(model.float(), cfg, device).train()  # one process: checkpointing as the preset says
     optimizer = adamw(model, cfg, "rl")
 
-    def step():
+    def logprobs():
         with autocast(device):
-            logp = sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                     repeats=G)
-        (-logp.mean()).backward()
+            return sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                     repeats=G, chunk=cfg.logprob_chunk)
+
+    def step():
+        (-logprobs().mean()).backward()
         clip_grad_norm(model, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step, logprobs, model
+
+
+def time_update(model, batch, completion_ids, cfg, repeats, device):
+    """(median seconds of one `update_step`, {part: (parameters, tokens)})."""
+    step, _, model = update_step(model, batch, completion_ids, cfg, device)
     seconds, _ = _timed(step, repeats)
-    visual = model.model.visual
+    G, visual = cfg.group_size, model.model.visual
     merger = sum(p.numel() for p in visual.merger.parameters())
     embed = model.get_input_embeddings().weight
     body = sum(p.numel() for p in model.model.language_model.parameters() if p is not embed)
     patches = batch["pixel_values"].shape[0] if batch["pixel_values"] is not None else 0
     rows, C = completion_ids.shape
     head = model.get_output_embeddings().weight.numel()
-    parts = {"text": (body, rows * (prompt_ids.shape[1] + C)),  # every position, padding included
+    parts = {"text": (body, rows * (batch["input_ids"].shape[1] + C)),  # every position, padding included
              "lm_head": (head, rows * (C + 1)),  # the scored positions only
              "vision": (sum(p.numel() for p in visual.parameters()) - merger, patches),  # once per prompt
              "merger": (merger, patches // visual.spatial_merge_size ** 2)}
     return seconds, parts
+
+
+def _peak_reset(device):
+    """Start a new peak: the GPU allocator's counter, or the process's peak resident memory (Linux's VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _memory(device, key):
+    """Bytes now ("now") or at the peak since `_peak_reset` ("peak")."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) if key == "now" else torch.cuda.max_memory_allocated(device)
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmRSS" if key == "now" else "VmHWM"].split()[0]) * 1024
+
+
+def probe_memory(args, cfg, device):
+    """{"before", "peak"} bytes of the second of two RL updates ("update") or no-grad log-prob passes ("logprobs"),
+    in this fresh process: after the first, AdamW's state and the allocator's pools exist, as in a run's steps."""
+    model, tokenizer, image_processor, kind = bench_model(cfg, args.ckpt, device)
+    G, rows, C = cfg.group_size, args.update_rows, args.completion_tokens or cfg.max_new_tokens
+    encoded = bench_prompts(cfg, tokenizer, image_processor, kind, rows // G, args.prompt_tokens)
+    batch = to_device(collate_prompts(encoded, tokenizer.pad_token_id), device)
+    step, logprobs, model = update_step(model, batch, random_completions(tokenizer, rows, C, cfg.seed).to(device),
+                                        cfg, device)
+    run = step if args.probe == "update" else torch.no_grad()(logprobs)
+    run()
+    _sync()
+    _peak_reset(device)
+    before = _memory(device, "now")
+    run()
+    _sync()
+    return {"before": before, "peak": _memory(device, "peak")}
+
+
+def logit_fall(rows, C, V, chunk, value_bytes):
+    """Bytes by which chunked log-probs should lower the peak of an update and of a no-grad log-prob pass over
+    rows × C scored positions of V logits (entries), less the piece of min(chunk, C) positions they hold.
+
+    float32 logits (a CPU): all at once, the log-softmax of the logits' view `[:, :-1]` first copies it to a
+    contiguous tensor, so a pass holds logits, copy and log-softmax (12 bytes an entry), chunked the logits and a
+    piece's log-softmax (4 bytes a piece entry); an update's peak, forward or backward, is 12 bytes an entry all at
+    once, 8 chunked (the logits kept and their gradient). bf16 logits (a GPU, `plan`'s bookings): an update's 14
+    bytes become 4; a pass's logits, float32 copy and log-softmax (10 bytes) become the logits (2), each chunked
+    path plus one piece's float32 copy and log-softmax (8 bytes a piece entry).
+    """
+    entries, piece = rows * C * V, min(chunk, C) * V
+    if value_bytes == 4:
+        return {"update": 4 * entries - 4 * piece, "logprobs": 8 * entries - 4 * piece}
+    return {"update": 10 * entries - 8 * piece, "logprobs": 8 * entries - 8 * piece}
+
+
+def compare_memory(args, cfg, device, model_rows, value_bytes):
+    """The peaks of `probe_memory` for logprob_chunk = 0 ("plain") and the preset's (or 256) ("chunked"), each in a
+    fresh subprocess, and the falls `logit_fall` predicts."""
+    chunk = cfg.logprob_chunk or 256
+    peaks = {}
+    for name, value in (("plain", 0), ("chunked", chunk)):
+        peaks[name] = {}
+        for kind in ("update", "logprobs"):
+            argv = [sys.executable, "-m", "atlas_min.bench", "--config", args.config, "--probe", kind,
+                    "--update-rows", str(args.update_rows), "--prompt-tokens", str(args.prompt_tokens),
+                    *(["--completion-tokens", str(args.completion_tokens)] if args.completion_tokens else []),
+                    *(["--ckpt", args.ckpt] if args.ckpt else []), *args.overrides, f"logprob_chunk={value}"]
+            out = subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+            peaks[name][kind] = json.loads(out.splitlines()[-1])
+    C = args.completion_tokens or cfg.max_new_tokens
+    return {**peaks, "chunk": chunk, "rows": args.update_rows, "completion_tokens": C,
+            "predicted_fall": logit_fall(args.update_rows, C, model_rows, chunk, value_bytes),
+            "fall": {k: peaks["plain"][k]["peak"] - peaks["chunked"][k]["peak"] for k in ("update", "logprobs")}}
 
 
 def rl_phases(init, cfg_name, overrides):
@@ -279,10 +443,10 @@ def check_args(args, cfg):
             raise UsageError(f"{flag} {value}: must be > 0")
 
 
-def bench_prompts(cfg, tokenizer, image_processor, kind, n):
+def bench_prompts(cfg, tokenizer, image_processor, kind, n, text_tokens=PROMPT_TEXT):
     """`n` encoded prompts: synthetic for the Qwen-width random init, else the train data's first."""
     if kind == "synthetic":
-        return synthetic_prompts(cfg, tokenizer, image_processor, n, cfg.seed)
+        return synthetic_prompts(cfg, tokenizer, image_processor, n, cfg.seed, text_tokens)
     examples = load_examples(cfg, "train")[:n]
     if len(examples) < n:
         raise UsageError(f"{n} prompts needed (--rows, --update-rows), the train data has {len(examples)}")
@@ -295,26 +459,32 @@ def run(args, cfg):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak, bandwidth, source = hardware_peaks(name, args.peak_tflops, args.bandwidth_gbs)
     G, command = cfg.group_size, shlex.join(["python", "-m", "atlas_min.bench", *sys.argv[1:]])
-    update_rows = max(1, cfg.micro_batch_size // G) * G if args.update_rows is None else args.update_rows
+    update_rows = args.update_rows
     torch.manual_seed(cfg.seed)
     r = {"command": command, "device": device.type, "device_name": name, "threads": torch.get_num_threads(),
          "config": to_dict(cfg), "peak_flops": peak, "bandwidth_bytes_per_s": bandwidth,
-         "peaks_source": source}
+         "peaks_source": source, "skipped": args.skip}
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer, image_processor, kind = bench_model(cfg, args.ckpt, device)
         if kind == "preset" and args.rl_step:  # train_rl.py starts from a checkpoint of the same model
             checkpoint.save(tmp, model, tokenizer, image_processor, cfg, 0)
-        encoded = bench_prompts(cfg, tokenizer, image_processor, kind, max(args.rows, update_rows) // G)
+        encoded = bench_prompts(cfg, tokenizer, image_processor, kind, max(args.rows, update_rows) // G,
+                                args.prompt_tokens)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = model.to(device, dtype).eval()
         batch = to_device(collate_prompts(encoded[:args.rows // G], tokenizer.pad_token_id), device)
         r |= {"model": kind, "decode_dtype": str(dtype).removeprefix("torch."), "prompts": args.rows // G,
-              "group_size": G, "prompt_tokens": batch["input_ids"].shape[1],
+              "group_size": G, "rows": args.rows, "prompt_tokens": batch["input_ids"].shape[1],
               "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
-        r |= compare_samplers(model, tokenizer, batch, cfg, args.repeats)
+        r |= dict.fromkeys(["sampler_tokens_per_s", "generate_tokens_per_s", "greedy_match"])
+        if "decode" not in args.skip:
+            r |= compare_samplers(model, tokenizer, batch, cfg, args.repeats)
         r |= decode_figures(model, r["rows"], r["prompt_tokens"], cfg.max_new_tokens, bandwidth)
         for who in ("sampler", "generate"):
-            r[f"{who}_share_of_bound"] = share(r[f"{who}_tokens_per_s"], r["bound_tokens_per_s"])
+            tokens_per_s = r[f"{who}_tokens_per_s"]
+            r[f"{who}_share_of_bound"] = None if tokens_per_s is None else share(tokens_per_s, r["bound_tokens_per_s"])
+        r["varied"] = None if "varied" in args.skip else compare_varied(model, tokenizer, batch, cfg, args.repeats)
+        vocab_rows = model.get_output_embeddings().weight.shape[0]
         r["update"] = None
         if update_rows:
             C = args.completion_tokens or cfg.max_new_tokens
@@ -324,11 +494,14 @@ def run(args, cfg):
             flops = update_flops(parts.values())
             r["update"] = {"rows": update_rows, "tokens": update_rows * (batch["input_ids"].shape[1] + C),
                            "completion_tokens": C, "activation_checkpointing": cfg.activation_checkpointing,
-                           "parts": parts, "seconds": seconds, "flops": flops, "flops_per_s": flops / seconds,
-                           "mfu": share(flops / seconds, peak)}
-        del model
+                           "logprob_chunk": cfg.logprob_chunk, "parts": parts, "seconds": seconds, "flops": flops,
+                           "flops_per_s": flops / seconds, "mfu": share(flops / seconds, peak)}
+        del model, batch, encoded
         rl = kind != "synthetic" and args.rl_step
         r["rl_step_seconds"] = rl_phases(args.ckpt or tmp, args.config, args.overrides) if rl else None
+    logits_bytes = 2 if device.type == "cuda" else 4  # bf16 autocast on a GPU
+    r["memory"] = (compare_memory(args, cfg, device, vocab_rows, logits_bytes)
+                   if update_rows and "memory" not in args.skip else None)
     return r
 
 
@@ -351,10 +524,18 @@ def report_lines(r):
              f"temperature={r['temperature']}",
              f"- weight-bandwidth bound: {r['decode_weight_bytes'] / GB:.3g} GB weights + "
              f"{r['kv_bytes_per_step'] / GB:.3g} GB KV cache per step: {bound}"]
-    for who, label in (("sampler", "hand-written sampler"), ("generate", "`model.generate`")):
-        lines.append(f"- {label}: {r[who + '_tokens_per_s']:,.0f} tokens/s ({r[who + '_seconds']:.3f} s), "
-                     f"{_of_bound(r[who + '_share_of_bound'])}")
-    lines.append(f"- greedy outputs identical: {r['greedy_match']}")
+    if r["sampler_tokens_per_s"] is not None:
+        for who, label in (("sampler", "hand-written sampler"), ("generate", "`model.generate`")):
+            lines.append(f"- {label}: {r[who + '_tokens_per_s']:,.0f} tokens/s ({r[who + '_seconds']:.3f} s), "
+                         f"{_of_bound(r[who + '_share_of_bound'])}")
+        lines.append(f"- greedy outputs identical: {r['greedy_match']}")
+    if v := r["varied"]:
+        lines.append(f"- varied reply lengths ({v['lengths']['distribution']}; here mean {v['lengths']['mean']:.1f}, "
+                     f"longest {v['lengths']['max']}), greedy: sampler {v['sampler_tokens_per_s']:,.1f} tokens/s "
+                     f"({v['sampler_seconds']:.2f} s), `model.generate` {v['generate_tokens_per_s']:,.1f} tokens/s "
+                     f"({v['generate_seconds']:.2f} s): {v['sampler_tokens_per_s'] / v['generate_tokens_per_s']:.2f}× "
+                     f"(row-steps decoded: {v['row_steps']['generate'] / v['row_steps']['sampler']:.2f}× fewer); "
+                     f"outputs identical: {v['greedy_match']}")
     if u:
         peak = None if u["mfu"] is None else r["peak_flops"] / 1e12
         mfu = NA if peak is None else f"MFU {100 * u['mfu']:.3g}% of {peak:,.0f} TFLOP/s"
@@ -362,6 +543,13 @@ def report_lines(r):
                      f"tokens, activation checkpointing {'on' if u['activation_checkpointing'] else 'off'}: "
                      f"{u['seconds']:.3f} s, {u['flops'] / 1e12:.3g} TFLOP = "
                      f"{u['flops_per_s'] / 1e12:.3g} TFLOP/s, {mfu}")
+    if m := r["memory"]:
+        where = "peak GPU memory allocated" if r["device"] == "cuda" else "peak resident memory of a fresh process"
+        for kind, label in (("update", "one RL update"), ("logprobs", "one no-grad log-prob pass")):
+            lines.append(f"- {label}, {where}, {m['rows']} rows × {m['completion_tokens']} completion tokens: "
+                         f"all at once {m['plain'][kind]['peak'] / GB:.2f} GB, logprob_chunk={m['chunk']} "
+                         f"{m['chunked'][kind]['peak'] / GB:.2f} GB: {m['fall'][kind] / GB:.2f} GB less "
+                         f"(predicted {m['predicted_fall'][kind] / GB:.2f} GB)")
     if r["rl_step_seconds"]:
         lines.append("- one RL step (train_rl.py's own timings, 3rd step): "
                      + ", ".join(f"{k} {v:.3f} s" for k, v in r["rl_step_seconds"].items()))
@@ -380,15 +568,26 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s (default: PEAKS)")
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory GB/s (default: PEAKS)")
     p.add_argument("--no-rl-step", dest="rl_step", action="store_false", help="skip the train_rl.py phases")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TEXT,
+                   help="text tokens of each synthetic prompt (Qwen-width random init), chat template included")
+    p.add_argument("--skip", nargs="+", default=[], choices=["decode", "varied", "memory"],
+                   help="sections not to run (the update: --update-rows 0; the RL step: --no-rl-step)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="also write every figure here")
     p.add_argument("--readme", action="store_true", help="also write the figures into README.md")
+    p.add_argument("--probe", choices=["update", "logprobs"], help=argparse.SUPPRESS)  # compare_memory's subprocess
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()
     quiet_libraries()
     with user_errors():
         cfg = get_config(args.config, args.overrides)
+        if args.update_rows is None:  # train_rl.py's micro-batch: whole groups
+            args.update_rows = max(1, cfg.micro_batch_size // cfg.group_size) * cfg.group_size
         check_args(args, cfg)
+        if args.probe:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            print(json.dumps(probe_memory(args, cfg, device)))
+            return
         if args.json:  # before the minutes of measuring, not after them
             check_output(args.json, [args.ckpt])
         result = run(args, cfg)

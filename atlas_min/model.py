@@ -141,16 +141,62 @@ def mrope_positions(model, input_ids, attention_mask, mm_token_type_ids, image_g
                                       attention_mask=attention_mask)
 
 
-def token_logprobs(logits, token_ids):
-    """log softmax(logits)[token] for each position: (B, T, V), (B, T) -> (B, T)."""
+def token_logprobs(logits, token_ids, chunk=0):
+    """log softmax(logits)[token] for each position: (B, T, V), (B, T) -> (B, T) (docs/method.md, "Log-probabilities").
+
+    `chunk` = 0: one log-softmax over all of `logits` in float32, kept for backward: with bf16 logits that is
+    float32 copies of the whole (B, T, V) tensor (14 bytes per entry with backward's gradients, `plan`).
+    `chunk` > 0: `chunk` positions of one row at a time (`ChunkedTokenLogprobs`): no (B, T, V) float32 tensor
+    is made, backward keeps the logits themselves and writes their gradient in their own dtype.
+    """
+    if chunk:
+        return ChunkedTokenLogprobs.apply(logits, token_ids, chunk)
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
 
 
-def reply_nll(logits, labels, ignore_index=-100):
-    """Stage-1 per-token loss (B, T-1): −log p(token t+1 | ≤ t) where it has a label, 0 elsewhere."""
+def _pieces(shape, chunk):
+    """(row, positions) index pairs that cover a (B, T) grid, `chunk` positions at a time."""
+    return [(b, slice(t, t + chunk)) for b in range(shape[0]) for t in range(0, shape[1], chunk)]
+
+
+class ChunkedTokenLogprobs(torch.autograd.Function):
+    """`token_logprobs` piece by piece. Forward: each piece's float32 log-softmax, of which only the tokens'
+    entries are kept. Backward recomputes it: ∂ log p_o / ∂x_v = 1[v = o] − softmax(x)_v, so a piece's
+    gradient is g·(onehot − exp(log-softmax)), written into one buffer of the logits' shape and dtype.
+    Same operations as the plain formula on each piece, so the same values up to summation order."""
+
+    @staticmethod
+    def forward(ctx, logits, token_ids, chunk):
+        out = torch.empty(token_ids.shape, dtype=torch.float32, device=logits.device)  # (B, T)
+        for b, t in _pieces(token_ids.shape, chunk):
+            logp = torch.log_softmax(logits[b, t].float(), dim=-1)  # (chunk, V), freed with the loop
+            out[b, t] = logp.gather(-1, token_ids[b, t, None])[:, 0]
+        ctx.save_for_backward(logits, token_ids)  # the model's own tensor: no copy
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (B, T), ∂L/∂ log p
+        logits, token_ids = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)  # (B, T, V)
+        for b, t in _pieces(token_ids.shape, ctx.chunk):
+            g = grad[b, t, None].float()  # (chunk, 1)
+            piece = torch.log_softmax(logits[b, t].float(), dim=-1).exp_().mul_(-g)  # −g·softmax
+            grad_logits[b, t] = piece.scatter_add_(-1, token_ids[b, t, None], g)  # + g at the token
+        return grad_logits, None, None
+
+
+def entropy(logits):
+    """H = −Σ p log p of p = softmax(x) = logsumexp(x) − Σ p·x: finite where p underflows to 0. (N, V) -> (N,)."""
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+def reply_nll(logits, labels, ignore_index=-100, chunk=0):
+    """Stage-1 per-token loss (B, T-1): −log p(token t+1 | ≤ t) where it has a label, 0 elsewhere.
+    `chunk`: as in `token_logprobs`."""
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != ignore_index
-    return -token_logprobs(logits[:, :-1], targets.clamp(min=0)) * keep
+    return -token_logprobs(logits[:, :-1], targets.clamp(min=0), chunk) * keep
 
 
 def image_order(images_per_row, repeats):

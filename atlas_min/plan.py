@@ -24,8 +24,11 @@ bf16 compute, fp32 reduce. Assumptions:
   the sampler decodes all of a rank's prompts × G rows at once.
 - Activations: `layer_bytes` (20h + 8f + 4kv bytes per token and layer; 2h with activation checkpointing).
   Attention is a fused kernel (SDPA flash / memory-efficient, or flash_attention_2): no T² scores. No dropout.
-- Logits: 14 bytes per row, position and vocabulary entry (bf16 logits, the fp32 log-softmax kept for backward, two
-  fp32 gradients in backward); SFT scores every position, RL the completion's max_new_tokens + 1.
+- Logits, per row, position and vocabulary entry: 14 bytes all at once (bf16 logits, the fp32 log-softmax kept for
+  backward, two fp32 gradients in backward); 4 with `logprob_chunk` (bf16 logits kept for backward, their bf16
+  gradient; the fp32 copy and log-softmax, 8 bytes per entry, exist for one piece of logprob_chunk positions at a
+  time, in forward and again in backward). SFT scores every position, RL the
+  completion's max_new_tokens + 1.
   KV cache: 2 (k, v) × kv width × 2 bytes per token and layer.
 - Not counted: CUDA context and NCCL buffers (~1-3 GB), allocator fragmentation, the fp32 copy of the root's grads
   for its reduce-scatter (made after the activations are freed). Hence "fits" = peak ≤ (1 - HEADROOM) × GPU memory.
@@ -119,7 +122,9 @@ def plan(cfg, gpus, gpu_mem_gb=80.0):
     sft_rows, rl_prompts = cfg.micro_batch_size, max(1, cfg.micro_batch_size // G)
     sample_rows = cfg.prompts_per_step // gpus * G
     kv_token = cfg.text_layers * 2 * (cfg.text_kv_heads * cfg.text_hidden // cfg.text_heads) * 2  # bf16 k and v
-    logit_bytes = 14  # bf16 logits (2) + fp32 log-softmax kept for backward (4) + two fp32 grads in backward (2 × 4)
+    # bf16 logits (2) + fp32 log-softmax kept for backward (4) + two fp32 grads in backward (2 × 4); chunked: bf16
+    # logits (2) + their bf16 grad (2), and one piece's fp32 copy and log-softmax (8 bytes per entry)
+    logit_bytes, piece = (4, 8 * cfg.logprob_chunk * V) if cfg.logprob_chunk else (14, 0)
     ref = {"reference (bf16 shards)": 2 * P / gpus if cfg.kl_coef > 0 else 0}
 
     def phases(ckpt):
@@ -127,9 +132,9 @@ def plan(cfg, gpus, gpu_mem_gb=80.0):
         common = {**persistent, "gathered bf16 params (root + 2 units)": 2 * root + 2 * 2 * unit}
         train = {**common, "fp32 grads (sharded)": 4 * P / gpus, "unsharded bf16 grads of the root": 2 * root}
         return {"SFT": {**train, "activations": activations(cfg, sft_rows, sft_rows, T, ckpt),
-                        "logits": sft_rows * T * V * logit_bytes},
+                        "logits": sft_rows * T * V * logit_bytes + piece},
                 "RL update": {**train, **ref, "activations": activations(cfg, rl_prompts * G, rl_prompts, T, ckpt),
-                              "logits": rl_prompts * G * (cfg.max_new_tokens + 1) * V * logit_bytes},
+                              "logits": rl_prompts * G * (cfg.max_new_tokens + 1) * V * logit_bytes + piece},
                 # dist.gathered keeps every unit gathered for the rollout: all bf16 weights at once. The KV cache
                 # of all rows, or during the prefill a shorter cache + one layer's MLP (6f bytes per token)
                 "RL sampling": {**persistent, "gathered bf16 params (all, for the rollout)": 2 * P, **ref,

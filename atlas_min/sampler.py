@@ -2,8 +2,10 @@
 
 `sample` repeats each prompt G times (its images encoded once), prefills once, then decodes one
 token per step with a KV cache and explicit mrope positions: temperature, top-p, a stop per row at
-`<|im_end|>`, never a vision placeholder. `sequence_logprobs` recomputes the log-probs of given
-completions with one full forward, as training does (docs/method.md, "Log-probabilities").
+`<|im_end|>`, never a vision placeholder. A row that stops leaves the decode batch and the cache, so
+a step costs what the rows still running need (replies vary from a few tokens to max_new_tokens).
+`sequence_logprobs` recomputes the log-probs of given completions with one full forward, as training
+does (docs/method.md, "Log-probabilities").
 
 Randomness: row r draws its uniforms from its own generator seeded with `row_seeds[r]` (see
 `rl_row_seeds`), so a row's sample depends on its seed and its logits only, not on which rows share its
@@ -12,7 +14,7 @@ batch or process.
 import torch
 import torch.distributed as dist
 
-from atlas_min.model import forward, mrope_positions, token_logprobs
+from atlas_min.model import entropy, forward, mrope_positions, token_logprobs
 from atlas_min.optim import DivergedError
 from atlas_min.tokens import FUNCTIONAL_TOKENS, VISION_TOKENS, functional_in
 
@@ -78,15 +80,16 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
     """G completions for each left-padded prompt of `batch`; temperature 0 is greedy decoding.
 
     `lockstep`: every rank keeps stepping until all ranks' rows are done, as FSDP needs while the
-    weights are sharded (each forward is a collective). Under `dist.gathered` no step is a collective,
-    so pass False and a rank stops as soon as its own rows are done.
+    weights are sharded (each forward is a collective); a rank whose rows are all done steps one
+    stand-in row. Under `dist.gathered` no step is a collective, so pass False and a rank stops as
+    soon as its own rows are done.
 
     Returns prompt_ids / prompt_mask (B·G, P), completion_ids (B·G, C), completion_mask (B·G, C) bool
     (True on generated tokens up to and including <|im_end|>), logprobs (B·G, C) of the sampled
     tokens under softmax(logits / temperature) (temperature 1 when greedy), the model's distribution
     before the sampler's masking and truncation: the quantity training's forward computes; entropy
-    (B·G, C) of that same distribution at each position; truncated (B·G,) bool, rows that reached
-    max_new_tokens without a stop token.
+    (B·G, C) of that same distribution at each position (both 0 where the mask is False); truncated
+    (B·G,) bool, rows that reached max_new_tokens without a stop token.
     """
     stop_ids, pad_id = torch.tensor(tokenizer.convert_tokens_to_ids(STOP_TOKENS)), tokenizer.pad_token_id
     banned = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS))
@@ -108,37 +111,48 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
     rope_deltas = rope_deltas.repeat_interleave(group_size, 0)  # (N, 1)
     out, _ = forward(model, batch, prompt_ids, prompt_mask, repeats=group_size, logits_to_keep=1, use_cache=True,
                      position_ids=positions)
-    attention_mask, done = prompt_mask, torch.zeros(N, dtype=torch.bool, device=device)
-    tokens, logprobs, entropies, masks = [], [], [], []
+    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # pad after a row's stop
+    logprobs, entropies = (torch.zeros(N, max_new_tokens, device=device) for _ in range(2))  # 0 after it
+    masks = torch.zeros(N, max_new_tokens, dtype=torch.bool, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    # The decode batch holds only the rows still running (`rows`, indices into the N rows): a finished row
+    # leaves it with its KV cache, so a step costs what the running rows need. `live` is False only for a
+    # stand-in row kept when all of this rank's rows are done but another rank's are not (lockstep).
+    rows, live, attention_mask = torch.arange(N, device=device), done.logical_not(), prompt_mask
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # (N, V)
+        logits = out.logits[:, -1].float()  # (n, V), n = rows in the decode batch
         scaled = logits / temperature if temperature > 0 else logits
         allowed = scaled.index_fill(-1, banned.to(device), float("-inf"))
         allowed[:, n_tokens:] = float("-inf")  # rows past the tokenizer (Qwen pads its matrix) are no token
-        if temperature > 0:
-            token = _draw(allowed, top_p, uniforms[:, step])
-        else:
-            token = allowed.argmax(-1)
-        token = token.masked_fill(done, pad_id)  # (N,)
-        tokens.append(token)
-        log_probs = torch.log_softmax(scaled, dim=-1)  # (N, V)
-        logprobs.append(log_probs.gather(-1, token[:, None])[:, 0])
-        entropies.append(-(log_probs.exp() * log_probs).sum(-1))  # H = -sum p log p, (N,)
-        masks.append(~done)
-        done = done | torch.isin(token, stop_ids.to(device))
+        token = _draw(allowed, top_p, uniforms[rows, step]) if temperature > 0 else allowed.argmax(-1)  # (n,)
+        at = rows[live]
+        tokens[at, step], masks[at, step] = token[live], True
+        logprobs[at, step] = token_logprobs(scaled[:, None], token[:, None])[live, 0]
+        entropies[at, step] = entropy(scaled)[live]
+        stopped = live & torch.isin(token, stop_ids.to(device))  # (n,)
+        done[rows[stopped]] = True
         if step == max_new_tokens - 1 or (_all_done(done) if lockstep else bool(done.all())):
             break
+        if stopped.any():  # drop the finished rows from the batch and the cache; keep one if none is left
+            keep = (live & ~stopped).nonzero()[:, 0]
+            keep = keep if len(keep) else torch.zeros(1, dtype=torch.long, device=device)
+            out.cache.batch_select_indices(keep)
+            rows, live, token = rows[keep], live[keep] & ~stopped[keep], token[keep]
+            attention_mask, rope_deltas = attention_mask[keep], rope_deltas[keep]
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
-        position = (attention_mask.cumsum(-1) - 1)[:, -1:] + rope_deltas  # (N, 1): continues each row's text
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position.expand(3, N, 1),
-                    cache=out.cache, use_cache=True)
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": torch.stack(tokens, 1),
-            "completion_mask": torch.stack(masks, 1), "logprobs": torch.stack(logprobs, 1),
-            "entropy": torch.stack(entropies, 1), "truncated": ~done}
+        position = (attention_mask.cumsum(-1) - 1)[:, -1:] + rope_deltas  # (n, 1): continues each row's text
+        out = model(input_ids=token[:, None], attention_mask=attention_mask,
+                    position_ids=position.expand(3, len(rows), 1), cache=out.cache, use_cache=True)
+    C = step + 1
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": tokens[:, :C],
+            "completion_mask": masks[:, :C], "logprobs": logprobs[:, :C], "entropy": entropies[:, :C],
+            "truncated": ~done}
 
 
-def sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, completion_mask, repeats=1, temperature=1.0):
-    """log π(o_t | q, o_<t) of every completion token, (B, C), from one full forward (with grad if enabled)."""
+def sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, completion_mask, repeats=1,
+                      temperature=1.0, chunk=0):
+    """log π(o_t | q, o_<t) of every completion token, (B, C), from one full forward (with grad if enabled);
+    `chunk` as in `model.token_logprobs` (the config's `logprob_chunk`)."""
     input_ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P + C)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
     C = completion_ids.shape[1]
@@ -146,4 +160,4 @@ def sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, com
     logits = out.logits[:, :-1]  # (B, C, V): the logits at position P-1+t predict completion token t
     if temperature not in (0, 1):  # (a division would copy the (B, C, V) logits for nothing at T = 1)
         logits = logits / temperature
-    return token_logprobs(logits, completion_ids)
+    return token_logprobs(logits, completion_ids, chunk)

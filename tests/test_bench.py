@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from atlas_min.bench import (decode_bound, decode_weight_bytes, hardware_peaks, kv_cache_bytes, share,
-                             update_flops)
+from atlas_min.bench import (ForcedLengths, decode_bound, decode_weight_bytes, hardware_peaks, kv_cache_bytes,
+                             logit_fall, reply_lengths, share, update_flops)
 from atlas_min.config import get_config
 from atlas_min.model import build_model
 
@@ -18,13 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 NA = "n/a (pass --peak-tflops / --bandwidth-gbs)"
 
 
-def bench(tmp_path, *args):
-    """Run `python -m atlas_min.bench --config micro` on one thread; (process, JSON or None)."""
+def bench(tmp_path, *args, config=("--config", "micro", "--rows", "8", "max_new_tokens=12")):
+    """Run `python -m atlas_min.bench` on one thread (micro, no memory section unless `args` ask); (process,
+    JSON or None)."""
     out = tmp_path / "bench.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "atlas_min.bench", "--config", "micro", "--rows", "8",
-                           "--repeats", "1", "max_new_tokens=6", "--json", str(out), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    skip = () if "--skip" in args else ("--skip", "memory")
+    proc = subprocess.run([sys.executable, "-m", "atlas_min.bench", *config, "--repeats", "1", "--json", str(out),
+                           *skip, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return proc, json.loads(out.read_text()) if out.exists() else None
 
 
@@ -86,8 +87,9 @@ def test_the_bench_json_holds_every_figure_with_the_device_command_and_config(wi
     assert proc.returncode == 0, proc.stderr
     for key in ("command", "device_name", "config", "rows", "sampler_tokens_per_s", "generate_tokens_per_s",
                 "greedy_match", "decode_weight_bytes", "kv_bytes_per_step", "bound_tokens_per_s",
-                "sampler_share_of_bound", "generate_share_of_bound", "update", "rl_step_seconds"):
+                "sampler_share_of_bound", "generate_share_of_bound", "update", "rl_step_seconds", "varied", "memory"):
         assert key in r, key
+    assert {"sampler_tokens_per_s", "generate_tokens_per_s", "greedy_match", "lengths"} <= set(r["varied"])
     assert r["config"]["name"] == "micro" and r["device_name"] == "cpu" and "--peak-tflops 1" in r["command"]
     assert {"seconds", "flops", "mfu"} <= set(r["update"]) and "update" in r["rl_step_seconds"]
 
@@ -127,3 +129,52 @@ def test_rows_that_are_not_whole_groups_exit_2_with_one_error_line(tmp_path):
     proc, r = bench(tmp_path, "--update-rows", "6")  # micro's G is 4
     assert proc.returncode == 2 and r is None
     assert proc.stderr.startswith("error: --update-rows 6") and proc.stderr.count("\n") == 1
+
+
+def test_the_varied_workload_decodes_the_drawn_lengths_identically_in_both_decoders(with_peaks):
+    v = with_peaks[1]["varied"]
+    assert v["greedy_match"] and v["lengths_as_drawn"] and v["rows"] == 8
+    assert v["tokens"] == sum(v["lengths"]["drawn"]) and v["lengths"]["max_new_tokens"] == 12
+
+
+def test_reply_lengths_have_the_stated_log_normal_mean_and_stay_within_1_and_max_new_tokens():
+    lengths = reply_lengths(20_000, 1000, seed=0).double()
+    assert lengths.min() >= 1 and lengths.max() <= 1000 and lengths.max() == 1000  # a few clipped
+    # mean 0.2 × 1000 (less the clipped tail's excess, ~1%); median e^μ = 200 · e^{-σ²/2} = 145.2
+    assert abs(lengths.mean().item() - 200) < 6 and abs(lengths.median().item() - 145.2) < 4
+
+
+def test_forced_lengths_make_each_sampled_row_exactly_its_length(micro, toy_files):
+    from atlas_min.data import collate_prompts, encode, load_jsonl
+    from atlas_min.sampler import STOP_TOKENS, sample
+    model, tokenizer, image_processor = micro
+    batch = collate_prompts([encode(ex, tokenizer, image_processor, "sys") for ex in load_jsonl(toy_files[0])[:2]],
+                            tokenizer.pad_token_id)
+    lengths = torch.tensor([3, 1, 7, 10, 2, 10, 5, 4])
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.register_forward_hook(ForcedLengths(lengths, tokenizer.convert_tokens_to_ids(STOP_TOKENS), eos),
+                                with_kwargs=True)
+    out = sample(model, batch, tokenizer, group_size=4, max_new_tokens=10, temperature=1.0, row_seeds=range(8))
+    assert out["completion_mask"].sum(1).tolist() == lengths.tolist()
+    ends = out["completion_ids"].gather(1, (lengths - 1)[:, None])[:, 0]
+    assert (ends == eos).all() and not out["truncated"].any()  # a length of max_new_tokens ends in a stop too
+
+
+def test_the_predicted_memory_fall_is_the_bytes_the_plain_path_holds_beyond_the_chunked_one():
+    # 2 rows × 3 positions × 10 logits = 60 entries; a piece of min(2, 3) = 2 positions = 20 entries
+    assert logit_fall(2, 3, 10, chunk=2, value_bytes=4) == {"update": 4 * 60 - 4 * 20, "logprobs": 8 * 60 - 4 * 20}
+    assert logit_fall(2, 3, 10, chunk=2, value_bytes=2) == {"update": 10 * 60 - 8 * 20, "logprobs": 8 * 60 - 8 * 20}
+    assert logit_fall(2, 3, 10, chunk=8, value_bytes=4)["update"] == 4 * 60 - 4 * 30  # a piece is at most a row
+
+
+def test_chunked_log_probs_lower_the_measured_peaks_by_the_predicted_bytes_within_20_percent(tmp_path):
+    # Qwen's 152,064-row vocabulary at micro widths: 8 rows × 64 completion tokens of logits = 311 MB in float32
+    proc, r = bench(tmp_path, "--skip", "decode", "varied", "--no-rl-step", "--update-rows", "8",
+                    "--completion-tokens", "64", "--prompt-tokens", "0",
+                    config=("--config", "micro", "--rows", "4", "vocab_rows=152064"))
+    assert proc.returncode == 0, proc.stderr
+    m = r["memory"]
+    assert set(m["plain"]) == set(m["chunked"]) == {"update", "logprobs"}
+    for kind in ("update", "logprobs"):
+        assert m["predicted_fall"][kind] > 250e6
+        assert abs(m["fall"][kind] / m["predicted_fall"][kind] - 1) < 0.2, (kind, m)

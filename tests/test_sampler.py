@@ -197,3 +197,99 @@ def test_the_sampler_never_emits_a_spare_row_of_the_embedding_matrix(toy_files):
         out = sample(model, batch, tokenizer, group_size=2, max_new_tokens=8, temperature=temperature,
                      row_seeds=range(4))
         assert (out["completion_ids"] < n_tokens).all()
+
+
+def _stop_when_the_favourite_is(model, tokenizer, residue, modulus=5):
+    """A hook: <|im_end|> becomes the favourite wherever the model's own favourite id ≡ residue (mod modulus),
+    so greedy rows stop at steps that depend on their text alone."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def hook(module, inputs, logits):
+        hit = logits.argmax(-1, keepdim=True) % modulus == residue  # (n, T, 1)
+        return logits.index_copy(-1, torch.tensor([eos]), torch.where(hit, logits.amax(-1, keepdim=True) + 5,
+                                                                       logits[..., eos:eos + 1]))
+    return model.lm_head.register_forward_hook(hook)
+
+
+def _stop_sometimes(model, tokenizer, shift=2.0):
+    """A hook: p(<|im_end|>) ≈ e^-shift at every step, so sampled rows stop at varied steps."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return model.lm_head.register_forward_hook(
+        lambda module, inputs, logits: logits.index_copy(-1, torch.tensor([eos]),
+                                                         logits.logsumexp(-1, keepdim=True) - shift))
+
+
+def _lengths(out):
+    return out["completion_mask"].sum(1).tolist()
+
+
+def test_greedy_tokens_equal_generate_when_rows_stop_at_different_steps(micro, toy_files):
+    model, tokenizer, image_processor = micro
+    _lively(model)
+    batch = _prompts(tokenizer, image_processor, toy_files, n=4)
+    _stop_when_the_favourite_is(model, tokenizer, residue=0)
+    ours = sample(model, batch, tokenizer, max_new_tokens=16, temperature=0)
+    lengths = _lengths(ours)
+    assert len(set(lengths)) >= 3 and min(lengths) < 16  # rows left the batch at different steps
+    stops = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
+    theirs = model.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(batch["input_ids"] == model.config.image_token_id).long(),
+        do_sample=False, max_new_tokens=16, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=tokenizer.convert_tokens_to_ids(VISION_TOKENS))[:, batch["input_ids"].shape[1]:]
+    assert torch.equal(ours["completion_ids"], theirs[:, :ours["completion_ids"].shape[1]])
+
+
+def test_the_decode_batch_holds_exactly_the_rows_still_running(micro, toy_files):
+    model, tokenizer, image_processor = micro
+    _lively(model)
+    batch = _prompts(tokenizer, image_processor, toy_files, n=1)
+    _stop_sometimes(model, tokenizer)
+    sizes = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape), with_kwargs=True)
+    out = sample(model, batch, tokenizer, group_size=8, max_new_tokens=12, temperature=1.0, row_seeds=range(8))
+    mask, stopped = out["completion_mask"], ~out["truncated"]
+    assert sizes[0][0] == 8 and all(s[1] == 1 for s in sizes[1:])  # the prefill, then one token per step
+    # the forward of step t+1 runs the rows that neither stopped nor ended by step t: those with a token at t+1
+    assert [s[0] for s in sizes[1:]] == mask[:, 1:].sum(0).tolist()
+    assert len(set(_lengths(out))) >= 3 and stopped.sum() >= 4
+
+
+def test_a_seeded_sample_is_each_rows_sample_alone_while_finished_rows_leave_the_batch(micro, toy_files):
+    model, tokenizer, image_processor = micro
+    _lively(model)
+    batch = _prompts(tokenizer, image_processor, toy_files, n=1)
+    _stop_sometimes(model, tokenizer)
+    together = sample(model, batch, tokenizer, group_size=8, max_new_tokens=12, temperature=1.0,
+                      row_seeds=range(20, 28))
+    assert len(set(_lengths(together))) >= 3
+    for r in range(8):  # alone: a batch of one row, nothing to leave it
+        alone = sample(model, batch, tokenizer, group_size=1, max_new_tokens=12, temperature=1.0, row_seeds=[20 + r])
+        C = alone["completion_ids"].shape[1]
+        for key in ("completion_ids", "completion_mask"):
+            assert torch.equal(together[key][r, :C], alone[key][0]), (r, key)
+        assert not together["completion_mask"][r, C:].any()
+        assert (together["completion_ids"][r, C:] == tokenizer.pad_token_id).all()
+        torch.testing.assert_close(together["logprobs"][r, :C], alone["logprobs"][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(together["entropy"][r, :C], alone["entropy"][0], atol=1e-5, rtol=0)
+
+
+def test_in_lockstep_a_rank_whose_rows_are_done_steps_one_stand_in_row_until_all_ranks_are(micro, toy_files,
+                                                                                          monkeypatch):
+    import atlas_min.sampler as sampler
+    model, tokenizer, image_processor = micro
+    _lively(model)
+    batch = _prompts(tokenizer, image_processor, toy_files, n=1)
+    _stop_when_the_favourite_is(model, tokenizer, residue=0, modulus=1)  # every row stops at its first token
+    calls = []
+    monkeypatch.setattr(sampler, "_all_done", lambda done: calls.append(bool(done.all())) or len(calls) == 5)
+    sizes = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    out = sample(model, batch, tokenizer, group_size=4, max_new_tokens=12, temperature=1.0, row_seeds=range(4))
+    assert calls == [True] * 5  # "another rank" was done only at the 5th check
+    assert sizes == [4, 1, 1, 1, 1]  # the prefill, then one stand-in row per step
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert (out["completion_ids"][:, 0] == eos).all() and out["completion_mask"].sum(1).tolist() == [1] * 4
+    assert (out["completion_ids"][:, 1:] == tokenizer.pad_token_id).all() and not out["truncated"].any()
+    assert out["completion_ids"].shape == (4, 5)

@@ -1,0 +1,87 @@
+"""Log-probs of given tokens (docs/method.md, "Log-probabilities"): the chunked path gives the plain formula's
+values and gradients without a float32 copy of all the logits."""
+import torch
+
+from atlas_min.model import entropy, reply_nll, token_logprobs
+
+
+def _logits(dtype=torch.float32):
+    """(3, 9, 50) logits of scale ~4; their first 8 positions are a non-contiguous view, as in sequence_logprobs."""
+    g = torch.Generator().manual_seed(0)
+    return (4 * torch.randn(3, 9, 50, generator=g)).to(dtype)[:, :-1], torch.randint(0, 50, (3, 8), generator=g)
+
+
+def _by_hand(logits, ids, weights):
+    """Float64: log p_o = x_o − log Σ_v e^{x_v}, and ∂(Σ w·log p)/∂x = w·(onehot(o) − softmax(x))."""
+    x = logits.double()
+    p = x.exp() / x.exp().sum(-1, keepdim=True)
+    logp = x.gather(-1, ids[..., None])[..., 0] - x.exp().sum(-1).log()
+    grad = weights.double()[..., None] * (torch.nn.functional.one_hot(ids, 50).double() - p)
+    return logp, grad
+
+
+def test_chunked_log_probs_equal_the_plain_ones_within_1e_6_and_their_gradients_the_formula_within_1e_5():
+    logits, ids = _logits()
+    weights = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    want_logp, want_grad = _by_hand(logits, ids, weights)
+    plain = token_logprobs(logits, ids)
+    torch.testing.assert_close(plain.double(), want_logp, atol=1e-6, rtol=1e-6)  # float32 rounding of values ~10
+    for chunk in (3, 8, 100):  # 3 leaves a short last piece; 100 > the row's positions
+        x = logits.detach().requires_grad_()
+        logp = token_logprobs(x, ids, chunk)
+        (logp * weights).sum().backward()
+        torch.testing.assert_close(logp, plain, atol=1e-6, rtol=0)
+        torch.testing.assert_close(x.grad.double(), want_grad, atol=1e-5, rtol=0)
+
+
+def test_chunked_log_probs_of_bf16_logits_equal_the_plain_path_and_keep_a_bf16_gradient():
+    logits, ids = _logits(torch.bfloat16)
+    plain, chunked = logits.detach().requires_grad_(), logits.detach().requires_grad_()
+    weights = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    a, b = token_logprobs(plain, ids), token_logprobs(chunked, ids, chunk=3)
+    assert a.dtype == b.dtype == torch.float32
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    (a * weights).sum().backward()
+    (b * weights).sum().backward()
+    assert chunked.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(chunked.grad.float(), plain.grad.float(), atol=1e-5, rtol=0)
+
+
+def test_reply_nll_chunked_equals_plain_with_ignored_labels():
+    logits, ids = _logits()
+    labels = torch.cat([torch.zeros(3, 1, dtype=torch.long), ids], 1)[:, :8]  # (3, 8): token t+1 at position t
+    labels[:, :3] = -100  # a prompt
+    torch.testing.assert_close(reply_nll(logits, labels, chunk=2), reply_nll(logits, labels), atol=1e-6, rtol=0)
+    assert (reply_nll(logits, labels, chunk=2)[:, :2] == 0).all()
+
+
+def test_sequence_logprobs_chunked_give_the_micro_models_gradients_of_the_plain_path(micro, toy_files):
+    from atlas_min.data import collate_prompts, encode, load_jsonl
+    from atlas_min.sampler import sequence_logprobs
+    model, tokenizer, image_processor = micro
+    batch = collate_prompts([encode(ex, tokenizer, image_processor, "sys") for ex in load_jsonl(toy_files[0])[:2]],
+                            tokenizer.pad_token_id)
+    # no special token (ids 0-6) and no functional one (the last five)
+    completion = torch.randint(7, len(tokenizer) - 5, (4, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    prompt_ids = batch["input_ids"].repeat_interleave(2, 0)
+    prompt_mask = batch["attention_mask"].repeat_interleave(2, 0)
+    grads, values = [], []
+    for chunk in (0, 4):
+        model.zero_grad()
+        logp = sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion, mask, repeats=2, chunk=chunk)
+        logp.sum().backward()
+        values.append(logp.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(values[1], values[0], atol=1e-6, rtol=0)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_entropy_is_minus_the_sum_of_p_log_p_and_stays_finite_where_p_underflows():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0], [0.0, 0.0, 0.0, 0.0], [200.0, 0.0, -200.0, 0.0]])
+    p = torch.softmax(logits.double(), -1)
+    by_hand = -(p * p.clamp_min(1e-300).log()).sum(-1)  # the third row: p ≈ (1, e^-200, 0, e^-200)
+    torch.testing.assert_close(entropy(logits).double(), by_hand, atol=1e-6, rtol=0)
+    assert abs(entropy(logits)[1].item() - torch.log(torch.tensor(4.0)).item()) < 1e-6  # uniform: log 4
