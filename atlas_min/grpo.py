@@ -77,7 +77,7 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     reference is >= 14x likelier than the policy, the tokens the penalty exists for.
     """
     delta = -log_ratio(logp, ref_logp)  # (B, T): log pi_ref - log pi_theta
-    return torch.exp(delta) - delta - 1  # (B, T)
+    return torch.expm1(delta) - delta  # (B, T): expm1, so a small delta cannot round below 0 (exp(d) - 1 can)
 
 
 def _seq_mean_token_mean(x: Tensor, mask: Tensor, n_rows: int | None = None) -> Tensor:
