@@ -141,8 +141,8 @@ def main():
     p.add_argument("--anchor", type=float, default=0.5, help="λ of the LA-GRPO run (the GRPO runs have λ = 0)")
     p.add_argument("--lr-scale", type=float, default=2.0,
                    help="the control: GRPO with rl_lr times this (0: no control run)")
-    p.add_argument("--readme", nargs="?", const="toy-results", default=None, metavar="SECTION",
-                   help="also write the table into README.md (its toy-results section, or SECTION)")
+    p.add_argument("--readme", nargs="?", const="demo-results", default=None, metavar="SECTION",
+                   help="also write the table into README.md (its demo-results section, or SECTION)")
     p.add_argument("overrides", nargs="*", help="field=value, passed to every stage")
     args = p.parse_intermixed_args()
     out = Path(args.out).resolve()
