@@ -111,11 +111,9 @@ for task, acc in result["per_task"].items():
     used = ", ".join(f"{tok} {share:.2f}" for tok, share in shares if share)
     print0(f"{task:<14}{acc:>10.3f}{chance[task]:>8.3f}  {used or '-'}")
 blind_shown = f" | blind {result['blind_accuracy']:.3f}" if opts.blind else ""
-print0(f"\naccuracy {result['accuracy']:.3f}{blind_shown}"
-       + f" | format {result['format_rate']:.3f} | functional {result['functional_rate']:.3f}"
-       + f" | {result['mean_functional_tokens']:.2f} functional tokens / output"
-       + f" | length {result['mean_length']:.1f}"
-       + f" | {result['tokens_per_s']:.0f} tokens/s | n={result['n']}")
+print0(f"\naccuracy {result['accuracy']:.3f}{blind_shown} | format {result['format_rate']:.3f}"
+       f" | functional {result['functional_rate']:.3f} | {result['mean_functional_tokens']:.2f} functional tokens / output"
+       f" | length {result['mean_length']:.1f} | {result['tokens_per_s']:.0f} tokens/s | n={result['n']}")
 print0(f"chance (always the task's most frequent answer), averaged over tasks: {result['chance']:.3f}")
 if "judge_accuracy" in result:
     print0(f"judge_accuracy {result['judge_accuracy']:.3f} ({opts.judge}: asked about "

@@ -26,17 +26,16 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.cli import (Progress, UsageError, defer_interrupts, interrupted, parse_run_args, report,
-                           say_skipped, stop_interrupted, user_errors)
+from atlas_min.cli import (Progress, UsageError, defer_interrupts, end_step, finish, parse_run_args, say_skipped,
+                           user_errors)
 from atlas_min.config import check_world
 from atlas_min.data import (check_lengths, collate_prompts, encode_example, load_examples, stream_indices,
                             to_device)
-from atlas_min.dist import all_sum, autocast, cleanup, gathered, print0, reshard, setup, shard
+from atlas_min.dist import all_sum, autocast, gathered, print0, reshard, setup, shard
 from atlas_min.grpo import constant_groups, functional_grad_share, group_advantages, grpo_loss
 from atlas_min.model import load_pretrained
 from atlas_min.optim import adamw, clipped_step, count_nonfinite, lr_at, set_lr
 from atlas_min.rewards import compute_reward
-from atlas_min.run_folder import release
 from atlas_min.sampler import decode_completion, rl_row_seeds, rl_run_seed, sample, sequence_logprobs
 from atlas_min.tokens import FUNCTIONAL_TOKENS, functional_mask
 
@@ -157,8 +156,7 @@ def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, f
                 loss, stats = grpo_loss(*loss_inputs, **coefs, **counts)
                 (loss * world).backward()  # FSDP averages gradients over ranks: undo it
                 sums["functional_grad_share"] += functional_grad_share(*loss_inputs, **coefs, **counts)
-                sums["anchor"] += stats["anchor"]
-                for key in per_micro:
+                for key in (*per_micro, "anchor"):  # anchor: summed here, then averaged over mini-batches
                     sums[key] += stats[key]
                 n_micro += 1
             grad_norm = clipped_step(model, optimizer, cfg.grad_clip)
@@ -211,8 +209,7 @@ with user_errors():
         t0 = time.time()
         encoded, rollout = sample_groups(model, tokenizer, image_processor, prompts, cfg, step, first_prompt * G,
                                          device)
-        mask = rollout["completion_mask"]  # (N, C)
-        fmask = functional_mask(rollout["completion_ids"], functional_ids) & mask  # (N, C)
+        fmask = functional_mask(rollout["completion_ids"], functional_ids) & rollout["completion_mask"]  # (N, C)
         seconds["sampling"] = time.time() - t0
 
         t0 = time.time()
@@ -247,25 +244,14 @@ with user_errors():
                      **{f"t_{k}": round(all_sum(v) / world, 3) for k, v in seconds.items()})
         finite = not losses["skipped_steps"] and all(math.isfinite(losses[k]) for k in ("pg_loss", "kl", "anchor"))
         streak = count_nonfinite(streak, finite, step, total, cfg.max_nonfinite_steps)
-        stop = step + 1 < total and interrupted()  # a Ctrl-C on any rank: every rank stops after this step
-        due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total
-        saved_to = None
-        if (due or stop and cfg.save_on_interrupt) and not streak:
-            saved_to = checkpoint.step_folder(run, step + 1)
-            checkpoint.save(saved_to, model, tokenizer, image_processor, cfg, step + 1, optimizer,
-                            extra={"init": str(init), "run": record})
-            checkpoint.prune(run, cfg.keep_checkpoints)
-        if stop:
-            stop_interrupted(run, step + 1, total, saved_to, "train_rl.py")
+        end_step(run, step, total, streak, "train_rl.py", model, tokenizer, image_processor, cfg, optimizer,
+                 extra={"init": str(init), "run": record})
 
 # 4. the final model (a resumable checkpoint too, unless final_dtype makes it lean) and the run report
 with user_errors():
     checkpoint.save_final(run, model, tokenizer, image_processor, cfg, total, optimizer,
                           extra={"init": str(init), "run": record})
-report(run, f"RL ({'LA-GRPO' if cfg.anchor_coef else 'GRPO'}, {cfg.name})",
+finish(run, f"RL ({'LA-GRPO' if cfg.anchor_coef else 'GRPO'}, {cfg.name})",
        [f"init {init}, steps {start}→{total}, {world} process(es)",
         f"last step: reward {metrics['reward']:.3f}, accuracy {metrics['accuracy']:.3f}",
         f"checkpoint: {run}"])
-print0(f"saved {run}")
-release(run)
-cleanup()

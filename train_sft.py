@@ -17,15 +17,14 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.cli import (Progress, UsageError, defer_interrupts, interrupted, parse_run_args, report,
-                           say_skipped, stop_interrupted, user_errors)
+from atlas_min.cli import (Progress, UsageError, defer_interrupts, end_step, finish, parse_run_args, say_skipped,
+                           user_errors)
 from atlas_min.config import check_world
 from atlas_min.data import (IGNORE, check_lengths, collate_sft, encode_example, load_examples, stream_indices,
                             to_device)
-from atlas_min.dist import all_sum, autocast, cleanup, print0, setup, shard
+from atlas_min.dist import all_sum, autocast, print0, setup, shard
 from atlas_min.model import forward, init_model, load_pretrained, reply_nll
 from atlas_min.optim import adamw, clipped_step, count_nonfinite, lr_at, set_lr
-from atlas_min.run_folder import release
 from atlas_min.tokens import FUNCTIONAL_TOKENS
 
 # 1. command line, processes, data
@@ -41,12 +40,11 @@ run = opts.out
 total = cfg.max_steps or cfg.sft_steps
 
 # 2. model (the base model + functional tokens, or the checkpoint to resume; read by rank 0 only), optimizer
+start = checkpoint.read_state(resume_from)[0]["step"] if resume_from else 0
 if resume_from:
     model, tokenizer, image_processor = load_pretrained(resume_from, cfg, on_meta=rank > 0)
-    start = checkpoint.read_state(resume_from)[0]["step"]
 else:
     model, tokenizer, image_processor = init_model(cfg, on_meta=rank > 0)
-    start = 0
 with user_errors():
     train = check_lengths(train, tokenizer, image_processor, cfg, with_reply=True, on_skip=say_skipped,
                           context=model.config.get_text_config().max_position_embeddings)
@@ -104,22 +102,11 @@ with user_errors():
                      grad_norm=grad_norm, tokens_per_s=round(n_reply / (time.time() - t0), 1))
         streak = count_nonfinite(streak, math.isfinite(loss) and math.isfinite(grad_norm), step, total,
                                  cfg.max_nonfinite_steps)
-        stop = step + 1 < total and interrupted()  # a Ctrl-C on any rank: every rank stops after this step
-        due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total
-        saved_to = None
-        if (due or stop and cfg.save_on_interrupt) and not streak:
-            saved_to = checkpoint.step_folder(run, step + 1)
-            checkpoint.save(saved_to, model, tokenizer, image_processor, cfg, step + 1, optimizer,
-                            extra={"run": record})
-            checkpoint.prune(run, cfg.keep_checkpoints)
-        if stop:
-            stop_interrupted(run, step + 1, total, saved_to, "train_sft.py")
+        end_step(run, step, total, streak, "train_sft.py", model, tokenizer, image_processor, cfg, optimizer,
+                 extra={"run": record})
 
 # 4. the final model (a resumable checkpoint too, unless final_dtype makes it lean) and the run report
 with user_errors():
     checkpoint.save_final(run, model, tokenizer, image_processor, cfg, total, optimizer, extra={"run": record})
-report(run, f"SFT ({cfg.name})", [f"steps {start}→{total}, {world} process(es)", f"final loss {loss:.4f}",
+finish(run, f"SFT ({cfg.name})", [f"steps {start}→{total}, {world} process(es)", f"final loss {loss:.4f}",
                                   f"checkpoint: {run}"])
-print0(f"saved {run}")
-release(run)
-cleanup()

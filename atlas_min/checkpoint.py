@@ -42,8 +42,9 @@ def _write_model(folder, model, state, tokenizer, image_processor, dtype):
 
 
 def _flatten_optimizer(state):
-    tensors = {f"{name}::{key}": value for name, per in state["state"].items() for key, value in per.items()}
-    return tensors, state["param_groups"]
+    """AdamW's tensors as one flat dict {"parameter name::key": tensor} (key: exp_avg, exp_avg_sq, step):
+    safetensors holds no nesting. `_unflatten_optimizer` undoes it."""
+    return {f"{name}::{key}": value for name, per in state["state"].items() for key, value in per.items()}
 
 
 def _unflatten_optimizer(tensors, param_groups):
@@ -75,9 +76,8 @@ def save(folder, model, tokenizer, image_processor, cfg, step, optimizer=None, e
             _write_model(tmp, model, state, tokenizer, image_processor, getattr(torch, dtype))
             trainer_state = {"step": step, "config": to_dict(cfg), "resumable": resumable, **(extra or {})}
             if optim is not None:
-                tensors, groups = _flatten_optimizer(optim)
-                save_file(tensors, tmp / "optimizer.safetensors")
-                trainer_state["param_groups"] = groups
+                save_file(_flatten_optimizer(optim), tmp / "optimizer.safetensors")
+                trainer_state["param_groups"] = optim["param_groups"]
             (tmp / STATE).write_text(json.dumps(trainer_state, indent=1))
             if folder.exists():  # the run folder holds checkpoints/ and logs: move our files in, the state last
                 (folder / STATE).unlink(missing_ok=True)  # until the new state lands, this folder is incomplete

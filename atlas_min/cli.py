@@ -1,8 +1,11 @@
-"""What the three scripts share at their edges: the command line, user errors, progress lines, logs.
+"""What the three scripts share at their edges: the command line, user errors, progress lines, logs, and
+how a training step and a run end (the checkpoint saved, Ctrl-C, the report).
 
     with user_errors():                                   # bad input: one line "error: ...", exit 2
         opts, cfg, resume_from, record = parse_run_args("Stage 1: SFT", stage="sft")
     progress = Progress(run, "sft", start, total, cfg.log_every)   # RUN/metrics_sft.jsonl + a line per log_every
+    end_step(run, step, total, streak, "train_sft.py", model, ...)  # save when due, stop after a Ctrl-C
+    finish(run, "SFT (toy)", ["final loss 0.1", ...])     # RUN/report.md, the lock released, the processes end
 
 Library modules raise typed errors (ConfigError, DataError, CheckpointError, JudgeError, RunFolderError,
 DivergedError, UsageError); only the scripts and the tools' `main` turn them into the one-line message, here.
@@ -17,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from atlas_min import run_folder
-from atlas_min.checkpoint import CheckpointError
+from atlas_min import checkpoint, run_folder
 from atlas_min.config import ConfigError
 from atlas_min.data import DataError
 from atlas_min.dist import all_sum, cleanup, is_main, print0
@@ -31,7 +33,7 @@ class UsageError(ValueError):
     """A command line that cannot work (a missing --init, a finished run to resume, ...)."""
 
 
-USER_ERRORS = (UsageError, ConfigError, DataError, CheckpointError, JudgeError, RunFolderError, DivergedError)
+USER_ERRORS = (UsageError, ConfigError, DataError, checkpoint.CheckpointError, JudgeError, RunFolderError, DivergedError)
 
 
 def die(message):
@@ -72,12 +74,11 @@ def _rank_tag():
     return f"rank {rank}: " if rank else ""
 
 
-def quit_on_interrupt(run=None):
+def quit_on_interrupt(run):
     """Until the loop starts, Ctrl-C ends the process at once in one line (nothing is saved yet; the
     run folder's lock is released) rather than a traceback on every rank."""
     def quit_now(signum, frame):
-        if run is not None:
-            release(run)
+        release(run)
         sys.stderr.write(f"{_rank_tag()}interrupted before the first step: nothing saved\n")  # one write per line
         os._exit(130)  # 128 + SIGINT, the shell's convention
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -102,6 +103,21 @@ def interrupted():
     """Whether any rank was interrupted: every rank calls it at the end of each step and gets the same
     answer (one small all-reduce), so all stop after the same step."""
     return all_sum(float(bool(_interrupts))) > 0
+
+
+def end_step(run, step, total, streak, script, model, tokenizer, image_processor, cfg, optimizer, extra):
+    """After 0-based `step` of `total` (every rank calls it): save RUN/checkpoints/step_N when save_every says
+    so or when a rank was interrupted (save_on_interrupt), never while `streak` (optim.count_nonfinite) counts
+    non-finite steps; keep the newest keep_checkpoints; after an interrupt, stop the run (`stop_interrupted`)."""
+    stop = step + 1 < total and interrupted()  # a Ctrl-C on any rank: every rank stops after this step
+    due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total
+    saved_to = None
+    if (due or stop and cfg.save_on_interrupt) and not streak:
+        saved_to = checkpoint.step_folder(run, step + 1)
+        checkpoint.save(saved_to, model, tokenizer, image_processor, cfg, step + 1, optimizer, extra=extra)
+        checkpoint.prune(run, cfg.keep_checkpoints)
+    if stop:
+        stop_interrupted(run, step + 1, total, saved_to, script)
 
 
 def stop_interrupted(run, step, total, saved, script):
@@ -179,8 +195,12 @@ class Progress:
             print0(f"step {step + 1}/{self.total} | {shown} | {rate:.2f} steps/s | ETA {eta / 60:.1f} min")
 
 
-def report(run, title, lines):
-    """Append a section to RUN/report.md: every stage of a run leaves its summary there."""
+def finish(run, title, lines):
+    """End a run whose final model is saved: a section appended to RUN/report.md (every stage of a run leaves
+    its summary there), the lock released, the process group left (`dist.cleanup`)."""
     if is_main():
         with open(Path(run) / "report.md", "a") as f:
             f.write(f"\n## {title}\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
+    print0(f"saved {run}")
+    release(run)
+    cleanup()

@@ -237,7 +237,7 @@ PRESETS = {
 
 
 class ConfigError(ValueError):
-    pass
+    """A preset, field or value that does not exist or is out of its range; the message names it."""
 
 
 # What `--resume RUN field=value` may change (run_folder), and why: how long the run goes, when it saves and
@@ -295,8 +295,7 @@ POSITIVE = ("text_hidden text_layers text_heads text_kv_heads text_intermediate 
             "eval_batch_size epoch_seed_stride step_seed_stride row_seed_stride sft_lr rl_lr grad_clip "
             "clip_eps rope_theta rms_norm_eps max_nonfinite_steps").split()
 NON_NEGATIVE = ("logprob_chunk seed rl_seed rl_seed_offset vocab_rows vision_fullatt_every vision_tokens_per_second "
-                "max_steps "
-                "save_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer over_threshold "
+                "max_steps save_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer over_threshold "
                 "eval_min_pixels eval_max_pixels weight_decay temperature kl_coef anchor_coef adv_eps w_acc w_ft "
                 "w_fmt w_len w_over len_max_penalty over_slope over_max_penalty").split()
 SHARES = "toy_no_token_share toy_teacher_slip toy_token_slip".split()  # in [0, 1]

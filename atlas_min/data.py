@@ -47,15 +47,11 @@ def load_jsonl(path, need_response=False):
             raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(ex, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(ex).__name__}")
-        required = dict(FIELDS, response=str) if need_response else FIELDS
-        for field, kind in required.items():
-            if field not in ex:
+        for field, kind in dict(FIELDS, response=str).items():  # a response: required for SFT, else optional
+            if field not in ex and (field != "response" or need_response):
                 raise DataError(f"{where}: missing field '{field}'")
-            if not isinstance(ex[field], kind):
-                got = type(ex[field]).__name__
-                raise DataError(f"{where}: field '{field}' must be {kind.__name__}, got {got}")
-        if "response" in ex and not isinstance(ex["response"], str):
-            raise DataError(f"{where}: field 'response' must be str, got {type(ex['response']).__name__}")
+            if field in ex and not isinstance(ex[field], kind):
+                raise DataError(f"{where}: field '{field}' must be {kind.__name__}, got {type(ex[field]).__name__}")
         if "token" in ex and ex["token"] not in FUNCTIONAL_TOKENS:
             raise DataError(f"{where}: field 'token' must be one of {', '.join(FUNCTIONAL_TOKENS)}, "
                             f"got {ex['token']!r}")

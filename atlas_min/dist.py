@@ -42,11 +42,6 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def autocast(device):
     """bf16 autocast on CUDA (FSDP's bf16 parameters, or a single GPU's fp32 ones); fp32 on CPU."""
     return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")

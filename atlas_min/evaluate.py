@@ -28,23 +28,18 @@ def _rank():
     return torch.distributed.get_rank() if world_size() > 1 else 0
 
 
-def _greedy(model, tokenizer, encoded, max_new_tokens, device):
-    """Greedy completions of encoded prompts: [(generated ids without padding, mask)] per prompt."""
-    batch = to_device(collate_prompts(encoded, tokenizer.pad_token_id), device)
-    with autocast(device):
-        out = sample(model, batch, tokenizer, max_new_tokens=max_new_tokens, temperature=0, lockstep=False)
-    return list(zip(out["completion_ids"].cpu(), out["completion_mask"].cpu()))
-
-
-def _chunked(model, tokenizer, encoded, filler, cfg, device, max_new_tokens):
-    """`_greedy` over this rank's prompts in eval_batch_size chunks, with the weights gathered once
+def _greedy(model, tokenizer, encoded, filler, cfg, device):
+    """Greedy completions of this rank's encoded prompts, up to eval_max_new_tokens: [(generated ids without
+    padding, mask)] per prompt. Decoded in eval_batch_size chunks with the weights gathered once
     (`dist.gathered`): no collective per decode step, so each rank goes at its own pace. Only the first
     forward gathers, and every rank must take part in it: a rank without prompts decodes `filler` once."""
     outputs = []
-    with gathered(model):
+    with gathered(model), autocast(device):
         for c in range(max(1, math.ceil(len(encoded) / cfg.eval_batch_size))):
             chunk = encoded[c * cfg.eval_batch_size:(c + 1) * cfg.eval_batch_size]
-            outputs += _greedy(model, tokenizer, chunk or [filler], max_new_tokens, device)[:len(chunk)]
+            batch = to_device(collate_prompts(chunk or [filler], tokenizer.pad_token_id), device)
+            out = sample(model, batch, tokenizer, max_new_tokens=cfg.eval_max_new_tokens, temperature=0, lockstep=False)
+            outputs += list(zip(out["completion_ids"].cpu(), out["completion_mask"].cpu()))[:len(chunk)]
     return outputs
 
 
@@ -57,8 +52,7 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
 
     mine = examples[_rank()::world_size()]
     t0 = time.time()
-    outputs = _chunked(model, tokenizer, [enc(ex) for ex in mine], enc(examples[0]), cfg, device,
-                       cfg.eval_max_new_tokens)
+    outputs = _greedy(model, tokenizer, [enc(ex) for ex in mine], enc(examples[0]), cfg, device)
     rows, n_tokens = [], 0
     for ex, (ids, mask) in zip(mine, outputs):
         text, length, functional = decode_completion(tokenizer, ids, mask)  # functional tokens by id
@@ -130,7 +124,7 @@ def intervene(model, tokenizer, image_processor, examples, cfg, device):
     mine = examples[_rank()::world_size()]
     encoded = [encode_example(ex, tokenizer, image_processor, cfg) for ex in mine]
     filler = encode_example(examples[0], tokenizer, image_processor, cfg)
-    greedy = _chunked(model, tokenizer, encoded, filler, cfg, device, cfg.eval_max_new_tokens)
+    greedy = _greedy(model, tokenizer, encoded, filler, cfg, device)
     variants, owners, skipped = [], [], Counter()  # owners: (example, prefix ids, token)
     for ex, enc, (ids, mask) in zip(mine, encoded, greedy):
         kept = ids[mask].tolist()
@@ -142,11 +136,10 @@ def intervene(model, tokenizer, image_processor, examples, cfg, device):
             forced = kept[:first] + [tok_id]
             variants.append(dict(enc, prompt_ids=enc["prompt_ids"] + forced))
             owners.append((ex, forced, tok))
-    budget = cfg.eval_max_new_tokens
-    continued = _chunked(model, tokenizer, variants, filler, cfg, device, budget)
+    continued = _greedy(model, tokenizer, variants, filler, cfg, device)
     hits = defaultdict(lambda: defaultdict(list))
     for (ex, forced, tok), (ids, mask) in zip(owners, continued):
-        keep = max(0, budget - len(forced))  # the forced tokens count against the eval's token budget
+        keep = max(0, cfg.eval_max_new_tokens - len(forced))  # the forced tokens count against the eval's budget
         text, length, functional = decode_completion(tokenizer, torch.tensor(forced + ids[:keep].tolist()),
                                                      torch.cat([torch.ones(len(forced), dtype=torch.bool), mask[:keep]]))
         reward = compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length,
@@ -163,5 +156,4 @@ def intervene(model, tokenizer, image_processor, examples, cfg, device):
     gap = {t: acc[usual[t]] - sum(a for tok, a in acc.items() if tok != usual[t]) / (len(acc) - 1)
            for t, acc in accuracy.items() if t in usual}
     return {"intervention": accuracy, "intervention_gap": gap,
-            "intervention_skipped": {t: merged_skipped.get(t, 0) for t in sorted({ex["task"] for ex in examples})},
-            }
+            "intervention_skipped": {t: merged_skipped.get(t, 0) for t in sorted({ex["task"] for ex in examples})}}

@@ -116,12 +116,9 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantage
     fmask = functional_mask.bool() & mask  # (B, T)
     ell = clipped_surrogate(logp, old_logp, advantages, clip_eps)  # (B, T)
 
-    if ref_logp is None:
-        if kl_coef != 0:
-            raise ValueError("ref_logp is None but kl_coef != 0: the KL term needs the reference log-probs")
-        D = None
-    else:
-        D = kl_k3(logp, ref_logp)  # (B, T)
+    if ref_logp is None and kl_coef != 0:
+        raise ValueError("ref_logp is None but kl_coef != 0: the KL term needs the reference log-probs")
+    D = None if ref_logp is None else kl_k3(logp, ref_logp)  # (B, T)
     per_token = ell if (D is None or kl_coef == 0) else ell + kl_coef * D  # (B, T)
 
     L_grpo = _seq_mean_token_mean(per_token, mask, num_outputs)

@@ -91,9 +91,7 @@ def parse_verdict(text):
     if m:
         return m[1] == "1"
     m = _WORD_VERDICT.search(text)
-    if m is None:
-        return None
-    return not (m[1] or m[2])
+    return None if m is None else not (m[1] or m[2])
 
 
 def _check_folder(path):
@@ -148,8 +146,7 @@ def generate(model, tokenizer, texts, max_new_tokens, device, temperature=0.0):
                               eos_token_id=tokenizer.eos_token_id if eos is None else eos, **sampling)
     with torch.inference_mode():
         out = model.generate(**batch, generation_config=config)
-    new = out[:, batch["input_ids"].shape[1]:]
-    return tokenizer.batch_decode(new, skip_special_tokens=True)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)  # the new tokens
 
 
 def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, device="cpu"):

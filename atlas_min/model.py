@@ -101,10 +101,8 @@ def load_pretrained(path, cfg=None, on_meta=False):
     else:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if (path / "preprocessor_config.json").is_file():
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-    else:
-        image_processor = image_processor_for(cfg)
+    has_own = (path / "preprocessor_config.json").is_file()
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path) if has_own else image_processor_for(cfg)
     if cfg is not None and cfg.model_path:  # the preset's pixel bounds win over the folder's
         set_pixel_bounds(image_processor, cfg.min_pixels, cfg.max_pixels)
     return model, tokenizer, image_processor

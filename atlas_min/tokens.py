@@ -34,8 +34,7 @@ def add_functional_tokens(model, tokenizer):
     if not new:
         return ids
 
-    old_embed = model.get_input_embeddings().weight
-    n_old = old_embed.shape[0]
+    n_old = model.get_input_embeddings().weight.shape[0]
     if max(ids) >= n_old:  # grow, never shrink; mean_resizing=False: we set the rows ourselves
         model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
     new_ids = tokenizer.convert_tokens_to_ids(new)
