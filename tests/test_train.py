@@ -1,5 +1,6 @@
 """The scripts as a user runs them: train_sft.py, train_rl.py and eval.py on the micro preset."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -132,6 +133,17 @@ def test_one_rl_step_runs_on_one_and_two_processes_with_the_same_result(tmp_path
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics_rl.jsonl").read_text().splitlines()]
     assert [r["completion_length"] for r in one] == [r["completion_length"] for r in two]  # the same samples
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+
+
+def test_rl_metrics_carry_what_a_reviewer_reads_first(tmp_path, sft_run):
+    run("train_rl.py", "--config", "micro", "--init", sft_run, "--out", tmp_path / "rl", "max_steps=1")
+    (record,) = [json.loads(line) for line in (tmp_path / "rl" / "metrics_rl.jsonl").read_text().splitlines()]
+    for share in ("constant_group_share", "truncated_share", "functional_token_share"):
+        assert 0.0 <= record[share] <= 1.0, share
+    # the micro vocabulary has ~600 tokens: a sampled policy's entropy per token lies in (0, log 600]
+    assert 0.0 < record["entropy"] <= math.log(700)
+    assert record["ratio_mean"] == 1.0  # log π_old comes from the same forward as log π_θ before the update
+    assert record["skipped_steps"] == 0 and record["grad_norm"] >= 0.0 and math.isfinite(record["pg_loss"])
 
 
 def test_eval_writes_every_contract_key(tmp_path, sft_run):
