@@ -38,6 +38,16 @@ def _prompts(tokenizer, image_processor, toy_files, n=2, sizes=None):
     return collate_prompts(encoded, tokenizer.pad_token_id)
 
 
+def _generate(model, tokenizer, batch, max_new_tokens):
+    """`model.generate`'s greedy completions of `batch`, with the sampler's stops and banned tokens."""
+    return model.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(batch["input_ids"] == model.config.image_token_id).long(),
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.convert_tokens_to_ids(STOP_TOKENS),
+        pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=tokenizer.convert_tokens_to_ids(VISION_TOKENS))[:, batch["input_ids"].shape[1]:]
+
+
 def test_greedy_sampler_equals_generate_token_for_token(micro, toy_files):
     model, tokenizer, image_processor = micro
     _lively(model)
@@ -45,12 +55,7 @@ def test_greedy_sampler_equals_generate_token_for_token(micro, toy_files):
     assert batch["image_grid_thw"][0].tolist() != batch["image_grid_thw"][1].tolist()
     assert batch["attention_mask"][1, 0] == 0  # left padding is exercised
     ours = sample(model, batch, tokenizer, max_new_tokens=16, temperature=0)
-    stops = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
-    theirs = model.generate(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-        image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(batch["input_ids"] == model.config.image_token_id).long(),
-        do_sample=False, max_new_tokens=16, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-        suppress_tokens=tokenizer.convert_tokens_to_ids(VISION_TOKENS))[:, batch["input_ids"].shape[1]:]
+    theirs = _generate(model, tokenizer, batch, max_new_tokens=16)
     assert len(set(ours["completion_ids"].flatten().tolist())) > 3  # not a degenerate repetition
     C = theirs.shape[1]
     assert torch.equal(ours["completion_ids"][:, :C], theirs)
@@ -231,12 +236,7 @@ def test_greedy_tokens_equal_generate_when_rows_stop_at_different_steps(micro, t
     ours = sample(model, batch, tokenizer, max_new_tokens=16, temperature=0)
     lengths = _lengths(ours)
     assert len(set(lengths)) >= 3 and min(lengths) < 16  # rows left the batch at different steps
-    stops = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
-    theirs = model.generate(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-        image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(batch["input_ids"] == model.config.image_token_id).long(),
-        do_sample=False, max_new_tokens=16, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-        suppress_tokens=tokenizer.convert_tokens_to_ids(VISION_TOKENS))[:, batch["input_ids"].shape[1]:]
+    theirs = _generate(model, tokenizer, batch, max_new_tokens=16)
     assert torch.equal(ours["completion_ids"], theirs[:, :ours["completion_ids"].shape[1]])
 
 
