@@ -142,10 +142,11 @@ def plot(out, results, runs):
                                  color=line.get_color(), label=method)
         gap_sft = results[length]["sft"]["gap"]
         axes[2][col].axhline(gap_sft, color="gray", linestyle=":", label="SFT")
-        titles = [("RL step", "right-token rate of samples"), ("KL from SFT (k3, per token)", "right-token rate of samples"),
-                  ("right-token rate of samples, mean over steps", "intervention gap after RL")]
-        for row, (xlabel, ylabel) in enumerate(titles):
-            axes[row][col].set_title(f"{length} replies: {ylabel} vs {xlabel}")
+        titles = [("RL step", "right-token rate of samples", "over RL steps"),
+                  ("KL from SFT (k3, per token)", "right-token rate of samples", "against KL from SFT"),
+                  ("right-token rate of samples, mean over steps", "intervention gap after RL", "token dependence")]
+        for row, (xlabel, ylabel, title) in enumerate(titles):
+            axes[row][col].set_title(f"{length} replies: {title}")
             axes[row][col].set_xlabel(xlabel)
             axes[row][col].set_ylabel(ylabel)
         axes[0][col].legend(fontsize=8)
