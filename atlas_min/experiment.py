@@ -133,7 +133,8 @@ def driver_parser(description, out, config):
 
 
 def _mean_of(per_task):
-    return sum(per_task.values()) / len(per_task) if per_task else float("nan")
+    """The mean over tasks, formatted; "-" where the data gives none (no task names its token)."""
+    return f"{sum(per_task.values()) / len(per_task):.3f}" if per_task else "-"
 
 
 def main():
@@ -174,7 +175,8 @@ def main():
     command = " ".join(["python -m atlas_min.experiment", *shown])
     lines = [f"`{command}`",
              f"(preset {args.config}, seed {cfg.seed}, {cfg.max_steps or cfg.rl_steps} RL steps × {cfg.prompts_per_step} "
-             f"prompts × G={cfg.group_size}, lr {cfg.rl_lr:g} (control × {args.lr_scale:g}), LA-GRPO λ={args.anchor:g}, "
+             f"prompts × G={cfg.group_size}, lr {cfg.rl_lr:g}{f' (control × {args.lr_scale:g})' if args.lr_scale else ''}, "
+             f"LA-GRPO λ={args.anchor:g}, "
              f"{args.procs} process(es) for RL; held-out split of {sft['n']} examples, greedy; code {sft['commit']})", "",
              "| model | accuracy | " + " | ".join(tasks) + " | right-token rate | intervention gap | format "
              "| functional tokens / output | KL from SFT (last 10 steps) | train time |",
@@ -182,7 +184,7 @@ def main():
     for name, r in results.items():
         kl = f"{r['kl']:.4f}" if "kl" in r else "-"
         lines.append(f"| {name} | {r['accuracy']:.3f} | " + " | ".join(f"{r['per_task'][t]:.3f}" for t in tasks)
-                     + f" | {_mean_of(r.get('right_token_rate', {})):.3f} | {_mean_of(r.get('intervention_gap', {})):.3f}"
+                     + f" | {_mean_of(r.get('right_token_rate', {}))} | {_mean_of(r.get('intervention_gap', {}))}"
                      + f" | {r['format_rate']:.3f} | {r['mean_functional_tokens']:.2f} | {kl}"
                      + f" | {r['train_seconds'] / 60:.1f} min |")
     lines += ["", f"SFT with blank images (blind): {sft['blind_accuracy']:.3f}; average chance {sft.get('chance', float('nan')):.3f}."]
