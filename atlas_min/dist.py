@@ -86,7 +86,7 @@ def shard(model, cfg, device):
     in bf16 and gradients reduced in fp32.
     """
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if world_size() == 1:
         return model.to(device)
     weights = model.state_dict() if is_main() else {}  # rank 0's tensors: they outlive the move to meta

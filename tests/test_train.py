@@ -227,8 +227,10 @@ def _warning_lines(out):
 
 def test_a_users_sft_run_prints_no_warning(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # transformers' logger at its default level
+    # activation checkpointing on, as the 7B preset runs: its transformers call must not be a deprecated one
     out = subprocess.run([sys.executable, "train_sft.py", "--config", "micro", "--out", tmp_path / "run",
-                          "max_steps=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          "max_steps=2", "activation_checkpointing=true"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0 and not _warning_lines(out), out.stderr[-2000:]
 
 
