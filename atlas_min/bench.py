@@ -221,7 +221,7 @@ def compare_samplers(model, tokenizer, batch, cfg, repeats):
             "generate_seconds": t_theirs, "greedy_match": same_tokens(ours(0.0)[0], theirs(0.0)[0])}
 
 
-# Reply lengths of the varied workload: log-normal, clipped to [1, max_new_tokens]. The mean is ATLAS's 203.7
+# Reply lengths of the varied workload: log-normal, clipped to [2, max_new_tokens] (an answer, then the stop). The mean is ATLAS's 203.7
 # tokens of the 7B preset's 1,024 (a share of 0.2); σ = 0.8 is ours (a spread where most replies are short and a
 # few of 64 run several times the mean: the longest row sets how long an uncompacted batch decodes).
 LENGTH_MEAN_SHARE, LENGTH_SIGMA = 0.2, 0.8
@@ -231,14 +231,15 @@ def reply_lengths(n, max_new_tokens, seed):
     """`n` lengths from the log-normal above: μ = ln(mean) − σ²/2 makes exp(μ + σ²/2) the mean."""
     mu = math.log(LENGTH_MEAN_SHARE * max_new_tokens) - LENGTH_SIGMA ** 2 / 2
     drawn = np.random.default_rng(seed).lognormal(mu, LENGTH_SIGMA, n)
-    return torch.from_numpy(np.clip(np.rint(drawn), 1, max_new_tokens).astype(np.int64))
+    return torch.from_numpy(np.clip(np.rint(drawn), 2, max_new_tokens).astype(np.int64))
 
 
 class ForcedLengths:
     """A forward hook on the model that makes row r's reply exactly `lengths[r]` tokens: the stop tokens are
     banned before its last step and <|im_end|> is made the favourite at it; every other logit is the model's.
 
-    It follows the rows itself: a call with more than one position is a prefill (all rows, step 0); a decode
+    It follows the rows itself: a call with more than one position is a prefill (step 0: of every row for
+    `generate`, of each distinct prompt for the sampler; no row stops there, every length being ≥ 2); a decode
     call with fewer rows than the last one means the sampler dropped the rows that stopped (keeping the order),
     while `generate` keeps every row."""
 
@@ -246,15 +247,16 @@ class ForcedLengths:
         self.lengths, self.stops, self.eos = lengths, torch.tensor(stop_ids), eos_id
 
     def __call__(self, module, args, kwargs, out):
+        logits = out.logits[:, -1]  # (n, V), changed in place
+        stops = self.stops.to(logits.device)
         if kwargs["input_ids"].shape[1] > 1:
             self.rows, self.step = torch.arange(len(self.lengths)), 0
-        else:
-            self.step += 1
-            if kwargs["input_ids"].shape[0] < len(self.rows):
-                self.rows = self.rows[self.lengths[self.rows] > self.step]
-        logits = out.logits[:, -1]  # (n, V), changed in place
+            logits[:, stops] = float("-inf")
+            return out
+        self.step += 1
+        if kwargs["input_ids"].shape[0] < len(self.rows):
+            self.rows = self.rows[self.lengths[self.rows] > self.step]
         left = (self.lengths[self.rows] - 1 - self.step).to(logits.device)  # (n,) steps after this one
-        stops = self.stops.to(logits.device)
         logits[:, stops] = torch.where(left[:, None] > 0, float("-inf"), logits[:, stops])
         last = left == 0
         logits[last, self.eos] = logits[last].max(-1).values + 30  # e^30: a greedy and a sampled certainty
@@ -280,7 +282,7 @@ def compare_varied(model, tokenizer, batch, cfg, repeats):
             # rows × steps each decodes: the speed-up if a step's cost were proportional to its rows
             "row_steps": {"sampler": int(lengths.sum()), "generate": len(lengths) * int(lengths.max())},
             "lengths": {"distribution": f"log-normal, mean {LENGTH_MEAN_SHARE} × max_new_tokens, σ {LENGTH_SIGMA}, "
-                                        "clipped to [1, max_new_tokens]", "max_new_tokens": cfg.max_new_tokens,
+                                        "clipped to [2, max_new_tokens]", "max_new_tokens": cfg.max_new_tokens,
                         "mean": float(lengths.float().mean()), "max": int(lengths.max()), "drawn": lengths.tolist()}}
 
 

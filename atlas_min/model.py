@@ -184,9 +184,16 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         return grad_logits, None, None
 
 
-def entropy(logits):
-    """H = −Σ p log p of p = softmax(x) = logsumexp(x) − Σ p·x: finite where p underflows to 0. (N, V) -> (N,)."""
-    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+def log_partition_and_entropy(logits, work):
+    """(log Z, H) of p = softmax(logits), each (N,), from one exp pass written into `work` (N, V), which is left
+    holding exp(logits − max), the unnormalised p. log Z = logsumexp(logits) (so log p_k = logits_k − log Z) and
+    H = −Σ p log p = log Z − Σ p·logits: finite where p underflows to 0. The decode step calls this on every
+    step, so nothing of size (N, V) is allocated: on CPU a fresh (N, V) tensor costs more than the pass itself."""
+    top = logits.amax(-1, keepdim=True)  # (N, 1)
+    torch.sub(logits, top, out=work).exp_()  # (N, V)
+    total = work.sum(-1)  # (N,)
+    log_z = top[:, 0] + total.log()
+    return log_z, log_z - torch.bmm(work[:, None], logits[:, :, None])[:, 0, 0] / total
 
 
 def reply_nll(logits, labels, ignore_index=-100, chunk=0):

@@ -1,6 +1,6 @@
 """The hand-written group sampler, and per-token log-probs of given completions.
 
-`sample` repeats each prompt G times (its images encoded once), prefills once, then decodes one
+`sample` prefills each prompt once, repeats its KV cache for its G rows, then decodes one
 token per step with a KV cache and explicit mrope positions: temperature, top-p, a stop per row at
 `<|im_end|>`, never a vision placeholder. A row that stops leaves the decode batch and the cache, so
 a step costs what the rows still running need (replies vary from a few tokens to max_new_tokens).
@@ -14,7 +14,7 @@ batch or process.
 import torch
 import torch.distributed as dist
 
-from atlas_min.model import entropy, forward, mrope_positions, token_logprobs
+from atlas_min.model import forward, log_partition_and_entropy, mrope_positions, token_logprobs
 from atlas_min.optim import DivergedError
 from atlas_min.tokens import FUNCTIONAL_TOKENS, VISION_TOKENS, functional_in
 
@@ -44,18 +44,18 @@ def decode_completion(tokenizer, ids, mask):
     return tokenizer.decode(kept, skip_special_tokens=False), int(mask.sum()), functional
 
 
-def _draw(logits, top_p, uniforms):
-    """One token per row from softmax(logits) truncated to its top-p nucleus, by inverse CDF.
+def _draw(probs, top_p, uniforms):
+    """One token per row from `probs` (N, V), probabilities up to a factor per row (0 on banned tokens),
+    truncated to its top-p nucleus, by inverse CDF.
 
     Row n takes the first token k with cum_k > u_n * total (cum: the running sum of the kept
     probabilities), so P(k) = p_k / total. The threshold is kept strictly below `total`: then the token
     taken has cum_k > cum_{k-1} in floating point, i.e. a probability > 0, for every u in [0, 1)
     (u = 0 included: a rule `cum < u * total` would take token 0 whatever its probability).
     """
-    probs = torch.softmax(logits, dim=-1)  # (N, V)
     order = None
     if top_p < 1.0:  # the nucleus needs the tokens by probability; without it any order gives the same draw
-        probs, order = probs.sort(dim=-1, descending=True)
+        probs, order = (probs / probs.sum(-1, keepdim=True)).sort(dim=-1, descending=True)
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # smallest prefix with mass >= top_p
     cum = probs.cumsum(-1)  # (N, V), non-decreasing
     total = cum[:, -1:]  # (N, 1)
@@ -103,14 +103,16 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
         uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(s)))
                                 for s in row_seeds]).to(device)  # (N, max_new_tokens)
 
-    # positions of the distinct prompts (a Python loop per row inside transformers), then repeated
+    # One prefill of the distinct prompts (positions: a Python loop per row inside transformers); its KV cache
+    # and last logits are then repeated G times, so a prompt is encoded once, not once per row of its group
     image_ids = (batch["input_ids"] == model.config.image_token_id).long()
     positions, rope_deltas = mrope_positions(model, batch["input_ids"], batch["attention_mask"], image_ids,
-                                             batch["image_grid_thw"])
-    positions = positions.repeat_interleave(group_size, 1)  # (3, N, P)
-    rope_deltas = rope_deltas.repeat_interleave(group_size, 0)  # (N, 1)
-    out, _ = forward(model, batch, prompt_ids, prompt_mask, repeats=group_size, logits_to_keep=1, use_cache=True,
+                                             batch["image_grid_thw"])  # (3, B, P), (B, 1)
+    out, _ = forward(model, batch, batch["input_ids"], batch["attention_mask"], logits_to_keep=1, use_cache=True,
                      position_ids=positions)
+    out.cache.batch_repeat_interleave(group_size)
+    out.logits = out.logits.repeat_interleave(group_size, 0)  # (N, 1, V)
+    rope_deltas = rope_deltas.repeat_interleave(group_size, 0)  # (N, 1)
     tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # pad after a row's stop
     logprobs, entropies = (torch.zeros(N, max_new_tokens, device=device) for _ in range(2))  # 0 after it
     masks = torch.zeros(N, max_new_tokens, dtype=torch.bool, device=device)
@@ -119,16 +121,23 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
     # leaves it with its KV cache, so a step costs what the running rows need. `live` is False only for a
     # stand-in row kept when all of this rank's rows are done but another rank's are not (lockstep).
     rows, live, attention_mask = torch.arange(N, device=device), done.logical_not(), prompt_mask
+    work = torch.empty(N, out.logits.shape[-1], device=device)  # exp(logits − max) of each step: one buffer
+    not_tokens = torch.cat([banned.to(device), torch.arange(n_tokens, work.shape[1], device=device)])
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # (n, V), n = rows in the decode batch
-        scaled = logits / temperature if temperature > 0 else logits
-        allowed = scaled.index_fill(-1, banned.to(device), float("-inf"))
-        allowed[:, n_tokens:] = float("-inf")  # rows past the tokenizer (Qwen pads its matrix) are no token
-        token = _draw(allowed, top_p, uniforms[rows, step]) if temperature > 0 else allowed.argmax(-1)  # (n,)
+        scaled = out.logits[:, -1].float()  # (n, V), n = rows in the decode batch; changed in place below
+        if temperature not in (0, 1):
+            scaled = scaled.div_(temperature)
+        log_z, entropy = log_partition_and_entropy(scaled, work[:len(rows)])  # (n,), the model's distribution
+        scaled.index_fill_(-1, not_tokens, float("-inf"))  # never a vision placeholder, nor a row past the
+        # tokenizer (Qwen pads its matrix); the sampled token is neither, so its logit below is unchanged
+        if temperature > 0:
+            token = _draw(work[:len(rows)].index_fill_(-1, not_tokens, 0.0), top_p, uniforms[rows, step])  # (n,)
+        else:
+            token = scaled.argmax(-1)
         at = rows[live]
         tokens[at, step], masks[at, step] = token[live], True
-        logprobs[at, step] = token_logprobs(scaled[:, None], token[:, None])[live, 0]
-        entropies[at, step] = entropy(scaled)[live]
+        logprobs[at, step] = (scaled.gather(-1, token[:, None])[:, 0] - log_z)[live]
+        entropies[at, step] = entropy[live]
         stopped = live & torch.isin(token, stop_ids.to(device))  # (n,)
         done[rows[stopped]] = True
         if step == max_new_tokens - 1 or (_all_done(done) if lockstep else bool(done.all())):

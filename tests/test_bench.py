@@ -137,9 +137,9 @@ def test_the_varied_workload_decodes_the_drawn_lengths_identically_in_both_decod
     assert v["tokens"] == sum(v["lengths"]["drawn"]) and v["lengths"]["max_new_tokens"] == 12
 
 
-def test_reply_lengths_have_the_stated_log_normal_mean_and_stay_within_1_and_max_new_tokens():
+def test_reply_lengths_have_the_stated_log_normal_mean_and_stay_within_2_and_max_new_tokens():
     lengths = reply_lengths(20_000, 1000, seed=0).double()
-    assert lengths.min() >= 1 and lengths.max() <= 1000 and lengths.max() == 1000  # a few clipped
+    assert lengths.min() >= 2 and lengths.max() <= 1000 and lengths.max() == 1000  # a few clipped
     # mean 0.2 × 1000 (less the clipped tail's excess, ~1%); median e^μ = 200 · e^{-σ²/2} = 145.2
     assert abs(lengths.mean().item() - 200) < 6 and abs(lengths.median().item() - 145.2) < 4
 
@@ -150,7 +150,7 @@ def test_forced_lengths_make_each_sampled_row_exactly_its_length(micro, toy_file
     model, tokenizer, image_processor = micro
     batch = collate_prompts([encode(ex, tokenizer, image_processor, "sys") for ex in load_jsonl(toy_files[0])[:2]],
                             tokenizer.pad_token_id)
-    lengths = torch.tensor([3, 1, 7, 10, 2, 10, 5, 4])
+    lengths = torch.tensor([3, 2, 7, 10, 2, 10, 5, 4])  # a reply is an answer token and the stop, at least
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.register_forward_hook(ForcedLengths(lengths, tokenizer.convert_tokens_to_ids(STOP_TOKENS), eos),
                                 with_kwargs=True)

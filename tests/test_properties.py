@@ -23,6 +23,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 from atlas_min import grpo, rewards
 from atlas_min.config import get_config
+from atlas_min.model import log_partition_and_entropy
 from atlas_min.sampler import _draw
 
 PRESETS = ("micro", "toy", "qwen2_5_vl_7b")
@@ -423,7 +424,8 @@ def test_the_anchor_sends_no_gradient_off_functional_positions(data, c):
 
 # ============================================================================ The sampler's draw
 # token ~ softmax(logits) restricted to the top-p nucleus (the smallest prefix, by descending probability,
-# with mass ≥ p) and renormalised; `_draw` takes it by inverse CDF from one uniform u ∈ [0, 1) per row.
+# with mass ≥ p) and renormalised; `_draw` takes it by inverse CDF from the step's exp(logits − max),
+# with one uniform u ∈ [0, 1) per row.
 
 BELOW_ONE = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()  # 1 − 2^-24, float32's largest u < 1
 # exp(x) < 2^-150 (half float32's smallest subnormal) rounds to 0: a token this far below the row's largest
@@ -512,6 +514,13 @@ def chi2_p_value(counts, q, n):
     return chi2_sf(stat, len(cells) - 1)
 
 
+def draw_logits(logits, top_p, u):
+    """The sampler's path from logits (-inf where banned) to tokens: the step's exp(logits − max), then `_draw`."""
+    weights = torch.empty(logits.shape)  # (n, V)
+    log_partition_and_entropy(logits, weights)
+    return _draw(weights, top_p, u)
+
+
 N_DRAWS = 20_000
 # A correct draw fails one example's test with chance 1e-6; over the ~120 examples of the two χ² properties, a
 # run with a correct sampler fails with chance ~1e-4 (derandomized, such a failure would repeat on every run).
@@ -521,7 +530,7 @@ FALSE_ALARM = 1e-6
 def draw_many(logits, top_p):
     """Token counts of N_DRAWS draws from one row of logits, with uniforms from a fixed seed. (V,) list"""
     u = torch.rand(N_DRAWS, generator=torch.Generator().manual_seed(0))  # (n,)
-    picks = _draw(logits[None, :].expand(N_DRAWS, -1), top_p, u)  # (n,)
+    picks = draw_logits(logits[None, :].expand(N_DRAWS, -1), top_p, u)  # (n,)
     return torch.bincount(picks, minlength=logits.shape[0]).tolist()
 
 
@@ -531,7 +540,7 @@ def test_the_draw_never_takes_a_banned_or_zero_probability_token(logits, top_p, 
     R, V = logits.shape
     u = torch.tensor([0.0, BELOW_ONE] + drawn_u)  # (K,): u = 0 and the largest float32 u always
     K = len(u)
-    picks = _draw(logits.repeat_interleave(K, 0), top_p, u.repeat(R)).view(R, K)  # (R, K)
+    picks = draw_logits(logits.repeat_interleave(K, 0), top_p, u.repeat(R)).view(R, K)  # (R, K)
     for row, ks in zip(logits.tolist(), picks.tolist()):
         top = max(row)
         for k, uk in zip(ks, u.tolist()):

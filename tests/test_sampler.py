@@ -145,30 +145,34 @@ def test_a_rows_sample_depends_on_its_seed_not_its_batch_mates(micro, toy_files)
     assert torch.equal(alone["completion_ids"], together["completion_ids"][:2])
 
 
-def test_draws_follow_softmax_and_top_p_keeps_the_smallest_nucleus():
+def _draw_logits(logits, top_p, u):
+    """The sampler's step: exp(logits − max) (0 where banned), then the draw."""
     from atlas_min.sampler import _draw
+    return _draw(torch.exp(logits - logits.amax(-1, keepdim=True)), top_p, u)
+
+
+def test_draws_follow_softmax_and_top_p_keeps_the_smallest_nucleus():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
     probs = torch.softmax(logits, -1)  # [0.533, 0.196, 0.072, 0.027, 0.119] (by hand: e^x / Σ e^x)
     u = torch.rand(40_000, generator=torch.Generator().manual_seed(0))
-    full = _draw(logits.expand(40_000, 5), 1.0, u)
+    full = _draw_logits(logits.expand(40_000, 5), 1.0, u)
     freq = torch.bincount(full, minlength=5).float() / 40_000
     torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
-    nucleus = _draw(logits.expand(40_000, 5), 0.7, u)  # 0.533 < 0.7 <= 0.533 + 0.196: tokens 0 and 1 only
+    nucleus = _draw_logits(logits.expand(40_000, 5), 0.7, u)  # 0.533 < 0.7 <= 0.533 + 0.196: tokens 0 and 1 only
     freq = torch.bincount(nucleus, minlength=5).float() / 40_000
     torch.testing.assert_close(freq, torch.tensor([0.731, 0.269, 0, 0, 0]), atol=0.01, rtol=0)
 
 
 def test_a_uniform_of_0_or_just_below_1_never_draws_a_token_of_probability_0():
-    from atlas_min.sampler import _draw
     inf = float("-inf")
     # token 0 banned (-inf), token 4 banned; tokens 1-3 possible; the last row has only token 3 left
     logits = torch.tensor([[inf, 0.0, 1.0, 2.0, inf]] * 2 + [[inf, inf, inf, 5.0, inf]] * 2)
     below_1 = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()  # the largest float32 < 1
     u = torch.tensor([0.0, below_1, 0.0, below_1])
     for top_p in (1.0, 0.5):
-        picked = _draw(logits, top_p, u).tolist()
+        picked = _draw_logits(logits, top_p, u).tolist()
         assert all(torch.isfinite(logits[row, tok]) for row, tok in enumerate(picked)), picked
-    assert _draw(logits, 1.0, u).tolist() == [1, 3, 3, 3]  # u = 0: the first possible token; u -> 1: the last
+    assert _draw_logits(logits, 1.0, u).tolist() == [1, 3, 3, 3]  # u = 0: the first possible token; u -> 1: the last
 
 
 def test_rl_seed_moves_an_rl_runs_draws_and_0_leaves_them_as_seed_alone_gives():
@@ -240,7 +244,7 @@ def test_greedy_tokens_equal_generate_when_rows_stop_at_different_steps(micro, t
     assert torch.equal(ours["completion_ids"], theirs[:, :ours["completion_ids"].shape[1]])
 
 
-def test_the_decode_batch_holds_exactly_the_rows_still_running(micro, toy_files):
+def test_the_prefill_runs_each_prompt_once_and_the_decode_batch_exactly_the_rows_still_running(micro, toy_files):
     model, tokenizer, image_processor = micro
     _lively(model)
     batch = _prompts(tokenizer, image_processor, toy_files, n=1)
@@ -249,7 +253,7 @@ def test_the_decode_batch_holds_exactly_the_rows_still_running(micro, toy_files)
     model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape), with_kwargs=True)
     out = sample(model, batch, tokenizer, group_size=8, max_new_tokens=12, temperature=1.0, row_seeds=range(8))
     mask, stopped = out["completion_mask"], ~out["truncated"]
-    assert sizes[0][0] == 8 and all(s[1] == 1 for s in sizes[1:])  # the prefill, then one token per step
+    assert sizes[0][0] == 1 and all(s[1] == 1 for s in sizes[1:])  # one prompt's prefill, then a token per step
     # the forward of step t+1 runs the rows that neither stopped nor ended by step t: those with a token at t+1
     assert [s[0] for s in sizes[1:]] == mask[:, 1:].sum(0).tolist()
     assert len(set(_lengths(out))) >= 3 and stopped.sum() >= 4
@@ -288,7 +292,7 @@ def test_in_lockstep_a_rank_whose_rows_are_done_steps_one_stand_in_row_until_all
                                     with_kwargs=True)
     out = sample(model, batch, tokenizer, group_size=4, max_new_tokens=12, temperature=1.0, row_seeds=range(4))
     assert calls == [True] * 5  # "another rank" was done only at the 5th check
-    assert sizes == [4, 1, 1, 1, 1]  # the prefill, then one stand-in row per step
+    assert sizes == [1, 1, 1, 1, 1]  # the one prompt's prefill, then one stand-in row per step
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert (out["completion_ids"][:, 0] == eos).all() and out["completion_mask"].sum(1).tolist() == [1] * 4
     assert (out["completion_ids"][:, 1:] == tokenizer.pad_token_id).all() and not out["truncated"].any()

@@ -171,10 +171,11 @@ assert round(math.exp(-2.2), 2) == 0.11 and ((p_stop - 0.10).abs() < 0.005).all(
 # %% [markdown]
 # ## How one token is drawn: the inverse CDF
 # Row n gets its `max_new_tokens` uniforms u ∈ [0, 1) up front, from its own generator. At each step
-# `_draw` takes the first token k whose running sum of probabilities cum_k exceeds u · total: a
+# `_draw` takes the first token k whose running sum of probabilities cum_k exceeds u · total (the step
+# passes exp(logits − max), the probabilities up to a factor per row, so total is not 1): a
 # token then is taken with probability p_k / total, and one of probability 0 never is (its cum_k
 # equals the one before it, so it is never the *first* to exceed; that is how the banned vision
-# placeholders, whose logits the sampler sets to −∞, are never drawn). The threshold is also kept
+# placeholders, whose probabilities the sampler sets to 0, are never drawn). The threshold is also kept
 # strictly below total, so even u = 0 (or a u so close to 1 that u · total rounds to total) lands on
 # a token of probability > 0. The rule before it, "count the tokens with cum_k < u · total", took
 # token 0 at u = 0 whatever its probability. Four tokens, the first of probability 0:
@@ -183,12 +184,12 @@ assert round(math.exp(-2.2), 2) == 0.11 and ((p_stop - 0.10).abs() < 0.005).all(
 probs4 = torch.tensor([0.0, 0.5, 0.3, 0.2])
 cum4 = probs4.cumsum(0)
 u = torch.tensor([0.0, 0.3, 0.6, 0.9])
-picked = _draw(probs4.log().expand(4, 4), 1.0, u)  # log 0 = -inf: the first token is impossible
+picked = _draw(probs4.expand(4, 4), 1.0, u)  # the first token is impossible
 old_rule = (cum4 < u[:, None] * cum4[-1]).sum(-1)
 print("cum:", [round(c, 2) for c in cum4.tolist()], "| u:", [round(x, 2) for x in u.tolist()], "-> token", picked.tolist(),
       "| old rule at u = 0 -> token", old_rule[0].item())
 assert picked.tolist() == [1, 1, 2, 3] and old_rule[0].item() == 0
-many = _draw(probs4.log().expand(20_000, 4), 1.0, torch.rand(20_000, generator=torch.Generator().manual_seed(0)))
+many = _draw(probs4.expand(20_000, 4), 1.0, torch.rand(20_000, generator=torch.Generator().manual_seed(0)))
 freq = torch.bincount(many, minlength=4) / 20_000
 print("frequencies over 20,000 uniforms:", [round(f, 3) for f in freq.tolist()])
 assert freq[0] == 0 and (freq - probs4).abs().max() < 0.02
