@@ -30,7 +30,7 @@ from atlas_min.tokens import FUNCTIONAL_TOKENS
 # 1. command line, processes, data
 with user_errors():
     opts, cfg, resume_from, record = parse_run_args("Stage 1: SFT with functional tokens", stage="sft")
-    rank, world, device = setup()
+    rank, world, device = setup(cfg.collective_timeout_s)
     if cfg.vocab_rows and not cfg.model_path and not resume_from:
         raise UsageError(f"config {cfg.name} trains a pretrained model: "
                          "set model_path=/path/to/Qwen2.5-VL-7B-Instruct")
@@ -78,7 +78,7 @@ def sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world, device
 
 
 # 3. the loop; a run that diverges (optim.count_nonfinite) or cannot save ends in one line, its lock released
-progress = Progress(run, "sft", start, total, cfg.log_every)
+progress = Progress(run, "sft", start, total, cfg)
 defer_interrupts(run)  # from here on, Ctrl-C stops the run after the step it is in
 streak = 0  # steps in a row whose loss or gradient norm was not finite: none of them is ever saved
 with user_errors():

@@ -60,7 +60,13 @@ class Config:
     final_dtype: str = "float32"
     save_on_interrupt: bool = True  # Ctrl-C / SIGTERM: finish the step, save it (resumable), then stop
     keep_checkpoints: int = 0  # > 0: delete all but the newest this many under RUN/checkpoints
-    log_every: int = 1
+    log_every: int = 1  # a progress line (and in RL a sample of completions) every log_every steps; metrics: every step
+    # Where else each metrics line goes (the JSONL stays the record): "wandb" or "tensorboard" (atlas_min.tracking;
+    # pip install -e '.[wandb]' or '.[tensorboard]'), for a run watched from elsewhere; "none": the JSONL only.
+    log_to: str = "none"
+    # How long a rank waits in a collective before the run fails. torch's default for gloo, 30 min: rank 0 reads a
+    # 7B checkpoint (33 GB) and writes a 99.5 GB one while the others wait. Tests shorten it to catch a stalled rank.
+    collective_timeout_s: float = 1800.0
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     activation_checkpointing: bool = False
@@ -137,6 +143,11 @@ class Config:
     eval_min_pixels: int = 0  # > 0: the eval's image bounds (else min_pixels / max_pixels)
     eval_max_pixels: int = 0
     eval_batch_size: int = 16
+    # Validation during RL: every eval_every steps (0: never) and at step 0, greedy accuracy, format, functional and
+    # right-token rates on the first eval_examples of the eval split, as val/... keys of metrics_rl.jsonl. Off in the
+    # micro preset: it is the tests' model, whose RL steps take 0.1 s, and every RL test would pay for it.
+    eval_every: int = 0
+    eval_examples: int = 20
     system_prompt: str = "Answer the question about the image. Put the final answer in <answer></answer>."
     question_suffix: str = ""  # appended to every question (the 7B eval protocol appends its \boxed{} instruction)
     image_separator: str = ""  # between the image block(s) and the question (ATLAS's harness: a newline)
@@ -159,6 +170,9 @@ PRESETS = {
         rl_steps=300, rl_lr=1e-4, rl_warmup=10, prompts_per_step=16, group_size=8, rl_mini_batch=64,
         max_new_tokens=40, len_threshold=40, len_buffer=16,
         eval_max_new_tokens=40, eval_batch_size=50, save_every=100, log_every=10,
+        # the whole 200-example split (±0.03 is noise there; a smaller slice would be noisier than RL's effect),
+        # 4 times in 300 steps: a greedy pass costs about one RL step's sampling
+        eval_every=100, eval_examples=200,
     ),
     # Qwen2.5-VL-7B-Instruct's architecture (its config.json), so `python -m atlas_min.plan` can build it
     # on the meta device with nothing downloaded. Training loads the checkpoint at `model_path`, whose
@@ -213,6 +227,10 @@ PRESETS = {
         # on the order of a minute, so 100 steps put ~1.5 h of work between saves, the save ~2% of it, and a
         # crash loses at most that. SFT steps take seconds: pass save_every=500 there (estimates, not timed).
         save_every=100, keep_checkpoints=2,
+        # ours: 256 held-out examples, 32 per GPU (±0.03 at accuracy 0.5), decoded greedily to eval_max_new_tokens:
+        # about one RL step's rollout (64 rows of 1,024 tokens per GPU), so every 50 steps it costs ~2% of the run
+        # and shows a collapse within an hour or so. Needs eval_data (train_rl.py refuses the toy's split here).
+        eval_every=50, eval_examples=256,
         final_dtype="bfloat16",  # the final model: 16.6 GB, as the download, and what eval and RL --init read
     ),
     # The toy model on the decisive puzzles (toy.py): the frame picks the operation, the token is the
@@ -247,9 +265,11 @@ class ConfigError(ValueError):
 RESUME_MAY_CHANGE = {
     "max_steps sft_steps rl_steps": "the run's length; the cosine lr schedule is recomputed for it from then on",
     "save_every keep_checkpoints save_on_interrupt final_dtype": "when and how checkpoints are written",
-    "log_every max_nonfinite_steps": "what is printed, and when a diverging run stops",
+    "log_every max_nonfinite_steps log_to collective_timeout_s": "what is printed and where, when a diverging or "
+                                                                  "stalled run stops",
     "micro_batch_size activation_checkpointing": "memory only: the same global batch and loss (to float rounding)",
-    "eval_max_new_tokens eval_min_pixels eval_max_pixels eval_batch_size": "eval.py's settings: no step reads them",
+    "eval_max_new_tokens eval_min_pixels eval_max_pixels eval_batch_size eval_every eval_examples":
+        "eval settings: validation reads the weights, no update reads it",
 }
 MUTABLE = {name for names in RESUME_MAY_CHANGE for name in names.split()}
 TOY_TASKS = ("shape", "line", "arrow", "zoom", "text", "puzzle_shape", "puzzle_line")  # toy.ANSWERS' families
@@ -292,15 +312,16 @@ POSITIVE = ("text_hidden text_layers text_heads text_kv_heads text_intermediate 
             "vision_heads vision_intermediate tokenizer_vocab max_positions image_size min_pixels max_pixels "
             "toy_train_size toy_eval_size log_every sft_steps batch_size micro_batch_size rl_steps "
             "prompts_per_step group_size rl_mini_batch ppo_epochs max_new_tokens eval_max_new_tokens "
-            "eval_batch_size epoch_seed_stride step_seed_stride row_seed_stride sft_lr rl_lr grad_clip "
+            "eval_batch_size eval_examples collective_timeout_s epoch_seed_stride step_seed_stride row_seed_stride sft_lr rl_lr grad_clip "
             "clip_eps rope_theta rms_norm_eps max_nonfinite_steps").split()
 NON_NEGATIVE = ("logprob_chunk seed rl_seed rl_seed_offset vocab_rows vision_fullatt_every vision_tokens_per_second "
-                "max_steps save_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer over_threshold "
+                "max_steps save_every eval_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer over_threshold "
                 "eval_min_pixels eval_max_pixels weight_decay temperature kl_coef anchor_coef adv_eps w_acc w_ft "
                 "w_fmt w_len w_over len_max_penalty over_slope over_max_penalty").split()
 SHARES = "toy_no_token_share toy_teacher_slip toy_token_slip".split()  # in [0, 1]
 BETAS = "sft_beta1 sft_beta2 rl_beta1 rl_beta2".split()  # in [0, 1)
-CHOICES = {"answer_format": ("tag", "boxed"), "final_dtype": ("float32", "bfloat16"), "toy_reply": ("short", "long")}
+CHOICES = {"answer_format": ("tag", "boxed"), "final_dtype": ("float32", "bfloat16"), "toy_reply": ("short", "long"),
+           "log_to": ("none", "wandb", "tensorboard")}
 
 
 def check(cfg):
