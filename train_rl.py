@@ -64,8 +64,9 @@ with user_errors():
     context = model.config.get_text_config().max_position_embeddings
     train = check_lengths(train, tokenizer, image_processor, cfg, generate=cfg.max_new_tokens, on_skip=say_skipped,
                           context=context)
-    held_out = check_lengths(held_out, tokenizer, image_processor, cfg, generate=cfg.eval_max_new_tokens,
-                             on_skip=say_skipped, context=context)
+    if held_out:
+        held_out = check_lengths(held_out, tokenizer, image_processor, cfg, generate=cfg.eval_max_new_tokens,
+                                 on_skip=say_skipped, context=context)
 model = shard(model, cfg, device)
 reference = None
 if cfg.kl_coef > 0:

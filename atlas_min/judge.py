@@ -12,8 +12,12 @@ needs no model; this judge is for the meaning-level cases that rules cannot deci
     judge("/models/Qwen2.5-7B-Instruct",
           [{"question": q, "gold": "B", "answer": "the right one"}])
 """
+import json
 import re
 import string
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DEFAULT_TEMPLATE = """You grade a model's answer to a question against the reference answer.
@@ -149,10 +153,35 @@ def generate(model, tokenizer, texts, max_new_tokens, device, temperature=0.0):
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)  # the new tokens
 
 
-def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, device="cpu"):
+def ask_url(url, prompts, model=None, *, max_new_tokens=50, timeout_s=300, retries=3, parallel=8):
+    """The replies of an OpenAI-compatible chat-completions endpoint (what `vllm serve` exposes) to `prompts`:
+    POST URL/v1/chat/completions (URL: the server's root, as http://host:8000), each prompt one user message
+    (as `chat_text` gives it to a local model), temperature 0, at most `max_new_tokens`, "model": `model` when
+    given (vLLM's default: the one model it serves). `parallel` requests at a time (the server batches them);
+    one that fails or times out is tried again `retries` times, 1, 2, 4 s apart, then JudgeError names the URL."""
+    endpoint = url.rstrip("/") + "/v1/chat/completions"
+
+    def ask(prompt):
+        body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": max_new_tokens}
+        request = urllib.request.Request(endpoint, json.dumps(body | ({"model": model} if model else {})).encode(),
+                                         {"Content-Type": "application/json"})
+        for attempt in range(retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+                    return json.loads(reply.read())["choices"][0]["message"]["content"]
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+                if attempt == retries:
+                    raise JudgeError(f"judge {endpoint}: no reply after {retries + 1} tries ({e})") from None
+                time.sleep(2 ** attempt)
+
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(ask, prompts))
+
+
+def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, device="cpu", url_model=None):
     """Verdicts (a list of bools, one per item) of the local model in `model_path` (or a (tokenizer, model)
-    pair from `load_judge`) on `items`, each a mapping with "question", "gold" and "answer" (the extracted
-    answer, or None when there is none).
+    pair from `load_judge`, or the URL of a served one: `ask_url`, with `url_model` its "model") on `items`,
+    each a mapping with "question", "gold" and "answer" (the extracted answer, or None when there is none).
 
     An item whose answer is None or blank is False without asking the model, as the harness scores a
     missing box 0 (judge_results.py:79-81). Every other item is asked with judge_prompt, greedily, at
@@ -169,12 +198,17 @@ def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, 
         answer = item["answer"]
         asked = isinstance(answer, str) and bool(answer.strip())
         prompts.append(judge_prompt(item["question"], item["gold"], answer, template) if asked else None)
+    served = str(model_path).startswith(("http://", "https://"))
     loaded = model_path if isinstance(model_path, tuple) else None
-    if not loaded:
+    if not loaded and not served:
         _check_folder(Path(model_path))
     asked = [k for k, prompt in enumerate(prompts) if prompt is not None]
     replies = [None] * len(items)
-    if asked:
+    if asked and served:
+        for k, reply in zip(asked, ask_url(model_path, [prompts[k] for k in asked], url_model,
+                                           max_new_tokens=max_new_tokens)):
+            replies[k] = reply
+    elif asked:
         tokenizer, model = loaded or load_judge(model_path, device)
         for start in range(0, len(asked), batch_size):
             chunk = asked[start:start + batch_size]
