@@ -149,11 +149,10 @@ def validate(model, tokenizer, image_processor, held_out, cfg, rank, world, devi
             scores += score(tokenizer, prompts, out, cfg, 1)[1][:len(mine[piece])]
     model.train()
     n, named = all_sum(len(scores)), all_sum(sum("right_token" in s for s in scores))
-    val = {f"val/{key}": all_sum(sum(of(s) for s in scores)) / n for key, of in [
-        ("accuracy", lambda s: s["accuracy"]), ("format", lambda s: s["format"]),
-        ("functional_rate", lambda s: s["n_functional"] > 0)]}
-    return val | ({"val/right_token_rate": all_sum(sum(s.get("right_token", 0.0) for s in scores)) / named}
-                  if named else {})
+    val = {f"val/{k}": all_sum(sum(s[key] > 0 for s in scores)) / n  # accuracy and format are 0 or 1
+           for k, key in [("accuracy", "accuracy"), ("format", "format"), ("functional_rate", "n_functional")]}
+    right = all_sum(sum(s.get("right_token", 0.0) for s in scores))
+    return val | ({"val/right_token_rate": right / named} if named else {})
 
 
 def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, fmask, cfg, world, pad_id,

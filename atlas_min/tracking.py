@@ -3,7 +3,7 @@
     require(cfg.log_to)               # before any work: TrackingError when the package is not installed
     start(cfg, run, step)             # a new tracked run, or on --resume the one RUN/tracker.json names
     log(step, record)                 # a metrics line, every number under its JSONL key
-    table(step, "samples_rl", rows)   # rows: dicts with the same keys (a wandb Table, a Markdown table)
+    table(step, "samples_rl", rows)   # rows: dicts with the same keys (a wandb Table; tensorboard: text)
     close()
 
 The JSONL files stay the record; the tracker shows the same numbers live. wandb: the run's config is the
@@ -74,14 +74,12 @@ def log(step, record):
 
 def table(step, name, rows):
     """`rows` (dicts with the same keys) as one table at `step`."""
-    columns = list(rows[0])
     if _active.get("kind") == "wandb":
         import wandb
-        _active["handle"].log({name: wandb.Table(columns=columns, data=[list(r.values()) for r in rows])}, step=step)
-    elif _active:
-        cells = [columns, ["---"] * len(columns)] + [[str(v).replace("|", "\\|").replace("\n", " ") for v in r.values()]
-                                                     for r in rows]
-        _active["handle"].add_text(name, "\n".join("| " + " | ".join(c) + " |" for c in cells), step)
+        _active["handle"].log({name: wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])},
+                              step=step)
+    elif _active:  # one JSON line per row, as the samples file has them (an indented block: shown as written)
+        _active["handle"].add_text(name, "    " + "\n    ".join(json.dumps(r) for r in rows), step)
         _active["handle"].flush()
 
 
