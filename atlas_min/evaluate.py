@@ -137,20 +137,17 @@ def intervene(model, tokenizer, image_processor, examples, cfg, device):
             variants.append(dict(enc, prompt_ids=enc["prompt_ids"] + forced))
             owners.append((ex, forced, tok))
     continued = _greedy(model, tokenizer, variants, filler, cfg, device)
-    hits = defaultdict(lambda: defaultdict(list))
+    hits = []  # (task, token, accuracy) of each continuation
     for (ex, forced, tok), (ids, mask) in zip(owners, continued):
         keep = max(0, cfg.eval_max_new_tokens - len(forced))  # the forced tokens count against the eval's budget
         text, length, functional = decode_completion(tokenizer, torch.tensor(forced + ids[:keep].tolist()),
                                                      torch.cat([torch.ones(len(forced), dtype=torch.bool), mask[:keep]]))
         reward = compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length,
                                 functional=functional)
-        hits[ex["task"]][tok].append(reward["accuracy"])
-    merged_hits, merged_skipped = defaultdict(lambda: defaultdict(list)), Counter()
-    for part_hits, part_skipped in all_gather_objects(({t: dict(v) for t, v in hits.items()}, dict(skipped))):
-        merged_skipped.update(part_skipped)
-        for task, per_token in part_hits.items():
-            for tok, values in per_token.items():
-                merged_hits[task][tok] += values
+        hits.append((ex["task"], tok, reward["accuracy"]))
+    merged_hits, merged_skipped = defaultdict(lambda: defaultdict(list)), sum(all_gather_objects(skipped), Counter())
+    for task, tok, acc in (hit for part in all_gather_objects(hits) for hit in part):
+        merged_hits[task][tok].append(acc)
     accuracy = {t: {tok: sum(v) / len(v) for tok, v in per.items()} for t, per in sorted(merged_hits.items())}
     usual = usual_tokens(examples)
     gap = {t: acc[usual[t]] - sum(a for tok, a in acc.items() if tok != usual[t]) / (len(acc) - 1)

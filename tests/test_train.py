@@ -308,12 +308,19 @@ def test_a_rollout_gathers_each_unit_once_whatever_its_length():
     assert counts["gathered_9"] == counts["gathered_1"] > 0  # kept gathered: once per unit, then never again
 
 
-def test_eval_gives_the_same_numbers_on_one_and_two_processes(tmp_path, sft_run):
+@pytest.fixture(scope="session")
+def sft_eval(tmp_path_factory, sft_run):
+    """eval.json of the SFT run on one process, at 8 new tokens."""
+    out = tmp_path_factory.mktemp("eval") / "one.json"
+    run("eval.py", "--ckpt", sft_run, "--out", out, "eval_max_new_tokens=8")
+    return json.loads(out.read_text())
+
+
+def test_eval_gives_the_same_numbers_on_one_and_two_processes(tmp_path, sft_run, sft_eval):
     keys = ["n", "accuracy", "format_rate", "functional_rate", "mean_functional_tokens", "mean_length", "per_task",
             "functional_by_task"]
-    run("eval.py", "--ckpt", sft_run, "--out", tmp_path / "one.json", "eval_max_new_tokens=8")
     run("eval.py", "--ckpt", sft_run, "--out", tmp_path / "two.json", "eval_max_new_tokens=8", procs=2)
-    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    one, two = sft_eval, json.loads((tmp_path / "two.json").read_text())
     assert {k: one[k] for k in keys} == {k: two[k] for k in keys}
 
 
@@ -621,12 +628,10 @@ def test_tensorboard_holds_every_number_of_metrics_rl_jsonl_and_the_resolved_con
     assert json.loads(text) == json.loads((watched_rl / "trainer_state.json").read_text())["config"]
 
 
-def test_rl_validation_at_step_0_gives_eval_pys_numbers_then_comes_every_eval_every_steps(tmp_path, sft_run,
-                                                                                        watched_rl):
+def test_rl_validation_at_step_0_gives_eval_pys_numbers_then_comes_every_eval_every_steps(sft_eval, watched_rl):
     records = _records(watched_rl / "metrics_rl.jsonl")
     assert [r["step"] for r in records if "val/accuracy" in r] == [0, 2]
-    run("eval.py", "--ckpt", sft_run, "--out", tmp_path / "eval.json", "eval_max_new_tokens=8")  # eval_examples=20: all
-    result = json.loads((tmp_path / "eval.json").read_text())
+    result = sft_eval  # of the RL run's init, on the same 20 examples (micro's eval split, eval_examples=20)
     assert [records[0][f"val/{k}"] for k in ("accuracy", "format", "functional_rate")] == \
         [result[k] for k in ("accuracy", "format_rate", "functional_rate")]
 
