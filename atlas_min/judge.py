@@ -61,8 +61,7 @@ def judge_prompt(question, gold, answer, template=None):
     try:
         names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as e:
-        raise JudgeError(f"template: not a format string ({e}); "
-                         "write literal braces as {{ and }}") from None
+        raise JudgeError(f"template: not a format string ({e}); write literal braces as {{{{ and }}}}") from None
     unknown = sorted(name for name in names if name not in FIELDS and name not in ALIASES)
     if unknown:
         raise JudgeError(f"template: unknown placeholder {{{unknown[0]}}}; "
@@ -73,8 +72,7 @@ def judge_prompt(question, gold, answer, template=None):
         raise JudgeError(f"template: no {{{missing[0]}}} placeholder "
                          "(a template needs {question}, {gold} and {answer})")
     values = {"question": question, "gold": gold, "answer": answer}
-    values.update({alias: values[field] for alias, field in ALIASES.items()})
-    return template.format(**values)
+    return template.format(**values, **{alias: values[field] for alias, field in ALIASES.items()})
 
 
 _JSON_VERDICT = re.compile(r'"?correctness"?\s*[:=]\s*"?([01])\b')  # the authors' {"Correctness": 1} replies
@@ -203,18 +201,16 @@ def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, 
     if not loaded and not served:
         _check_folder(Path(model_path))
     asked = [k for k, prompt in enumerate(prompts) if prompt is not None]
-    replies = [None] * len(items)
+    answers = []  # the replies to the asked items, in order
     if asked and served:
-        for k, reply in zip(asked, ask_url(model_path, [prompts[k] for k in asked], url_model,
-                                           max_new_tokens=max_new_tokens)):
-            replies[k] = reply
+        answers = ask_url(model_path, [prompts[k] for k in asked], url_model, max_new_tokens=max_new_tokens)
     elif asked:
         tokenizer, model = loaded or load_judge(model_path, device)
         for start in range(0, len(asked), batch_size):
-            chunk = asked[start:start + batch_size]
-            texts = [chat_text(tokenizer, prompts[k]) for k in chunk]
-            for k, reply in zip(chunk, generate(model, tokenizer, texts, max_new_tokens, device)):
-                replies[k] = reply
+            texts = [chat_text(tokenizer, prompts[k]) for k in asked[start:start + batch_size]]
+            answers += generate(model, tokenizer, texts, max_new_tokens, device)
+    reply_of = dict(zip(asked, answers))
+    replies = [reply_of.get(k) for k in range(len(items))]
     parsed = [None if reply is None else parse_verdict(reply) for reply in replies]
     unparsed = sum(1 for k in asked if parsed[k] is None)
     return Verdicts([bool(v) for v in parsed], replies, unparsed)
