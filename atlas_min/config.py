@@ -156,11 +156,9 @@ class Config:
 PRESETS = {
     "micro": Config(),
     "toy": Config(
-        name="toy",
-        text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=256,
+        name="toy", text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=256,
         vision_hidden=64, vision_depth=2, vision_heads=2, vision_intermediate=128,
-        image_size=84, min_pixels=84 * 84, max_pixels=84 * 84,
-        toy_train_size=4000, toy_eval_size=200,
+        image_size=84, min_pixels=84 * 84, max_pixels=84 * 84, toy_train_size=4000, toy_eval_size=200,
         # The teacher misreads two answers in 60% of their train replies (toy.TEACHER_SLIPS): SFT copies
         # the slips, RL's reward judges against the truth. With 0, RL on this toy only sharpens sampling.
         toy_teacher_slip=0.6,
@@ -179,8 +177,7 @@ PRESETS = {
     # own config.json wins; the sizes below must match it. Recipe values the paper does not give are
     # marked "ours" with the reason.
     "qwen2_5_vl_7b": Config(
-        name="qwen2_5_vl_7b",
-        text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
+        name="qwen2_5_vl_7b", text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
         vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420,
         vocab_rows=152064, tie_embeddings=False, rope_theta=1e6, mrope_section="16,24,24", rms_norm_eps=1e-6,
         max_positions=128000, vision_fullatt_every=8, vision_tokens_per_second=2,  # full attention: 7, 15, 23, 31
@@ -190,10 +187,9 @@ PRESETS = {
         # ATLAS's released eval harness (docs/eval_protocol.md, with its source lines): its system message,
         # a newline after the image block, its instruction after the question, \boxed{} answers read from the
         # last box. Training uses the same prompt, so the model learns the format it is judged in.
-        answer_format="boxed",
+        answer_format="boxed", image_separator="\n",
         system_prompt="You are a helpful assistant. Please think step by step, and put your final answer "
                       "within \\boxed{}.",
-        image_separator="\n",
         question_suffix="\n\nPlease think step by step, and put your final answer within \\boxed{}.",
         activation_checkpointing=True,  # as verl's 7B recipe; `plan` shows the budget without it
         logprob_chunk=256,  # 12.2 GB less per GPU in an RL update (`plan`); a piece's fp32 copies: 0.3 GB
@@ -204,8 +200,7 @@ PRESETS = {
         # completions per step in 4 updates of 128, verl's ratio (512 prompts, mini-batches of 128).
         rl_steps=500, rl_lr=1e-6, prompts_per_step=64, group_size=8, rl_mini_batch=128,
         temperature=1.0, top_p=1.0,  # sample the policy itself: the PPO ratio starts at exactly 1
-        clip_eps=0.2,  # PPO's and GRPO's usual ε
-        kl_coef=0.01,  # β as verl's recipe
+        clip_eps=0.2, kl_coef=0.01,  # PPO's and GRPO's usual ε; β as verl's recipe
         # λ, ours: L_anchor and L_GRPO are both means of the same clipped terms, so λ is the anchor's size
         # relative to GRPO. At the paper's sparsity (4.8 functional of 203.7 tokens) and r = 1, λ = 0.5 weighs
         # each functional token 1 + λ·203.7/4.8 ≈ 22× a text token, and gives functional positions
@@ -240,8 +235,7 @@ PRESETS = {
     # steps of 64 learn both operations (batch 32: hit or miss); 60 RL steps at lr 3e-5 let GRPO repair
     # the slip (at 1e-4 the token stopped deciding the answer on shape puzzles).
     "toy_decisive": Config(
-        name="toy_decisive",
-        text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=256,
+        name="toy_decisive", text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=256,
         vision_hidden=64, vision_depth=2, vision_heads=2, vision_intermediate=128,
         image_size=112, min_pixels=112 * 112, max_pixels=112 * 112,
         toy_train_size=4000, toy_eval_size=200, toy_tasks="puzzle_shape,puzzle_line", toy_no_token_share=0.0,
@@ -275,18 +269,18 @@ MUTABLE = {name for names in RESUME_MAY_CHANGE for name in names.split()}
 TOY_TASKS = ("shape", "line", "arrow", "zoom", "text", "puzzle_shape", "puzzle_line")  # toy.ANSWERS' families
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
 def _parse(field, text):
-    kind = field.type if isinstance(field.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[field.type]
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
+    if field.type is bool and text.lower() not in _BOOLEANS:
         raise ConfigError(f"{field.name}={text!r}: expected true or false")
+    if field.type is bool:
+        return _BOOLEANS[text.lower()]
     try:
-        return kind(text)
+        return field.type(text)
     except ValueError:
-        raise ConfigError(f"{field.name}={text!r}: expected {kind.__name__}") from None
+        raise ConfigError(f"{field.name}={text!r}: expected {field.type.__name__}") from None
 
 
 def get_config(name="micro", overrides=(), base=None):
