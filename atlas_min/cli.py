@@ -124,13 +124,11 @@ def end_step(run, step, total, streak, script, model, tokenizer, image_processor
 
 def stop_interrupted(run, step, total, saved, script):
     """Leave an interrupted run after `step`: one line on each rank, the lock released, exit code 130."""
-    if not is_main():
-        line = f"{_rank_tag()}interrupted after step {step} of {total}"
-    elif saved:
-        line = (f"interrupted after step {step} of {total}: saved {saved}; python {script} --resume {run} "
-                "goes on from it")
-    else:
-        line = f"interrupted after step {step} of {total}: nothing saved (save_on_interrupt=false, or a non-finite step)"
+    line = f"{_rank_tag()}interrupted after step {step} of {total}"  # rank 0 has no tag, and says what comes next
+    if is_main() and saved:
+        line += f": saved {saved}; python {script} --resume {run} goes on from it"
+    elif is_main():
+        line += ": nothing saved (save_on_interrupt=false, or a non-finite step)"
     sys.stdout.write(line + "\n")  # one write: the ranks share torchrun's output, and lines must not mix
     sys.stdout.flush()
     tracking.close()
