@@ -29,8 +29,7 @@ from atlas_min import checkpoint
 from atlas_min.cli import (Progress, UsageError, defer_interrupts, end_step, finish, parse_run_args, say_skipped,
                            user_errors)
 from atlas_min.config import check_world
-from atlas_min.data import (check_lengths, collate_prompts, encode_example, load_examples, stream_indices,
-                            to_device)
+from atlas_min.data import check_lengths, collate_prompts, encode_example, load_examples, stream_indices, to_device
 from atlas_min.dist import all_sum, autocast, gathered, print0, reshard, setup, shard
 from atlas_min.grpo import constant_groups, functional_grad_share, group_advantages, grpo_loss
 from atlas_min.model import load_pretrained
@@ -148,15 +147,20 @@ def validate(model, tokenizer, image_processor, held_out, cfg, rank, world, devi
                          temperature=0, lockstep=False)
             scores += score(tokenizer, prompts, out, cfg, 1)[1][:len(mine[piece])]
     model.train()
-    n, named = all_sum(len(scores)), all_sum(sum("right_token" in s for s in scores))
-    val = {f"val/{k}": all_sum(sum(s[key] > 0 for s in scores)) / n  # accuracy and format are 0 or 1
+    n = all_sum(len(scores))
+    val = {k: all_sum(sum(s[key] > 0 for s in scores)) / n  # accuracy and format are 0 or 1
            for k, key in [("accuracy", "accuracy"), ("format", "format"), ("functional_rate", "n_functional")]}
-    right = all_sum(sum(s.get("right_token", 0.0) for s in scores))
-    return val | ({"val/right_token_rate": right / named} if named else {})
+    return {f"val/{k}": v for k, v in (val | right_token_rate(scores)).items()}
 
 
-def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, fmask, cfg, world, pad_id,
-           device):
+def right_token_rate(scores):
+    """{"right_token_rate": the share of outputs whose first functional token is the one their example names},
+    over all ranks' outputs whose example names one; {} when none does."""
+    named = all_sum(sum("right_token" in s for s in scores))
+    return {"right_token_rate": all_sum(sum(s.get("right_token", 0.0) for s in scores)) / named} if named else {}
+
+
+def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, fmask, cfg, world, pad_id, device):
     """Step 4: `ppo_epochs` passes of mini-batch steps on L_LA-GRPO; returns the step's logged loss terms.
 
     Every micro-batch divides by its whole mini-batch's counts (num_outputs, num_anchor_outputs, summed
@@ -179,8 +183,7 @@ def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, f
             for micro in chunks(mini.stop - mini.start, max(1, cfg.micro_batch_size // G)):
                 prompt_slice = slice(mini.start + micro.start, mini.start + micro.stop)
                 rows = rows_of(prompt_slice, G)
-                logp = completion_logprobs(model, encoded, rollout, prompt_slice, cfg, pad_id, device,
-                                           grad=True)
+                logp = completion_logprobs(model, encoded, rollout, prompt_slice, cfg, pad_id, device, grad=True)
                 loss_inputs = (logp, old_logp[rows], None if ref_logp is None else ref_logp[rows],
                                advantages[rows], mask[rows], fmask[rows])
                 loss, stats = grpo_loss(*loss_inputs, **coefs, **counts)
@@ -208,9 +211,6 @@ def rollout_metrics(scores, rollout, fmask, constant):
     n_outputs = all_sum(len(scores))
     mean = {k: all_sum(sum(s[k] for s in scores)) / n_outputs for k in scores[0] if k != "right_token"}
     n_generated = all_sum(int(mask.sum()))
-    n_named = all_sum(sum("right_token" in s for s in scores))  # outputs whose example names its token
-    n_right = all_sum(sum(s.get("right_token", 0.0) for s in scores))
-    right = {"right_token_rate": n_right / n_named} if n_named else {}
     return {"reward": mean["total"], "accuracy": mean["accuracy"], "format": mean["format"],
             "functional_reward": mean["functional"], "length_penalty": mean["length_penalty"],
             "overuse_penalty": mean["overuse_penalty"], "functional_per_completion": mean["n_functional"],
@@ -218,7 +218,7 @@ def rollout_metrics(scores, rollout, fmask, constant):
             "completion_length": n_generated / n_outputs,
             "entropy": all_sum(float(rollout["entropy"][mask].sum())) / max(n_generated, 1),
             "truncated_share": all_sum(int(rollout["truncated"].sum())) / n_outputs,
-            "constant_group_share": all_sum(int(constant.sum())) / all_sum(len(constant)), **right}
+            "constant_group_share": all_sum(int(constant.sum())) / all_sum(len(constant)), **right_token_rate(scores)}
 
 
 # 3. the loop: sample, score, log-probs before the update, update, log, save; a run that diverges
