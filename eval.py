@@ -66,16 +66,16 @@ with user_errors():  # every check before any work: a late error would lose the 
     data_path = data_file(cfg, "eval")
     check_output(out, [ckpt, data_path, opts.judge, opts.judge_prompt])
     data = load_examples(cfg, "eval", on_skip=say_skipped)
-    template = None
     if opts.judge and opts.judge_url:
         raise UsageError("--judge MODEL_PATH or --judge-url URL: one judge")
-    if opts.judge_model and not opts.judge_url or opts.judge_prompt and not (opts.judge or opts.judge_url):
-        raise UsageError(f"--judge-{'model' if opts.judge_model else 'prompt'} goes with --judge-url URL"
-                         f"{'' if opts.judge_model else ' or --judge MODEL_PATH'}")
-        if not Path(opts.judge_prompt).is_file():
-            raise UsageError(f"--judge-prompt {opts.judge_prompt}: no such file")
-        template = Path(opts.judge_prompt).read_text()
-        judge_prompt("q", "g", "a", template)  # a template missing a placeholder fails here, before decoding
+    if opts.judge_model and not opts.judge_url:
+        raise UsageError("--judge-model goes with --judge-url URL")
+    if opts.judge_prompt and not (opts.judge or opts.judge_url):
+        raise UsageError("--judge-prompt goes with --judge MODEL_PATH or --judge-url URL")
+    if opts.judge_prompt and not Path(opts.judge_prompt).is_file():
+        raise UsageError(f"--judge-prompt {opts.judge_prompt}: no such file")
+    template = Path(opts.judge_prompt).read_text() if opts.judge_prompt else None
+    judge_prompt("q", "g", "a", template)  # a template missing a placeholder fails here, before decoding
     if opts.judge and not (Path(opts.judge) / "config.json").is_file():
         raise UsageError(f"--judge {opts.judge}: not a model folder (no config.json)")
 
@@ -93,8 +93,7 @@ model = shard(model, cfg, device).eval()
 # 3. greedy decoding, scored; optional probes
 result = evaluate(model, tokenizer, image_processor, data, cfg, device)
 if opts.blind:
-    blind = evaluate(model, tokenizer, image_processor, data, cfg, device, blind=True)
-    result["blind_accuracy"] = blind["accuracy"]
+    result["blind_accuracy"] = evaluate(model, tokenizer, image_processor, data, cfg, device, blind=True)["accuracy"]
 if opts.intervene:
     result.update(intervene(model, tokenizer, image_processor, data, cfg, device))
 outputs = result.pop("outputs")
@@ -106,9 +105,8 @@ if opts.judge or opts.judge_url:  # a missing, unclosed or empty final answer is
     with user_errors():
         verdicts = judge(judge_model or opts.judge_url, items, template=template, device=str(device),
                          url_model=opts.judge_model)
-    result["judge_accuracy"] = sum(verdicts) / len(verdicts)
-    result["judge_asked"] = sum(reply is not None for reply in verdicts.replies)
-    result["judge_unparsed"] = verdicts.unparsed
+    result |= {"judge_accuracy": sum(verdicts) / len(verdicts),
+               "judge_asked": sum(reply is not None for reply in verdicts.replies), "judge_unparsed": verdicts.unparsed}
 chance = chance_by_task(data)
 result["chance"] = sum(chance.values()) / len(chance)
 result |= {"config": cfg.name, "checkpoint": str(ckpt.resolve()), "data": file_record(data_path),
