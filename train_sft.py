@@ -32,8 +32,7 @@ with user_errors():
     opts, cfg, resume_from, record = parse_run_args("Stage 1: SFT with functional tokens", stage="sft")
     rank, world, device = setup(cfg.collective_timeout_s)
     if cfg.vocab_rows and not cfg.model_path and not resume_from:
-        raise UsageError(f"config {cfg.name} trains a pretrained model: "
-                         "set model_path=/path/to/Qwen2.5-VL-7B-Instruct")
+        raise UsageError(f"config {cfg.name} trains a pretrained model: set model_path=/path/to/Qwen2.5-VL-7B-Instruct")
     check_world(cfg, world, "sft")
     train = load_examples(cfg, "train", need_response=True, on_skip=say_skipped)
 run = opts.out
@@ -86,13 +85,11 @@ with user_errors():
         t0 = time.time()
         lr = lr_at(step, total, cfg.sft_warmup, cfg.sft_lr)
         set_lr(optimizer, lr)
-        order = stream_indices(step, cfg.batch_size, len(train), seed=cfg.seed,
-                               epoch_seed_stride=cfg.epoch_seed_stride)
+        order = stream_indices(step, cfg.batch_size, len(train), seed=cfg.seed, epoch_seed_stride=cfg.epoch_seed_stride)
         encoded = [encode_example(train[i], tokenizer, image_processor, cfg, with_reply=True)
                    for i in order[rank * per_rank:(rank + 1) * per_rank]]
         n_reply = all_sum(sum(len(e["reply_ids"]) for e in encoded))  # the global normaliser
-        loss_sum, ft_loss_sum, ft_count = sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world,
-                                                   device)
+        loss_sum, ft_loss_sum, ft_count = sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world, device)
         grad_norm = clipped_step(model, optimizer, cfg.grad_clip)  # not finite: the update is skipped
         if not math.isfinite(grad_norm):
             print0(f"note: step {step + 1}: the gradient norm was not finite, the update was skipped")
