@@ -4,13 +4,14 @@
     python eval.py --ckpt runs/sft --blind                               # + blind_accuracy (blank images)
     python eval.py --ckpt runs/sft --intervene                           # + the token intervention probe
     python eval.py --ckpt runs/rl7b --data bench.jsonl --judge /models/Qwen2.5-7B-Instruct  # + judge_accuracy
+    python eval.py --ckpt runs/rl7b --data bench.jsonl --judge-url http://judge-host:8000    # a served judge
     python eval.py --ckpt runs/rl7b --config qwen2_5_vl_7b --data bench.jsonl
     torchrun --nproc_per_node 8 eval.py --ckpt runs/rl7b --config qwen2_5_vl_7b --data bench.jsonl
 
 The config defaults to the one the checkpoint was trained with; `field=value` overrides apply on top.
 eval.json's keys are listed in docs/method.md, "Evaluation". `accuracy` is the rule-based verdict
-(atlas_min.rewards); `--judge` adds `judge_accuracy`, the verdict of a local instruction model asked as
-ATLAS's harness asks its judge (docs/eval_protocol.md; the authors used Qwen3-VL-235B-A22B-Instruct).
+(atlas_min.rewards); `--judge` adds `judge_accuracy`, the verdict of a local instruction model (or with
+`--judge-url` of a served one: `vllm serve MODEL` on JUDGE-HOST) asked as ATLAS's harness asks its judge (docs/eval_protocol.md; the authors used Qwen3-VL-235B-A22B-Instruct).
 """
 import argparse
 import json
@@ -39,6 +40,9 @@ p.add_argument("--intervene", action="store_true",
                help="also replace each output's first functional token by each of the five: intervention")
 p.add_argument("--judge", default=None, metavar="MODEL_PATH",
                help="a local instruction model that also judges each extracted answer: judge_accuracy")
+p.add_argument("--judge-url", default=None, metavar="URL",
+               help="a served judge instead: an OpenAI-compatible server's root (POST URL/v1/chat/completions)")
+p.add_argument("--judge-model", default=None, metavar="NAME", help="the served judge's model name (default: the server's)")
 p.add_argument("--judge-prompt", default=None, metavar="FILE",
                help="the judge's prompt template ({question}, {gold}, {answer}); default: atlas_min.judge's")
 p.add_argument("overrides", nargs="*", help="field=value")
@@ -62,19 +66,21 @@ with user_errors():  # every check before any work: a late error would lose the 
     data_path = data_file(cfg, "eval")
     check_output(out, [ckpt, data_path, opts.judge, opts.judge_prompt])
     data = load_examples(cfg, "eval", on_skip=say_skipped)
-    template = None
-    if opts.judge_prompt:
-        if not opts.judge:
-            raise UsageError("--judge-prompt goes with --judge MODEL_PATH")
-        if not Path(opts.judge_prompt).is_file():
-            raise UsageError(f"--judge-prompt {opts.judge_prompt}: no such file")
-        template = Path(opts.judge_prompt).read_text()
-        judge_prompt("q", "g", "a", template)  # a template missing a placeholder fails here, before decoding
+    if opts.judge and opts.judge_url:
+        raise UsageError("--judge MODEL_PATH or --judge-url URL: one judge")
+    if opts.judge_model and not opts.judge_url:
+        raise UsageError("--judge-model goes with --judge-url URL")
+    if opts.judge_prompt and not (opts.judge or opts.judge_url):
+        raise UsageError("--judge-prompt goes with --judge MODEL_PATH or --judge-url URL")
+    if opts.judge_prompt and not Path(opts.judge_prompt).is_file():
+        raise UsageError(f"--judge-prompt {opts.judge_prompt}: no such file")
+    template = Path(opts.judge_prompt).read_text() if opts.judge_prompt else None
+    judge_prompt("q", "g", "a", template)  # a template missing a placeholder fails here, before decoding
     if opts.judge and not (Path(opts.judge) / "config.json").is_file():
         raise UsageError(f"--judge {opts.judge}: not a model folder (no config.json)")
 
 # 2. the model, sharded under torchrun; the judge (rank 0) loaded before the decode, so it cannot fail after it
-rank, world, device = setup()
+rank, world, device = setup(cfg.collective_timeout_s)
 model, tokenizer, image_processor = load_pretrained(ckpt, cfg, on_meta=rank > 0)  # rank 0 reads the weights
 if cfg.eval_min_pixels:  # the eval protocol's image bounds (ATLAS's harness at 7B)
     set_pixel_bounds(image_processor, cfg.eval_min_pixels, cfg.eval_max_pixels)
@@ -87,18 +93,20 @@ model = shard(model, cfg, device).eval()
 # 3. greedy decoding, scored; optional probes
 result = evaluate(model, tokenizer, image_processor, data, cfg, device)
 if opts.blind:
-    blind = evaluate(model, tokenizer, image_processor, data, cfg, device, blind=True)
-    result["blind_accuracy"] = blind["accuracy"]
+    result["blind_accuracy"] = evaluate(model, tokenizer, image_processor, data, cfg, device, blind=True)["accuracy"]
 if opts.intervene:
     result.update(intervene(model, tokenizer, image_processor, data, cfg, device))
 outputs = result.pop("outputs")
-if opts.judge and rank == 0:  # a missing, unclosed or empty final answer is 0 without asking, as the harness
+if rank > 0:  # every collective is done: the other ranks leave now, so none waits in one while rank 0 judges
+    cleanup(together=False)
+if opts.judge or opts.judge_url:  # a missing, unclosed or empty final answer is 0 without asking, as the harness
     items = [{"question": r["question"], "gold": r["answer"],
               "answer": extract_answer(r["output"], cfg.answer_format)} for r in outputs]
-    verdicts = judge(judge_model, items, template=template, device=str(device))
-    result["judge_accuracy"] = sum(verdicts) / len(verdicts)
-    result["judge_asked"] = sum(reply is not None for reply in verdicts.replies)
-    result["judge_unparsed"] = verdicts.unparsed
+    with user_errors():
+        verdicts = judge(judge_model or opts.judge_url, items, template=template, device=str(device),
+                         url_model=opts.judge_model)
+    result |= {"judge_accuracy": sum(verdicts) / len(verdicts),
+               "judge_asked": sum(reply is not None for reply in verdicts.replies), "judge_unparsed": verdicts.unparsed}
 chance = chance_by_task(data)
 result["chance"] = sum(chance.values()) / len(chance)
 result |= {"config": cfg.name, "checkpoint": str(ckpt.resolve()), "data": file_record(data_path),
@@ -116,7 +124,7 @@ print0(f"\naccuracy {result['accuracy']:.3f}{blind_shown} | format {result['form
        f" | length {result['mean_length']:.1f} | {result['tokens_per_s']:.0f} tokens/s | n={result['n']}")
 print0(f"chance (always the task's most frequent answer), averaged over tasks: {result['chance']:.3f}")
 if "judge_accuracy" in result:
-    print0(f"judge_accuracy {result['judge_accuracy']:.3f} ({opts.judge}: asked about "
+    print0(f"judge_accuracy {result['judge_accuracy']:.3f} ({opts.judge or opts.judge_url}: asked about "
            f"{result['judge_asked']} answers, {result['judge_unparsed']} verdicts unread)")
 if opts.intervene and not result["intervention"]:
     print0("\nintervention: no output held a functional token, so there was none to replace")
@@ -129,10 +137,9 @@ elif opts.intervene:
 print0("\nsample outputs:")
 for s in result["samples"][:4]:
     print0(f"  [{s['task']}] answer={s['answer']!r} correct={bool(s['accuracy'])}: {s['output']!r}")
-if rank == 0:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)  # a killed eval leaves the previous eval.json, never half of one
+out.parent.mkdir(parents=True, exist_ok=True)  # rank 0 alone is left
+tmp = out.with_name(out.name + ".tmp")
+tmp.write_text(json.dumps(result, indent=1))
+tmp.replace(out)  # a killed eval leaves the previous eval.json, never half of one
 print0(f"wrote {out}")
-cleanup()
+cleanup(together=False)  # the other ranks have left

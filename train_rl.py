@@ -29,8 +29,7 @@ from atlas_min import checkpoint
 from atlas_min.cli import (Progress, UsageError, defer_interrupts, end_step, finish, parse_run_args, say_skipped,
                            user_errors)
 from atlas_min.config import check_world
-from atlas_min.data import (check_lengths, collate_prompts, encode_example, load_examples, stream_indices,
-                            to_device)
+from atlas_min.data import check_lengths, collate_prompts, encode_example, load_examples, stream_indices, to_device
 from atlas_min.dist import all_sum, autocast, gathered, print0, reshard, setup, shard
 from atlas_min.grpo import constant_groups, functional_grad_share, group_advantages, grpo_loss
 from atlas_min.model import load_pretrained
@@ -42,10 +41,14 @@ from atlas_min.tokens import FUNCTIONAL_TOKENS, functional_mask
 # 1. command line, processes, data
 with user_errors():
     opts, cfg, resume_from, record = parse_run_args("Stage 2: GRPO / LA-GRPO", stage="rl")
-    rank, world, device = setup()
+    rank, world, device = setup(cfg.collective_timeout_s)
     G = cfg.group_size
     check_world(cfg, world, "rl")
     train = load_examples(cfg, "train", on_skip=say_skipped)
+    if cfg.eval_every and cfg.train_data and not cfg.eval_data:
+        raise UsageError(f"eval_every={cfg.eval_every} validates on eval_data, which is empty (the toy's split): "
+                         "pass eval_data=FILE.jsonl, or eval_every=0")
+    held_out = load_examples(cfg, "eval", on_skip=say_skipped)[:cfg.eval_examples] if cfg.eval_every else []
 run = opts.out
 total = cfg.max_steps or cfg.rl_steps
 
@@ -57,8 +60,12 @@ model, tokenizer, image_processor = load_pretrained(resume_from or init, cfg, on
 with user_errors():
     if any(t not in tokenizer.get_vocab() for t in FUNCTIONAL_TOKENS):
         raise UsageError(f"{init} has no functional tokens: pass a checkpoint made by train_sft.py")
-    train = check_lengths(train, tokenizer, image_processor, cfg, generate=cfg.max_new_tokens,
-                          on_skip=say_skipped, context=model.config.get_text_config().max_position_embeddings)
+    context = model.config.get_text_config().max_position_embeddings
+    train = check_lengths(train, tokenizer, image_processor, cfg, generate=cfg.max_new_tokens, on_skip=say_skipped,
+                          context=context)
+    if held_out:
+        held_out = check_lengths(held_out, tokenizer, image_processor, cfg, generate=cfg.eval_max_new_tokens,
+                                 on_skip=say_skipped, context=context)
 model = shard(model, cfg, device)
 reference = None
 if cfg.kl_coef > 0:
@@ -110,23 +117,50 @@ def sample_groups(model, tokenizer, image_processor, prompts, cfg, step, first_r
     return encoded, rollout
 
 
-def score(tokenizer, prompts, rollout, cfg):
-    """Step 2: each completion's reward components, each one's group-relative advantage A_i, and which
-    groups are constant (all G rewards equal: A = 0, no signal). n_F is counted from the token ids."""
-    scores = []
+def score(tokenizer, prompts, rollout, cfg, group_size):
+    """Step 2: each completion's text and reward components (n_F counted from the token ids), and, where its
+    example names its right token, whether the output's first functional token is it."""
+    texts, scores = [], []
     for i, (ids, mask) in enumerate(zip(rollout["completion_ids"], rollout["completion_mask"])):
         text, length, functional = decode_completion(tokenizer, ids, mask)
-        ex = prompts[i // cfg.group_size]
+        ex = prompts[i // group_size]
+        texts.append(text)
         scores.append(compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length,
                                      functional=functional))
-        if "token" in ex:  # the example names its right token: was the output's first one it?
+        if "token" in ex:
             scores[-1]["right_token"] = float(functional[:1] == [ex["token"]])
-    rewards = torch.tensor([s["total"] for s in scores], dtype=torch.float64)  # (N,)
-    return scores, group_advantages(rewards, cfg.group_size, cfg.adv_eps), constant_groups(rewards, cfg.group_size)
+    return texts, scores
 
 
-def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, fmask, cfg, world, pad_id,
-           device):
+def validate(model, tokenizer, image_processor, held_out, cfg, rank, world, device):
+    """val/ metrics of the current weights: greedy replies (eval_max_new_tokens) to the held-out slice, each rank
+    its share in eval_batch_size pieces, scored by the reward's rules. The weights stay gathered for all pieces
+    (as eval.py's): no rank waits in a collective for another's decode; a rank without examples decodes one."""
+    mine, scores = held_out[rank::world], []
+    model.eval()
+    with gathered(model), autocast(device):
+        for piece in chunks(max(len(mine), 1), cfg.eval_batch_size):
+            prompts = mine[piece] or held_out[:1]
+            batch = collate_prompts([encode_example(ex, tokenizer, image_processor, cfg) for ex in prompts],
+                                    tokenizer.pad_token_id)
+            out = sample(model, to_device(batch, device), tokenizer, max_new_tokens=cfg.eval_max_new_tokens,
+                         temperature=0, lockstep=False)
+            scores += score(tokenizer, prompts, out, cfg, 1)[1][:len(mine[piece])]
+    model.train()
+    n = all_sum(len(scores))
+    val = {k: all_sum(sum(s[key] > 0 for s in scores)) / n  # accuracy and format are 0 or 1
+           for k, key in [("accuracy", "accuracy"), ("format", "format"), ("functional_rate", "n_functional")]}
+    return {f"val/{k}": v for k, v in (val | right_token_rate(scores)).items()}
+
+
+def right_token_rate(scores):
+    """{"right_token_rate": the share of outputs whose first functional token is the one their example names},
+    over all ranks' outputs whose example names one; {} when none does."""
+    named = all_sum(sum("right_token" in s for s in scores))
+    return {"right_token_rate": all_sum(sum(s.get("right_token", 0.0) for s in scores)) / named} if named else {}
+
+
+def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, fmask, cfg, world, pad_id, device):
     """Step 4: `ppo_epochs` passes of mini-batch steps on L_LA-GRPO; returns the step's logged loss terms.
 
     Every micro-batch divides by its whole mini-batch's counts (num_outputs, num_anchor_outputs, summed
@@ -149,8 +183,7 @@ def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, f
             for micro in chunks(mini.stop - mini.start, max(1, cfg.micro_batch_size // G)):
                 prompt_slice = slice(mini.start + micro.start, mini.start + micro.stop)
                 rows = rows_of(prompt_slice, G)
-                logp = completion_logprobs(model, encoded, rollout, prompt_slice, cfg, pad_id, device,
-                                           grad=True)
+                logp = completion_logprobs(model, encoded, rollout, prompt_slice, cfg, pad_id, device, grad=True)
                 loss_inputs = (logp, old_logp[rows], None if ref_logp is None else ref_logp[rows],
                                advantages[rows], mask[rows], fmask[rows])
                 loss, stats = grpo_loss(*loss_inputs, **coefs, **counts)
@@ -178,9 +211,6 @@ def rollout_metrics(scores, rollout, fmask, constant):
     n_outputs = all_sum(len(scores))
     mean = {k: all_sum(sum(s[k] for s in scores)) / n_outputs for k in scores[0] if k != "right_token"}
     n_generated = all_sum(int(mask.sum()))
-    n_named = all_sum(sum("right_token" in s for s in scores))  # outputs whose example names its token
-    n_right = all_sum(sum(s.get("right_token", 0.0) for s in scores))
-    right = {"right_token_rate": n_right / n_named} if n_named else {}
     return {"reward": mean["total"], "accuracy": mean["accuracy"], "format": mean["format"],
             "functional_reward": mean["functional"], "length_penalty": mean["length_penalty"],
             "overuse_penalty": mean["overuse_penalty"], "functional_per_completion": mean["n_functional"],
@@ -188,17 +218,21 @@ def rollout_metrics(scores, rollout, fmask, constant):
             "completion_length": n_generated / n_outputs,
             "entropy": all_sum(float(rollout["entropy"][mask].sum())) / max(n_generated, 1),
             "truncated_share": all_sum(int(rollout["truncated"].sum())) / n_outputs,
-            "constant_group_share": all_sum(int(constant.sum())) / all_sum(len(constant)), **right}
+            "constant_group_share": all_sum(int(constant.sum())) / all_sum(len(constant)), **right_token_rate(scores)}
 
 
 # 3. the loop: sample, score, log-probs before the update, update, log, save; a run that diverges
 #    (optim.count_nonfinite) or cannot save ends in one line, its lock released
-progress = Progress(run, "rl", start, total, cfg.log_every)
+progress = Progress(run, "rl", start, total, cfg)
 defer_interrupts(run)  # from here on, Ctrl-C stops the run after the step it is in
 streak = 0  # steps in a row whose loss or gradient norm was not finite: none of them is ever saved
 with user_errors():
     for step in range(start, total):
-        seconds = {}
+        seconds, val = {}, {}
+        if cfg.eval_every and step % cfg.eval_every == 0:  # before the step's update: step 0 is the SFT model
+            t0 = time.time()
+            val = validate(model, tokenizer, image_processor, held_out, cfg, rank, world, device)
+            seconds["validation"] = time.time() - t0
         lr = lr_at(step, total, cfg.rl_warmup, cfg.rl_lr)
         set_lr(optimizer, lr)
         first_prompt = rank * prompts_per_rank
@@ -213,8 +247,10 @@ with user_errors():
         seconds["sampling"] = time.time() - t0
 
         t0 = time.time()
-        scores, advantages, constant = score(tokenizer, prompts, rollout, cfg)  # each group lives on one rank: exact
-        advantages = advantages.to(device)  # (N,)
+        texts, scores = score(tokenizer, prompts, rollout, cfg, G)
+        rewards = torch.tensor([s["total"] for s in scores], dtype=torch.float64)  # (N,)
+        advantages = group_advantages(rewards, G, cfg.adv_eps).to(device)  # each group lives on one rank: exact
+        constant = constant_groups(rewards, G)  # all G rewards equal: A = 0, no signal
         seconds["scoring"] = time.time() - t0
 
         # log π_old before any update, log π_ref from the frozen SFT model; no grad
@@ -240,7 +276,10 @@ with user_errors():
             print0(f"note: step {step + 1}: {losses['skipped_steps']} update(s) skipped, the gradient norm was not finite")
 
         metrics = rollout_metrics(scores, rollout, fmask, constant)
-        progress.log(step, **metrics, **losses, lr=lr,
+        if step % cfg.log_every == 0:  # the first group of rank 0, as a reader compares it: rewards, advantages
+            progress.samples(step, [{"prompt_id": prompts[0]["id"], "task": prompts[0]["task"], "text": texts[k],
+                                     **scores[k], "advantage": advantages[k].item()} for k in range(G)])
+        progress.log(step, **val, **metrics, **losses, lr=lr,
                      **{f"t_{k}": round(all_sum(v) / world, 3) for k, v in seconds.items()})
         finite = not losses["skipped_steps"] and all(math.isfinite(losses[k]) for k in ("pg_loss", "kl", "anchor"))
         streak = count_nonfinite(streak, finite, step, total, cfg.max_nonfinite_steps)

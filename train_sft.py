@@ -30,10 +30,9 @@ from atlas_min.tokens import FUNCTIONAL_TOKENS
 # 1. command line, processes, data
 with user_errors():
     opts, cfg, resume_from, record = parse_run_args("Stage 1: SFT with functional tokens", stage="sft")
-    rank, world, device = setup()
+    rank, world, device = setup(cfg.collective_timeout_s)
     if cfg.vocab_rows and not cfg.model_path and not resume_from:
-        raise UsageError(f"config {cfg.name} trains a pretrained model: "
-                         "set model_path=/path/to/Qwen2.5-VL-7B-Instruct")
+        raise UsageError(f"config {cfg.name} trains a pretrained model: set model_path=/path/to/Qwen2.5-VL-7B-Instruct")
     check_world(cfg, world, "sft")
     train = load_examples(cfg, "train", need_response=True, on_skip=say_skipped)
 run = opts.out
@@ -78,7 +77,7 @@ def sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world, device
 
 
 # 3. the loop; a run that diverges (optim.count_nonfinite) or cannot save ends in one line, its lock released
-progress = Progress(run, "sft", start, total, cfg.log_every)
+progress = Progress(run, "sft", start, total, cfg)
 defer_interrupts(run)  # from here on, Ctrl-C stops the run after the step it is in
 streak = 0  # steps in a row whose loss or gradient norm was not finite: none of them is ever saved
 with user_errors():
@@ -86,13 +85,11 @@ with user_errors():
         t0 = time.time()
         lr = lr_at(step, total, cfg.sft_warmup, cfg.sft_lr)
         set_lr(optimizer, lr)
-        order = stream_indices(step, cfg.batch_size, len(train), seed=cfg.seed,
-                               epoch_seed_stride=cfg.epoch_seed_stride)
+        order = stream_indices(step, cfg.batch_size, len(train), seed=cfg.seed, epoch_seed_stride=cfg.epoch_seed_stride)
         encoded = [encode_example(train[i], tokenizer, image_processor, cfg, with_reply=True)
                    for i in order[rank * per_rank:(rank + 1) * per_rank]]
         n_reply = all_sum(sum(len(e["reply_ids"]) for e in encoded))  # the global normaliser
-        loss_sum, ft_loss_sum, ft_count = sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world,
-                                                   device)
+        loss_sum, ft_loss_sum, ft_count = sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world, device)
         grad_norm = clipped_step(model, optimizer, cfg.grad_clip)  # not finite: the update is skipped
         if not math.isfinite(grad_norm):
             print0(f"note: step {step + 1}: the gradient norm was not finite, the update was skipped")

@@ -3,12 +3,12 @@ how a training step and a run end (the checkpoint saved, Ctrl-C, the report).
 
     with user_errors():                                   # bad input: one line "error: ...", exit 2
         opts, cfg, resume_from, record = parse_run_args("Stage 1: SFT", stage="sft")
-    progress = Progress(run, "sft", start, total, cfg.log_every)   # RUN/metrics_sft.jsonl + a line per log_every
+    progress = Progress(run, "sft", start, total, cfg)   # RUN/metrics_sft.jsonl, a line per log_every, log_to
     end_step(run, step, total, streak, "train_sft.py", model, ...)  # save when due, stop after a Ctrl-C
     finish(run, "SFT (toy)", ["final loss 0.1", ...])     # RUN/report.md, the lock released, the processes end
 
 Library modules raise typed errors (ConfigError, DataError, CheckpointError, JudgeError, RunFolderError,
-DivergedError, UsageError); only the scripts and the tools' `main` turn them into the one-line message, here.
+DivergedError, TrackingError, UsageError); only the scripts and the tools' `main` turn them into the one-line message, here.
 What a run folder may become (lock, overwrite, resume, recorded settings, branches) is atlas_min.run_folder.
 """
 import argparse
@@ -20,20 +20,22 @@ import sys
 import time
 from pathlib import Path
 
-from atlas_min import checkpoint, run_folder
+from atlas_min import checkpoint, run_folder, tracking
 from atlas_min.config import ConfigError
 from atlas_min.data import DataError
 from atlas_min.dist import all_sum, cleanup, is_main, print0
 from atlas_min.judge import JudgeError
 from atlas_min.optim import DivergedError
 from atlas_min.run_folder import RunFolderError, release
+from atlas_min.tracking import TrackingError
 
 
 class UsageError(ValueError):
     """A command line that cannot work (a missing --init, a finished run to resume, ...)."""
 
 
-USER_ERRORS = (UsageError, ConfigError, DataError, checkpoint.CheckpointError, JudgeError, RunFolderError, DivergedError)
+USER_ERRORS = (UsageError, ConfigError, DataError, checkpoint.CheckpointError, JudgeError, RunFolderError, DivergedError,
+               TrackingError)
 
 
 def die(message):
@@ -122,15 +124,14 @@ def end_step(run, step, total, streak, script, model, tokenizer, image_processor
 
 def stop_interrupted(run, step, total, saved, script):
     """Leave an interrupted run after `step`: one line on each rank, the lock released, exit code 130."""
-    if not is_main():
-        line = f"{_rank_tag()}interrupted after step {step} of {total}"
-    elif saved:
-        line = (f"interrupted after step {step} of {total}: saved {saved}; python {script} --resume {run} "
-                "goes on from it")
-    else:
-        line = f"interrupted after step {step} of {total}: nothing saved (save_on_interrupt=false, or a non-finite step)"
+    line = f"{_rank_tag()}interrupted after step {step} of {total}"  # rank 0 has no tag, and says what comes next
+    if is_main() and saved:
+        line += f": saved {saved}; python {script} --resume {run} goes on from it"
+    elif is_main():
+        line += ": nothing saved (save_on_interrupt=false, or a non-finite step)"
     sys.stdout.write(line + "\n")  # one write: the ranks share torchrun's output, and lines must not mix
     sys.stdout.flush()
+    tracking.close()
     release(run)
     cleanup(exit_code=130)  # under torchrun; on one process it returns
     sys.exit(130)
@@ -154,6 +155,7 @@ def parse_run_args(description, stage):
     opts = p.parse_intermixed_args()
     quiet_libraries()
     cfg, resume_from, record = run_folder.resolve(opts, stage)
+    tracking.require(cfg.log_to)
     if stage == "rl" and cfg.temperature <= 0:
         raise UsageError("temperature=0 samples greedily: a group's G outputs are then equal, every advantage "
                          "is 0 and no step changes a weight; RL needs temperature > 0 (the presets use 1)")
@@ -164,35 +166,52 @@ def parse_run_args(description, stage):
 
 
 class Progress:
-    """One line per `every` steps with rate and ETA; a JSONL record per step (rank 0)."""
+    """One line per log_every steps with rate and ETA; RUN/metrics_<stage>.jsonl, a record per step, and
+    RUN/samples_<stage>.jsonl (rank 0), each also sent to the tracker (cfg.log_to, atlas_min.tracking)."""
 
-    def __init__(self, run, stage, start, total, every):
-        self.path, self.start, self.total, self.every = Path(run) / f"metrics_{stage}.jsonl", start, total, every
+    def __init__(self, run, stage, start, total, cfg):
+        self.run, self.stage, self.start, self.total, self.every = Path(run), stage, start, total, cfg.log_every
         self.t0 = time.time()
         if is_main():
-            Path(run).mkdir(parents=True, exist_ok=True)
-            if self.path.exists():  # a resumed run: drop the records of steps it will redo
-                kept = []
-                for line in self.path.read_text().splitlines():
-                    try:
-                        if json.loads(line)["step"] < start:
-                            kept.append(line)
-                    except (ValueError, KeyError, TypeError):  # a line half-written when the run was killed
-                        print0(f"note: dropping a half-written line of {self.path}")
-                self.path.write_text("".join(line + "\n" for line in kept))
+            self.run.mkdir(parents=True, exist_ok=True)
+            for path in (self.run / f"metrics_{stage}.jsonl", self.run / f"samples_{stage}.jsonl"):
+                _drop_steps_from(path, start)
+        tracking.start(cfg, run, start)
+
+    def _append(self, kind, records):
+        if is_main():
+            with open(self.run / f"{kind}_{self.stage}.jsonl", "a") as f:
+                f.write("".join(json.dumps(record) + "\n" for record in records))
 
     def log(self, step, **metrics):
         elapsed = time.time() - self.t0
         record = {"step": step, **metrics, "elapsed_s": round(elapsed, 2)}
-        if is_main():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self._append("metrics", [record])
+        tracking.log(step, record)
         done = step + 1 - self.start
         if done % self.every == 0 or step + 1 == self.total:
             rate = done / max(elapsed, 1e-9)
             eta = (self.total - step - 1) / max(rate, 1e-9)
             shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
             print0(f"step {step + 1}/{self.total} | {shown} | {rate:.2f} steps/s | ETA {eta / 60:.1f} min")
+
+    def samples(self, step, rows):
+        """A few completions of `step` (dicts with the same keys), for a reader to see what the policy writes."""
+        self._append("samples", [{"step": step, **row} for row in rows])
+        tracking.table(step, f"samples_{self.stage}", rows)
+
+
+def _drop_steps_from(path, start):
+    """A resumed run: drop the records of the steps it will redo (and a line half-written when it was killed)."""
+    if path.exists():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] < start:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                print0(f"note: dropping a half-written line of {path}")
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def finish(run, title, lines):
@@ -202,5 +221,6 @@ def finish(run, title, lines):
         with open(Path(run) / "report.md", "a") as f:
             f.write(f"\n## {title}\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
     print0(f"saved {run}")
+    tracking.close()
     release(run)
     cleanup()

@@ -60,7 +60,13 @@ class Config:
     final_dtype: str = "float32"
     save_on_interrupt: bool = True  # Ctrl-C / SIGTERM: finish the step, save it (resumable), then stop
     keep_checkpoints: int = 0  # > 0: delete all but the newest this many under RUN/checkpoints
-    log_every: int = 1
+    log_every: int = 1  # a progress line (and in RL a sample of completions) every log_every steps; metrics: every step
+    # Where else each metrics line goes (the JSONL stays the record): "wandb" or "tensorboard" (atlas_min.tracking;
+    # pip install -e '.[wandb]' or '.[tensorboard]'), for a run watched from elsewhere; "none": the JSONL only.
+    log_to: str = "none"
+    # How long a rank waits in a collective before the run fails. torch's default for gloo, 30 min: rank 0 reads a
+    # 7B checkpoint (33 GB) and writes a 99.5 GB one while the others wait. Tests shorten it to catch a stalled rank.
+    collective_timeout_s: float = 1800.0
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     activation_checkpointing: bool = False
@@ -137,6 +143,11 @@ class Config:
     eval_min_pixels: int = 0  # > 0: the eval's image bounds (else min_pixels / max_pixels)
     eval_max_pixels: int = 0
     eval_batch_size: int = 16
+    # Validation during RL: every eval_every steps (0: never) and at step 0, greedy accuracy, format, functional and
+    # right-token rates on the first eval_examples of the eval split, as val/... keys of metrics_rl.jsonl. Off in the
+    # micro preset: it is the tests' model, whose RL steps take 0.1 s, and every RL test would pay for it.
+    eval_every: int = 0
+    eval_examples: int = 20
     system_prompt: str = "Answer the question about the image. Put the final answer in <answer></answer>."
     question_suffix: str = ""  # appended to every question (the 7B eval protocol appends its \boxed{} instruction)
     image_separator: str = ""  # between the image block(s) and the question (ATLAS's harness: a newline)
@@ -145,11 +156,9 @@ class Config:
 PRESETS = {
     "micro": Config(),
     "toy": Config(
-        name="toy",
-        text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=256,
+        name="toy", text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=256,
         vision_hidden=64, vision_depth=2, vision_heads=2, vision_intermediate=128,
-        image_size=84, min_pixels=84 * 84, max_pixels=84 * 84,
-        toy_train_size=4000, toy_eval_size=200,
+        image_size=84, min_pixels=84 * 84, max_pixels=84 * 84, toy_train_size=4000, toy_eval_size=200,
         # The teacher misreads two answers in 60% of their train replies (toy.TEACHER_SLIPS): SFT copies
         # the slips, RL's reward judges against the truth. With 0, RL on this toy only sharpens sampling.
         toy_teacher_slip=0.6,
@@ -159,14 +168,16 @@ PRESETS = {
         rl_steps=300, rl_lr=1e-4, rl_warmup=10, prompts_per_step=16, group_size=8, rl_mini_batch=64,
         max_new_tokens=40, len_threshold=40, len_buffer=16,
         eval_max_new_tokens=40, eval_batch_size=50, save_every=100, log_every=10,
+        # the whole 200-example split (±0.03 is noise there; a smaller slice would be noisier than RL's effect),
+        # 4 times in 300 steps: a greedy pass costs about one RL step's sampling
+        eval_every=100, eval_examples=200,
     ),
     # Qwen2.5-VL-7B-Instruct's architecture (its config.json), so `python -m atlas_min.plan` can build it
     # on the meta device with nothing downloaded. Training loads the checkpoint at `model_path`, whose
     # own config.json wins; the sizes below must match it. Recipe values the paper does not give are
     # marked "ours" with the reason.
     "qwen2_5_vl_7b": Config(
-        name="qwen2_5_vl_7b",
-        text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
+        name="qwen2_5_vl_7b", text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
         vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420,
         vocab_rows=152064, tie_embeddings=False, rope_theta=1e6, mrope_section="16,24,24", rms_norm_eps=1e-6,
         max_positions=128000, vision_fullatt_every=8, vision_tokens_per_second=2,  # full attention: 7, 15, 23, 31
@@ -176,10 +187,9 @@ PRESETS = {
         # ATLAS's released eval harness (docs/eval_protocol.md, with its source lines): its system message,
         # a newline after the image block, its instruction after the question, \boxed{} answers read from the
         # last box. Training uses the same prompt, so the model learns the format it is judged in.
-        answer_format="boxed",
+        answer_format="boxed", image_separator="\n",
         system_prompt="You are a helpful assistant. Please think step by step, and put your final answer "
                       "within \\boxed{}.",
-        image_separator="\n",
         question_suffix="\n\nPlease think step by step, and put your final answer within \\boxed{}.",
         activation_checkpointing=True,  # as verl's 7B recipe; `plan` shows the budget without it
         logprob_chunk=256,  # 12.2 GB less per GPU in an RL update (`plan`); a piece's fp32 copies: 0.3 GB
@@ -190,8 +200,7 @@ PRESETS = {
         # completions per step in 4 updates of 128, verl's ratio (512 prompts, mini-batches of 128).
         rl_steps=500, rl_lr=1e-6, prompts_per_step=64, group_size=8, rl_mini_batch=128,
         temperature=1.0, top_p=1.0,  # sample the policy itself: the PPO ratio starts at exactly 1
-        clip_eps=0.2,  # PPO's and GRPO's usual ε
-        kl_coef=0.01,  # β as verl's recipe
+        clip_eps=0.2, kl_coef=0.01,  # PPO's and GRPO's usual ε; β as verl's recipe
         # λ, ours: L_anchor and L_GRPO are both means of the same clipped terms, so λ is the anchor's size
         # relative to GRPO. At the paper's sparsity (4.8 functional of 203.7 tokens) and r = 1, λ = 0.5 weighs
         # each functional token 1 + λ·203.7/4.8 ≈ 22× a text token, and gives functional positions
@@ -213,6 +222,10 @@ PRESETS = {
         # on the order of a minute, so 100 steps put ~1.5 h of work between saves, the save ~2% of it, and a
         # crash loses at most that. SFT steps take seconds: pass save_every=500 there (estimates, not timed).
         save_every=100, keep_checkpoints=2,
+        # ours: 256 held-out examples, 32 per GPU (±0.03 at accuracy 0.5), decoded greedily to eval_max_new_tokens:
+        # about one RL step's rollout (64 rows of 1,024 tokens per GPU), so every 50 steps it costs ~2% of the run
+        # and shows a collapse within an hour or so. Needs eval_data (train_rl.py refuses the toy's split here).
+        eval_every=50, eval_examples=256,
         final_dtype="bfloat16",  # the final model: 16.6 GB, as the download, and what eval and RL --init read
     ),
     # The toy model on the decisive puzzles (toy.py): the frame picks the operation, the token is the
@@ -222,8 +235,7 @@ PRESETS = {
     # steps of 64 learn both operations (batch 32: hit or miss); 60 RL steps at lr 3e-5 let GRPO repair
     # the slip (at 1e-4 the token stopped deciding the answer on shape puzzles).
     "toy_decisive": Config(
-        name="toy_decisive",
-        text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=256,
+        name="toy_decisive", text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=256,
         vision_hidden=64, vision_depth=2, vision_heads=2, vision_intermediate=128,
         image_size=112, min_pixels=112 * 112, max_pixels=112 * 112,
         toy_train_size=4000, toy_eval_size=200, toy_tasks="puzzle_shape,puzzle_line", toy_no_token_share=0.0,
@@ -247,26 +259,28 @@ class ConfigError(ValueError):
 RESUME_MAY_CHANGE = {
     "max_steps sft_steps rl_steps": "the run's length; the cosine lr schedule is recomputed for it from then on",
     "save_every keep_checkpoints save_on_interrupt final_dtype": "when and how checkpoints are written",
-    "log_every max_nonfinite_steps": "what is printed, and when a diverging run stops",
+    "log_every max_nonfinite_steps log_to collective_timeout_s": "what is printed and where, when a diverging or "
+                                                                  "stalled run stops",
     "micro_batch_size activation_checkpointing": "memory only: the same global batch and loss (to float rounding)",
-    "eval_max_new_tokens eval_min_pixels eval_max_pixels eval_batch_size": "eval.py's settings: no step reads them",
+    "eval_max_new_tokens eval_min_pixels eval_max_pixels eval_batch_size eval_every eval_examples":
+        "eval settings: validation reads the weights, no update reads it",
 }
 MUTABLE = {name for names in RESUME_MAY_CHANGE for name in names.split()}
 TOY_TASKS = ("shape", "line", "arrow", "zoom", "text", "puzzle_shape", "puzzle_line")  # toy.ANSWERS' families
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
 def _parse(field, text):
-    kind = field.type if isinstance(field.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[field.type]
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
+    if field.type is bool and text.lower() not in _BOOLEANS:
         raise ConfigError(f"{field.name}={text!r}: expected true or false")
+    if field.type is bool:
+        return _BOOLEANS[text.lower()]
     try:
-        return kind(text)
+        return field.type(text)
     except ValueError:
-        raise ConfigError(f"{field.name}={text!r}: expected {kind.__name__}") from None
+        raise ConfigError(f"{field.name}={text!r}: expected {field.type.__name__}") from None
 
 
 def get_config(name="micro", overrides=(), base=None):
@@ -292,15 +306,16 @@ POSITIVE = ("text_hidden text_layers text_heads text_kv_heads text_intermediate 
             "vision_heads vision_intermediate tokenizer_vocab max_positions image_size min_pixels max_pixels "
             "toy_train_size toy_eval_size log_every sft_steps batch_size micro_batch_size rl_steps "
             "prompts_per_step group_size rl_mini_batch ppo_epochs max_new_tokens eval_max_new_tokens "
-            "eval_batch_size epoch_seed_stride step_seed_stride row_seed_stride sft_lr rl_lr grad_clip "
+            "eval_batch_size eval_examples collective_timeout_s epoch_seed_stride step_seed_stride row_seed_stride sft_lr rl_lr grad_clip "
             "clip_eps rope_theta rms_norm_eps max_nonfinite_steps").split()
 NON_NEGATIVE = ("logprob_chunk seed rl_seed rl_seed_offset vocab_rows vision_fullatt_every vision_tokens_per_second "
-                "max_steps save_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer over_threshold "
+                "max_steps save_every eval_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer over_threshold "
                 "eval_min_pixels eval_max_pixels weight_decay temperature kl_coef anchor_coef adv_eps w_acc w_ft "
                 "w_fmt w_len w_over len_max_penalty over_slope over_max_penalty").split()
 SHARES = "toy_no_token_share toy_teacher_slip toy_token_slip".split()  # in [0, 1]
 BETAS = "sft_beta1 sft_beta2 rl_beta1 rl_beta2".split()  # in [0, 1)
-CHOICES = {"answer_format": ("tag", "boxed"), "final_dtype": ("float32", "bfloat16"), "toy_reply": ("short", "long")}
+CHOICES = {"answer_format": ("tag", "boxed"), "final_dtype": ("float32", "bfloat16"), "toy_reply": ("short", "long"),
+           "log_to": ("none", "wandb", "tensorboard")}
 
 
 def check(cfg):

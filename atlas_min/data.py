@@ -149,8 +149,7 @@ def keep_good(examples, bad, what, skip, on_skip):
     return kept
 
 
-def check_lengths(examples, tokenizer, image_processor, cfg, *, context, generate=0, with_reply=False,
-                  on_skip=None):
+def check_lengths(examples, tokenizer, image_processor, cfg, *, context, generate=0, with_reply=False, on_skip=None):
     """Every example's prompt plus its reply (`with_reply`, SFT) or plus the `generate` tokens the sampler
     may add fits in the model's `context` positions, checked before any work (`keep_good`): beyond them
     the model has no trained positions, and the run would fail, or truncate silently, on that batch.

@@ -4,6 +4,7 @@
     model = shard(model, cfg, device) # FSDP2: each vision block, the vision tower, each decoder layer, the root
 """
 import contextlib
+import datetime
 import os
 import sys
 
@@ -14,8 +15,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
-def setup():
-    """(rank, world_size, device); initialises the process group under torchrun."""
+def setup(timeout_s=None):
+    """(rank, world_size, device); initialises the process group under torchrun, its collectives failing after
+    `timeout_s` seconds of waiting (None: torch's default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if torch.cuda.is_available():
@@ -25,7 +27,8 @@ def setup():
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         # CUDA: NCCL for tensors on the GPU, gloo for the small CPU tensors and objects (counts, metrics)
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s) if timeout_s else None)
     return rank, world, device
 
 
@@ -159,8 +162,9 @@ def load_optimizer_state(model, optimizer, state):
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=options)
 
 
-def cleanup(exit_code=0):
-    """End a run: under torchrun, leave the process group together and exit with `exit_code` at once;
+def cleanup(exit_code=0, together=True):
+    """End a run: under torchrun, leave the process group (`together`: after a barrier; else at once, as a rank
+    whose collectives are all done and that must not wait for the others) and exit with `exit_code` at once;
     on one process, return.
 
     Skipping the interpreter's teardown is the point. gloo's worker threads (and FSDP's state) still hold
@@ -170,7 +174,8 @@ def cleanup(exit_code=0):
     last: files are closed by then, and stdout/stderr are flushed here.
     """
     if dist.is_initialized():
-        dist.barrier()
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()

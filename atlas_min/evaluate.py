@@ -68,24 +68,19 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
     rows = [r for part in all_gather_objects(rows) for r in part]
     n_tokens, seconds = sum(all_gather_objects(n_tokens)), max(all_gather_objects(seconds))
     n = max(len(rows), 1)
-    by_task = defaultdict(list)
-    for r in rows:
-        by_task[r["task"]].append(r)
+    by_task = {t: [r for r in rows if r["task"] == t] for t in sorted({r["task"] for r in rows})}
+    mean = {key: sum(r[key] for r in rows) / n for key in ("accuracy", "format", "n_functional", "length")}
     return {
-        "n": len(rows),
-        "accuracy": sum(r["accuracy"] for r in rows) / n,
-        "format_rate": sum(r["format"] for r in rows) / n,
+        "n": len(rows), "accuracy": mean["accuracy"], "format_rate": mean["format"],
         "functional_rate": sum(r["n_functional"] > 0 for r in rows) / n,
-        "mean_functional_tokens": sum(r["n_functional"] for r in rows) / n,
-        "mean_length": sum(r["length"] for r in rows) / n,
-        "per_task": {t: sum(r["accuracy"] for r in rs) / len(rs) for t, rs in sorted(by_task.items())},
-        "functional_by_task": {t: {tok: sum(tok in r["tokens"] for r in rs) / len(rs)
-                                   for tok in FUNCTIONAL_TOKENS} for t, rs in sorted(by_task.items())},
+        "mean_functional_tokens": mean["n_functional"], "mean_length": mean["length"],
+        "per_task": {t: sum(r["accuracy"] for r in rs) / len(rs) for t, rs in by_task.items()},
+        "functional_by_task": {t: {tok: sum(tok in r["tokens"] for r in rs) / len(rs) for tok in FUNCTIONAL_TOKENS}
+                               for t, rs in by_task.items()},
         # per task whose examples name their token: the share of outputs whose first functional token is it
-        "right_token_rate": {t: sum(r["right_token"] for r in rs) / len(rs) for t, rs in sorted(by_task.items())
+        "right_token_rate": {t: sum(r["right_token"] for r in rs) / len(rs) for t, rs in by_task.items()
                              if all(r["right_token"] is not None for r in rs)},
-        "tokens_per_s": n_tokens / max(seconds, 1e-9),
-        "samples": rows[:8],
+        "tokens_per_s": n_tokens / max(seconds, 1e-9), "samples": rows[:8],
         "outputs": rows,  # every row, for judging; eval.py leaves it out of eval.json
     }
 
@@ -137,20 +132,17 @@ def intervene(model, tokenizer, image_processor, examples, cfg, device):
             variants.append(dict(enc, prompt_ids=enc["prompt_ids"] + forced))
             owners.append((ex, forced, tok))
     continued = _greedy(model, tokenizer, variants, filler, cfg, device)
-    hits = defaultdict(lambda: defaultdict(list))
+    hits = []  # (task, token, accuracy) of each continuation
     for (ex, forced, tok), (ids, mask) in zip(owners, continued):
         keep = max(0, cfg.eval_max_new_tokens - len(forced))  # the forced tokens count against the eval's budget
         text, length, functional = decode_completion(tokenizer, torch.tensor(forced + ids[:keep].tolist()),
                                                      torch.cat([torch.ones(len(forced), dtype=torch.bool), mask[:keep]]))
         reward = compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length,
                                 functional=functional)
-        hits[ex["task"]][tok].append(reward["accuracy"])
-    merged_hits, merged_skipped = defaultdict(lambda: defaultdict(list)), Counter()
-    for part_hits, part_skipped in all_gather_objects(({t: dict(v) for t, v in hits.items()}, dict(skipped))):
-        merged_skipped.update(part_skipped)
-        for task, per_token in part_hits.items():
-            for tok, values in per_token.items():
-                merged_hits[task][tok] += values
+        hits.append((ex["task"], tok, reward["accuracy"]))
+    merged_hits, merged_skipped = defaultdict(lambda: defaultdict(list)), sum(all_gather_objects(skipped), Counter())
+    for task, tok, acc in (hit for part in all_gather_objects(hits) for hit in part):
+        merged_hits[task][tok].append(acc)
     accuracy = {t: {tok: sum(v) / len(v) for tok, v in per.items()} for t, per in sorted(merged_hits.items())}
     usual = usual_tokens(examples)
     gap = {t: acc[usual[t]] - sum(a for tok, a in acc.items() if tok != usual[t]) / (len(acc) - 1)

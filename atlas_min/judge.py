@@ -12,8 +12,12 @@ needs no model; this judge is for the meaning-level cases that rules cannot deci
     judge("/models/Qwen2.5-7B-Instruct",
           [{"question": q, "gold": "B", "answer": "the right one"}])
 """
+import json
 import re
 import string
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DEFAULT_TEMPLATE = """You grade a model's answer to a question against the reference answer.
@@ -57,8 +61,7 @@ def judge_prompt(question, gold, answer, template=None):
     try:
         names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as e:
-        raise JudgeError(f"template: not a format string ({e}); "
-                         "write literal braces as {{ and }}") from None
+        raise JudgeError(f"template: not a format string ({e}); write literal braces as {{{{ and }}}}") from None
     unknown = sorted(name for name in names if name not in FIELDS and name not in ALIASES)
     if unknown:
         raise JudgeError(f"template: unknown placeholder {{{unknown[0]}}}; "
@@ -69,8 +72,7 @@ def judge_prompt(question, gold, answer, template=None):
         raise JudgeError(f"template: no {{{missing[0]}}} placeholder "
                          "(a template needs {question}, {gold} and {answer})")
     values = {"question": question, "gold": gold, "answer": answer}
-    values.update({alias: values[field] for alias, field in ALIASES.items()})
-    return template.format(**values)
+    return template.format(**values, **{alias: values[field] for alias, field in ALIASES.items()})
 
 
 _JSON_VERDICT = re.compile(r'"?correctness"?\s*[:=]\s*"?([01])\b')  # the authors' {"Correctness": 1} replies
@@ -149,10 +151,35 @@ def generate(model, tokenizer, texts, max_new_tokens, device, temperature=0.0):
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)  # the new tokens
 
 
-def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, device="cpu"):
+def ask_url(url, prompts, model=None, *, max_new_tokens=50, timeout_s=300, retries=3, parallel=8):
+    """The replies of an OpenAI-compatible chat-completions endpoint (what `vllm serve` exposes) to `prompts`:
+    POST URL/v1/chat/completions (URL: the server's root, as http://host:8000), each prompt one user message
+    (as `chat_text` gives it to a local model), temperature 0, at most `max_new_tokens`, "model": `model` when
+    given (vLLM's default: the one model it serves). `parallel` requests at a time (the server batches them);
+    one that fails or times out is tried again `retries` times, 1, 2, 4 s apart, then JudgeError names the URL."""
+    endpoint = url.rstrip("/") + "/v1/chat/completions"
+
+    def ask(prompt):
+        body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": max_new_tokens}
+        request = urllib.request.Request(endpoint, json.dumps(body | ({"model": model} if model else {})).encode(),
+                                         {"Content-Type": "application/json"})
+        for attempt in range(retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+                    return json.loads(reply.read())["choices"][0]["message"]["content"]
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+                if attempt == retries:
+                    raise JudgeError(f"judge {endpoint}: no reply after {retries + 1} tries ({e})") from None
+                time.sleep(2 ** attempt)
+
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(ask, prompts))
+
+
+def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, device="cpu", url_model=None):
     """Verdicts (a list of bools, one per item) of the local model in `model_path` (or a (tokenizer, model)
-    pair from `load_judge`) on `items`, each a mapping with "question", "gold" and "answer" (the extracted
-    answer, or None when there is none).
+    pair from `load_judge`, or the URL of a served one: `ask_url`, with `url_model` its "model") on `items`,
+    each a mapping with "question", "gold" and "answer" (the extracted answer, or None when there is none).
 
     An item whose answer is None or blank is False without asking the model, as the harness scores a
     missing box 0 (judge_results.py:79-81). Every other item is asked with judge_prompt, greedily, at
@@ -169,18 +196,21 @@ def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, 
         answer = item["answer"]
         asked = isinstance(answer, str) and bool(answer.strip())
         prompts.append(judge_prompt(item["question"], item["gold"], answer, template) if asked else None)
+    served = str(model_path).startswith(("http://", "https://"))
     loaded = model_path if isinstance(model_path, tuple) else None
-    if not loaded:
+    if not loaded and not served:
         _check_folder(Path(model_path))
     asked = [k for k, prompt in enumerate(prompts) if prompt is not None]
-    replies = [None] * len(items)
-    if asked:
+    answers = []  # the replies to the asked items, in order
+    if asked and served:
+        answers = ask_url(model_path, [prompts[k] for k in asked], url_model, max_new_tokens=max_new_tokens)
+    elif asked:
         tokenizer, model = loaded or load_judge(model_path, device)
         for start in range(0, len(asked), batch_size):
-            chunk = asked[start:start + batch_size]
-            texts = [chat_text(tokenizer, prompts[k]) for k in chunk]
-            for k, reply in zip(chunk, generate(model, tokenizer, texts, max_new_tokens, device)):
-                replies[k] = reply
+            texts = [chat_text(tokenizer, prompts[k]) for k in asked[start:start + batch_size]]
+            answers += generate(model, tokenizer, texts, max_new_tokens, device)
+    reply_of = dict(zip(asked, answers))
+    replies = [reply_of.get(k) for k in range(len(items))]
     parsed = [None if reply is None else parse_verdict(reply) for reply in replies]
     unparsed = sum(1 for k in asked if parsed[k] is None)
     return Verdicts([bool(v) for v in parsed], replies, unparsed)

@@ -348,10 +348,8 @@ def parse_options(question):
         elif not run or LETTERS.index(letter) != len(run):
             continue
         run.append((letter, m.start(), m.end()))
-    best = []
-    for run in runs:
-        if len(run) >= 2 and len(run) >= len(best):
-            best = run
+    # the longest run of two or more; reversed, so that a tie goes to the later run
+    best = max([run for run in reversed(runs) if len(run) >= 2], key=len, default=[])
     options = {}
     for k, (letter, _, end) in enumerate(best):
         if k + 1 < len(best):
@@ -464,20 +462,12 @@ def compute_reward(completion, answer, cfg, *, question="", num_tokens=None, fun
     """
     pred = extract_answer(completion, cfg.answer_format)
     accuracy = 1.0 if answers_equivalent(pred, answer, question=question) else 0.0
-    n_functional = (sum(completion.count(t) for t in FUNCTIONAL_TOKENS) if functional is None
-                    else len(functional))
+    n_functional = len(functional) if functional is not None else sum(map(completion.count, FUNCTIONAL_TOKENS))
     functional = 1.0 if n_functional >= 1 and accuracy == 1.0 else 0.0
     fmt = format_reward(completion, cfg.answer_format)
     p_len = length_penalty(len(completion) if num_tokens is None else num_tokens, cfg)
     p_over = overuse_penalty(n_functional, cfg)
     total = (cfg.w_acc * accuracy + cfg.w_ft * functional + cfg.w_fmt * fmt
              - cfg.w_len * p_len - cfg.w_over * p_over)
-    return {
-        "accuracy": accuracy,
-        "functional": functional,
-        "format": fmt,
-        "length_penalty": p_len,
-        "overuse_penalty": p_over,
-        "n_functional": float(n_functional),
-        "total": float(total),
-    }
+    return {"accuracy": accuracy, "functional": functional, "format": fmt, "length_penalty": p_len,
+            "overuse_penalty": p_over, "n_functional": float(n_functional), "total": float(total)}

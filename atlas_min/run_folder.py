@@ -33,7 +33,8 @@ from atlas_min.config import MUTABLE, get_config
 from atlas_min.data import data_file, file_record
 from atlas_min.dist import print0
 
-RUN_FILES = ("trainer_state.json", "model.safetensors", "optimizer.safetensors", "report.md", "eval.json")
+RUN_FILES = ("trainer_state.json", "model.safetensors", "optimizer.safetensors", "report.md", "eval.json",
+             "samples_rl.jsonl", "tracker.json")
 LOCK = ".lock"
 _created = set()  # run folders this process created: removed at exit if still empty
 

@@ -190,3 +190,60 @@ def test_a_folder_whose_model_cannot_load_is_an_error_naming_it(tiny, tmp_path):
 def test_an_item_without_a_field_is_an_error_naming_it(tiny):
     with pytest.raises(JudgeError, match=r"items\[1\]: no field 'gold'"):
         judge(tiny, [ITEMS[0], {"question": QUESTION, "answer": "B"}])
+
+
+def serve_judge(replies, delay_s=0.0, fail_first=0):
+    """A served judge on 127.0.0.1 (an OpenAI-compatible /v1/chat/completions of canned `replies`, in turn),
+    in a thread: (its URL, the request bodies it received). It sleeps `delay_s` before its first reply and answers
+    the first `fail_first` requests with HTTP 500. The port is the one the system picked as free."""
+    import http.server
+    import json
+    import threading
+    import time
+    bodies = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append(dict(body, path=self.path))
+            time.sleep(delay_s if len(bodies) == 1 else 0)
+            failed = len(bodies) <= fail_first
+            reply = b"{}" if failed else json.dumps(
+                {"choices": [{"message": {"role": "assistant", "content": replies[(len(bodies) - 1) % len(replies)]}}]}).encode()
+            self.send_response(500 if failed else 200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", bodies
+
+
+def test_a_served_judge_is_asked_the_local_judges_prompt_at_temperature_0_and_50_tokens():
+    url, bodies = serve_judge(["Correct"])
+    verdicts = judge(url, ITEMS, url_model="judge-235b")
+    asked = [item for item in ITEMS if item["answer"] and item["answer"].strip()]
+    assert sorted(b["messages"][0]["content"] for b in bodies) == sorted(
+        judge_prompt(i["question"], i["gold"], i["answer"]) for i in asked)
+    assert all(b["path"] == "/v1/chat/completions" and b["temperature"] == 0 and b["max_tokens"] == 50
+               and b["model"] == "judge-235b" and len(b["messages"]) == 1 for b in bodies)
+    assert list(verdicts) == [bool(i["answer"] and i["answer"].strip()) for i in ITEMS]
+
+
+def test_a_served_judge_that_fails_is_asked_again(monkeypatch):
+    monkeypatch.setattr(judge_module.time, "sleep", lambda s: None)  # the back-off between tries
+    url, bodies = serve_judge(["Incorrect"], fail_first=2)
+    verdicts = judge(url, ITEMS[:1])
+    assert len(bodies) == 3 and list(verdicts) == [False] and verdicts.replies == ["Incorrect"]
+
+
+def test_a_served_judge_that_never_answers_is_an_error_naming_it(monkeypatch):
+    monkeypatch.setattr(judge_module.time, "sleep", lambda s: None)
+    url, bodies = serve_judge(["Correct"], fail_first=10)
+    with pytest.raises(JudgeError, match=f"judge {url}/v1/chat/completions: no reply after 4 tries"):
+        judge(url, ITEMS[:1])

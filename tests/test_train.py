@@ -19,9 +19,10 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TRANSFORMERS_VERBOSITY="error")
 
 
-def run(*args, procs=1, check=True):
+def run(*args, procs=1, check=True, env=None):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
-    out = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT, env=_env() | (env or {}), capture_output=True,
+                         text=True, timeout=600)
     if check and out.returncode != 0:
         raise AssertionError(f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
@@ -68,9 +69,25 @@ def test_gradient_accumulation_of_micro_batches_equals_one_big_batch(tmp_path):
     assert max_diff(weights(tmp_path / "big"), weights(tmp_path / "acc")) < 1e-5  # Adam amplifies float32 noise
 
 
-def test_one_and_two_processes_reach_the_same_sft_weights(tmp_path, sft_run):
-    run("train_sft.py", "--config", "micro", "--out", tmp_path / "two", "max_steps=3", procs=2)
-    assert max_diff(weights(sft_run), weights(tmp_path / "two")) < 1e-5
+@pytest.fixture(scope="session")
+def sft_two_procs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft2") / "run"
+    run("train_sft.py", "--config", "micro", "--out", out, "max_steps=3", procs=2)
+    return out
+
+
+RL_ARGS = ["--config", "micro", "max_steps=2", "prompts_per_step=2", "rl_mini_batch=8"]
+
+
+@pytest.fixture(scope="session")
+def rl_two_procs(tmp_path_factory, sft_run):
+    out = tmp_path_factory.mktemp("rl2") / "run"
+    run("train_rl.py", *RL_ARGS, "--init", sft_run, "--out", out, procs=2)
+    return out
+
+
+def test_one_and_two_processes_reach_the_same_sft_weights(sft_run, sft_two_procs):
+    assert max_diff(weights(sft_run), weights(sft_two_procs)) < 1e-5
 
 
 def _kill_after(args, folder):
@@ -125,14 +142,36 @@ def test_intermediate_checkpoints_load_with_stock_transformers(sft_run):
         assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k in saved)
 
 
-def test_one_rl_step_runs_on_one_and_two_processes_with_the_same_result(tmp_path, sft_run):
-    args = ["--config", "micro", "--init", sft_run, "max_steps=2", "prompts_per_step=2", "rl_mini_batch=8"]
-    run("train_rl.py", *args, "--out", tmp_path / "one")
-    run("train_rl.py", *args, "--out", tmp_path / "two", procs=2)
+def test_one_rl_step_runs_on_one_and_two_processes_with_the_same_result(tmp_path, sft_run, rl_two_procs):
+    run("train_rl.py", *RL_ARGS, "--init", sft_run, "--out", tmp_path / "one")
     one = [json.loads(line) for line in (tmp_path / "one" / "metrics_rl.jsonl").read_text().splitlines()]
-    two = [json.loads(line) for line in (tmp_path / "two" / "metrics_rl.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (rl_two_procs / "metrics_rl.jsonl").read_text().splitlines()]
     assert [r["completion_length"] for r in one] == [r["completion_length"] for r in two]  # the same samples
-    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+    assert max_diff(weights(tmp_path / "one"), weights(rl_two_procs)) < 1e-5
+
+
+def _two_nodes(*args):
+    """README's two-node command, run as two launchers of one process each on this machine (c10d rendezvous on
+    the loopback address; the port is one the system picked as free)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "atlas"]
+    nodes = [subprocess.Popen(launcher + [str(a) for a in args], cwd=ROOT, env=_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs
+
+
+def test_two_launchers_as_two_nodes_train_the_weights_of_one_launcher_with_two_processes(tmp_path, sft_run,
+                                                                                         sft_two_procs, rl_two_procs):
+    _two_nodes("train_sft.py", "--config", "micro", "--out", tmp_path / "sft", "max_steps=3")
+    _two_nodes("train_rl.py", *RL_ARGS, "--init", sft_run, "--out", tmp_path / "rl")
+    for two_nodes, one_launcher in [(tmp_path / "sft", sft_two_procs), (tmp_path / "rl", rl_two_procs)]:
+        a, b = weights(two_nodes), weights(one_launcher)
+        assert all(torch.equal(a[k], b[k]) for k in a)  # the same 2 ranks, the same reductions: bit for bit
 
 
 def test_rl_metrics_carry_what_a_reviewer_reads_first(tmp_path, sft_run):
@@ -269,12 +308,19 @@ def test_a_rollout_gathers_each_unit_once_whatever_its_length():
     assert counts["gathered_9"] == counts["gathered_1"] > 0  # kept gathered: once per unit, then never again
 
 
-def test_eval_gives_the_same_numbers_on_one_and_two_processes(tmp_path, sft_run):
+@pytest.fixture(scope="session")
+def sft_eval(tmp_path_factory, sft_run):
+    """eval.json of the SFT run on one process, at 8 new tokens."""
+    out = tmp_path_factory.mktemp("eval") / "one.json"
+    run("eval.py", "--ckpt", sft_run, "--out", out, "eval_max_new_tokens=8")
+    return json.loads(out.read_text())
+
+
+def test_eval_gives_the_same_numbers_on_one_and_two_processes(tmp_path, sft_run, sft_eval):
     keys = ["n", "accuracy", "format_rate", "functional_rate", "mean_functional_tokens", "mean_length", "per_task",
             "functional_by_task"]
-    run("eval.py", "--ckpt", sft_run, "--out", tmp_path / "one.json", "eval_max_new_tokens=8")
     run("eval.py", "--ckpt", sft_run, "--out", tmp_path / "two.json", "eval_max_new_tokens=8", procs=2)
-    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    one, two = sft_eval, json.loads((tmp_path / "two.json").read_text())
     assert {k: one[k] for k in keys} == {k: two[k] for k in keys}
 
 
@@ -415,14 +461,19 @@ def test_a_half_written_metrics_line_is_dropped_on_resume(tmp_path, sft_run):
     assert steps == [0, 1, 2, 3]
 
 
-def test_eval_judge_asks_the_model_about_every_extracted_answer(tmp_path):
-    # a micro model taught the reply format (150 steps, as tutorial 08) writes <answer> tags to extract
-    from test_judge import CHAT, _save_tiny_model
-    sft = tmp_path / "sft"
-    run("train_sft.py", "--config", "micro", "--out", sft, "max_steps=150", "sft_lr=1e-2", "batch_size=16",
+@pytest.fixture(scope="session")
+def answering_sft(tmp_path_factory):
+    """A micro model taught the reply format (150 steps, as tutorial 08): it writes <answer> tags to extract."""
+    out = tmp_path_factory.mktemp("answering") / "sft"
+    run("train_sft.py", "--config", "micro", "--out", out, "max_steps=150", "sft_lr=1e-2", "batch_size=16",
         "sft_warmup=10")
+    return out
+
+
+def test_eval_judge_asks_the_model_about_every_extracted_answer(tmp_path, answering_sft):
+    from test_judge import CHAT, _save_tiny_model
     out = tmp_path / "eval.json"
-    run("eval.py", "--ckpt", sft, "--out", out, "--judge", _save_tiny_model(tmp_path / "judge", CHAT))
+    run("eval.py", "--ckpt", answering_sft, "--out", out, "--judge", _save_tiny_model(tmp_path / "judge", CHAT))
     result = json.loads(out.read_text())
     assert result["judge_asked"] > 0  # replies with an answer went to the judge model
     assert result["judge_unparsed"] <= result["judge_asked"]
@@ -524,3 +575,125 @@ def test_ctrl_c_while_a_run_starts_ends_it_in_one_line_and_frees_the_folder(tmp_
     assert proc.returncode == 130 and "Traceback" not in err
     assert len([line for line in (out + err).splitlines() if "interrupted" in line]) == 1
     assert not (run_dir / ".lock").exists()
+
+
+def test_a_served_judge_slower_than_the_collective_timeout_does_not_kill_a_two_process_eval(tmp_path, answering_sft):
+    from test_judge import serve_judge
+    url, bodies = serve_judge(["Correct"], delay_s=10)  # its first reply comes after the collectives' 6 s
+    out = tmp_path / "eval.json"
+    run("eval.py", "--ckpt", answering_sft, "--out", out, "--judge-url", url, "--judge-model", "served",
+        "collective_timeout_s=6", procs=2)
+    result = json.loads(out.read_text())
+    assert result["judge_asked"] == len(bodies) > 0 and {b["model"] for b in bodies} == {"served"}
+    assert result["judge_accuracy"] * result["n"] == pytest.approx(result["judge_asked"])  # each verdict: Correct
+
+
+@pytest.fixture(scope="session")
+def watched_rl(tmp_path_factory, sft_run):
+    """An RL run watched in tensorboard: validation at steps 0 and 2, samples at steps 0 and 2 of 3."""
+    out = tmp_path_factory.mktemp("watched") / "rl"
+    run("train_rl.py", "--config", "micro", "--init", sft_run, "--out", out, "max_steps=3", "log_to=tensorboard",
+        "eval_every=2", "log_every=2", "eval_max_new_tokens=8")
+    return out
+
+
+def _records(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def _tensorboard(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    (folder,) = (run_dir / "tensorboard").iterdir()
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def test_tensorboard_holds_every_number_of_metrics_rl_jsonl_and_the_resolved_config(watched_rl):
+    import textwrap
+    events = _tensorboard(watched_rl)
+    logged = {(tag, e.step): e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+    expected = {(k, r["step"]): v for r in _records(watched_rl / "metrics_rl.jsonl") for k, v in r.items() if k != "step"}
+    assert logged.keys() == expected.keys()
+    assert all(logged[k] == pytest.approx(v, rel=1e-6, abs=1e-6) for k, v in expected.items())  # stored as float32
+    (config,) = events.Tensors("config/text_summary")
+    text = textwrap.dedent(config.tensor_proto.string_val[0].decode())
+    assert json.loads(text) == json.loads((watched_rl / "trainer_state.json").read_text())["config"]
+
+
+def test_rl_validation_at_step_0_gives_eval_pys_numbers_then_comes_every_eval_every_steps(sft_eval, watched_rl):
+    records = _records(watched_rl / "metrics_rl.jsonl")
+    assert [r["step"] for r in records if "val/accuracy" in r] == [0, 2]
+    result = sft_eval  # of the RL run's init, on the same 20 examples (micro's eval split, eval_examples=20)
+    assert [records[0][f"val/{k}"] for k in ("accuracy", "format", "functional_rate")] == \
+        [result[k] for k in ("accuracy", "format_rate", "functional_rate")]
+
+
+def test_every_log_every_rl_steps_one_group_goes_to_samples_rl_jsonl_and_the_tracker(watched_rl):
+    rows = _records(watched_rl / "samples_rl.jsonl")
+    assert [r["step"] for r in rows] == [0] * 4 + [2] * 4  # G = 4
+    for step in (0, 2):
+        group = [r for r in rows if r["step"] == step]
+        assert len({r["prompt_id"] for r in group}) == 1 and all(r["task"] and isinstance(r["text"], str) for r in group)
+        totals = [r["total"] for r in group]
+        mean = sum(totals) / 4
+        std = math.sqrt(sum((t - mean) ** 2 for t in totals) / 3)
+        expected = [0.0] * 4 if max(totals) == min(totals) else [(t - mean) / (std + 1e-6) for t in totals]
+        assert [r["advantage"] for r in group] == pytest.approx(expected)
+        assert all({"accuracy", "format", "functional", "length_penalty", "overuse_penalty"} <= r.keys() for r in group)
+    assert [e.step for e in _tensorboard(watched_rl).Tensors("samples_rl/text_summary")] == [0, 2]
+
+
+def _wandb_records(path):
+    """The records of a wandb transaction log (RUN/wandb/offline-run-*/run-ID.wandb): a header, then 32 KiB
+    blocks of chunks (crc32, length, type: 1 whole, 2 first, 3 middle, 4 last), each record a protobuf."""
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    data, pos, part, records = Path(path).read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(part))
+            part = b""
+    return records
+
+
+def test_wandb_offline_holds_the_metrics_and_config_and_a_resume_continues_the_same_run(tmp_path, sft_run):
+    env = {"WANDB_MODE": "offline", "WANDB_CONFIG_DIR": str(tmp_path), "WANDB_CACHE_DIR": str(tmp_path),
+           "WANDB_DATA_DIR": str(tmp_path)}
+    out = tmp_path / "rl"
+    run("train_rl.py", "--config", "micro", "--init", sft_run, "--out", out, "max_steps=1", "log_to=wandb", env=env)
+    run("train_rl.py", "--resume", out, "max_steps=2", env=env)
+    run_id = json.loads((out / "tracker.json").read_text())["id"]
+    logs = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [p.name for p in logs] == [f"run-{run_id}.wandb"] * 2  # the resume wrote on in the same run
+    logged, config = {}, {}
+    for record in (r for p in logs for r in _wandb_records(p)):
+        items = {"history": record.history.item, "config": record.config.update}.get(record.WhichOneof("record_type"), [])
+        values = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+        if record.HasField("config"):
+            config |= values
+        elif values:
+            logged |= {(k, values["_step"]): v for k, v in values.items() if not k.startswith("_")}
+    tables = {key: logged.pop(key) for key in list(logged) if key[0].startswith("samples_rl/")}
+    assert tables[("samples_rl/nrows", 0)] == tables[("samples_rl/nrows", 1)] == 4  # a group's G completions
+    expected = {(k, r["step"]): v for r in _records(out / "metrics_rl.jsonl") for k, v in r.items() if k != "step"}
+    assert logged == pytest.approx(expected)
+    saved = json.loads((out / "trainer_state.json").read_text())["config"]
+    assert {k: config[k] for k in saved} == saved
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_in_one_line_before_any_work(tmp_path):
+    fake = tmp_path / "site" / "wandb"  # what an environment without wandb imports
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named wandb')\n")
+    out = run("train_sft.py", "--config", "micro", "--out", tmp_path / "run", "log_to=wandb", check=False,
+              env={"PYTHONPATH": f"{tmp_path / 'site'}:{ROOT}"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "error: log_to=wandb: the wandb package is not installed (pip install -e '.[wandb]')"
+    assert not (tmp_path / "run").exists()
