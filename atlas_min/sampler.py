@@ -91,12 +91,10 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
     (B·G, C) of that same distribution at each position (both 0 where the mask is False); truncated
     (B·G,) bool, rows that reached max_new_tokens without a stop token.
     """
-    stop_ids, pad_id = torch.tensor(tokenizer.convert_tokens_to_ids(STOP_TOKENS)), tokenizer.pad_token_id
-    banned = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS))
-    n_tokens = len(tokenizer)
     prompt_ids = batch["input_ids"].repeat_interleave(group_size, 0)  # (N, P), N = B·G
     prompt_mask = batch["attention_mask"].repeat_interleave(group_size, 0)
     N, device = prompt_ids.shape[0], prompt_ids.device
+    stop_ids, pad_id = torch.tensor(tokenizer.convert_tokens_to_ids(STOP_TOKENS), device=device), tokenizer.pad_token_id
     if temperature > 0 and row_seeds is None:
         raise ValueError("sampling (temperature > 0) needs row_seeds: one seed per row, B·G of them")
     if temperature > 0:  # all of a row's uniforms up front: one call per row, not one per row and step
@@ -122,14 +120,15 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
     # stand-in row kept when all of this rank's rows are done but another rank's are not (lockstep).
     rows, live, attention_mask = torch.arange(N, device=device), done.logical_not(), prompt_mask
     work = torch.empty(N, out.logits.shape[-1], device=device)  # exp(logits − max) of each step: one buffer
-    not_tokens = torch.cat([banned.to(device), torch.arange(n_tokens, work.shape[1], device=device)])
+    # never drawn: a vision placeholder, or a row past the tokenizer (Qwen pads its matrix)
+    not_tokens = torch.cat([torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS), device=device),
+                            torch.arange(len(tokenizer), work.shape[1], device=device)])
     for step in range(max_new_tokens):
         scaled = out.logits[:, -1].float()  # (n, V), n = rows in the decode batch; changed in place below
         if temperature not in (0, 1):
             scaled = scaled.div_(temperature)
         log_z, entropy = log_partition_and_entropy(scaled, work[:len(rows)])  # (n,), the model's distribution
-        scaled.index_fill_(-1, not_tokens, float("-inf"))  # never a vision placeholder, nor a row past the
-        # tokenizer (Qwen pads its matrix); the sampled token is neither, so its logit below is unchanged
+        scaled.index_fill_(-1, not_tokens, float("-inf"))  # the drawn token is none of them: its logit stays
         if temperature > 0:
             token = _draw(work[:len(rows)].index_fill_(-1, not_tokens, 0.0), top_p, uniforms[rows, step])  # (n,)
         else:
@@ -138,7 +137,7 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
         tokens[at, step], masks[at, step] = token[live], True
         logprobs[at, step] = (scaled.gather(-1, token[:, None])[:, 0] - log_z)[live]
         entropies[at, step] = entropy[live]
-        stopped = live & torch.isin(token, stop_ids.to(device))  # (n,)
+        stopped = live & torch.isin(token, stop_ids)  # (n,)
         done[rows[stopped]] = True
         if step == max_new_tokens - 1 or (_all_done(done) if lockstep else bool(done.all())):
             break
