@@ -223,12 +223,10 @@ def _argument(text):
 def _root(text):
     """`2\\sqrt{3}`, `\\sqrt3`, `-0.5√2`, `√12` -> the signed square of coefficient·√radicand;
     else None."""
-    for mark in ("\\sqrt", "√"):
-        coef_text, found, radicand_text = text.partition(mark)
-        if found:
-            break
-    else:
+    mark = next((m for m in ("\\sqrt", "√") if m in text), None)
+    if mark is None:
         return None
+    coef_text, _, radicand_text = text.partition(mark)
     coef_text = coef_text.strip()
     coef = Fraction(-1 if coef_text == "-" else 1) if coef_text in ("", "+", "-") else _decimal(coef_text)
     if mark == "\\sqrt":
@@ -262,28 +260,25 @@ def number_value(text):
     (sign, square); None for anything else, including scientific notation and arithmetic."""
     if len(text) > MAX_NUMBER_CHARS:
         return None
-    text = text.strip()
-    sign, body = 1, text
+    sign, body = 1, text.strip()
     if body[:1] in ("-", "+") and body[1:].lstrip()[:1] in ("\\", "√"):
         sign, body = (-1 if body[0] == "-" else 1), body[1:].lstrip()
-    for command in _FRAC_COMMANDS:
-        if body.startswith(command):
-            first = _argument(body[len(command):])
-            second = first and _argument(first[1])
-            if not second or second[1].strip():
-                return None
-            value = _divide(_term(first[0]), _term(second[0]))
-            return None if value is None else (sign * value[0], value[1])
-    if body.count("/") == 1:
-        num, den = body.split("/")
-        value = _divide(_term(num), _term(den))
+    command = next((c for c in _FRAC_COMMANDS if body.startswith(c)), None)
+    if command:
+        first = _argument(body[len(command):])
+        second = first and _argument(first[1])
+        if not second or second[1].strip():
+            return None
+        value = _divide(_term(first[0]), _term(second[0]))
+    elif body.count("/") == 1:
+        value = _divide(*map(_term, body.split("/")))
     else:
         value = _term(body)
     return None if value is None else (sign * value[0], value[1])
 
 
-_DEGREE_MARKS = ("^{\\circ}", "^\\circ", "\\circ", "\\degree", "°")
-_PERCENT_MARKS = ("\\%", "%")
+_UNIT_MARKS = {"^{\\circ}": "°", "^\\circ": "°", "\\circ": "°", "\\degree": "°", "°": "°",
+               "\\%": "%", "%": "%"}
 _UNIT_NAMES = {"degree": "°", "degrees": "°", "deg": "°", "percent": "%"}
 # A unit: a word of 2+ letters, or one of a few one-letter SI symbols (so that `2x` is not "2 of unit x"),
 # then an optional power (^2, ^{3}, ², ³) and an optional "/word". Not after a letter or a backslash, so
@@ -296,10 +291,9 @@ _UNIT = re.compile(r"(?<![^\W\d_])(?<!\\)((?:[^\W\d_]{2,}|[mgsLhKNJWV])" + _POWE
 def split_unit(text):
     """`5 cm` -> ("5", "cm"), `30^\\circ` / `30°` / `30 degrees` -> ("30", "°"), `50\\%` -> ("50", "%"),
     `5 cm^2` -> ("5", "cm^2"), `7` -> ("7", "")."""
-    for marks, unit in ((_DEGREE_MARKS, "°"), (_PERCENT_MARKS, "%")):
-        for mark in marks:
-            if text.endswith(mark):
-                return text[:-len(mark)].rstrip(), unit
+    for mark, unit in _UNIT_MARKS.items():  # longest first where one ends another
+        if text.endswith(mark):
+            return text[:-len(mark)].rstrip(), unit
     m = _UNIT.search(text) if len(text) <= MAX_QUANTITY_CHARS else None
     if m is None or not m.start():
         return text, ""
@@ -351,12 +345,8 @@ def parse_options(question):
     # the longest run of two or more; reversed, so that a tie goes to the later run
     best = max([run for run in reversed(runs) if len(run) >= 2], key=len, default=[])
     options = {}
-    for k, (letter, _, end) in enumerate(best):
-        if k + 1 < len(best):
-            stop = best[k + 1][1]
-        else:
-            stop = question.find("\n", end)
-            stop = len(question) if stop < 0 else stop
+    for (letter, _, end), after in zip(best, best[1:] + [None]):
+        stop = after[1] if after else (question + "\n").find("\n", end)  # the last: to the end of its line
         options[letter] = question[end:stop].strip().rstrip(",;").strip()
     return options
 
@@ -420,11 +410,10 @@ def format_reward(completion, answer_format):
     """R_fmt ∈ {0, 1}. "tag": the stripped completion ends with `</answer>`, holds exactly one
     `<answer>` and one `</answer>`, and the answer is not blank. "boxed": extract_answer finds an
     answer: the last `\\boxed{` closes and is not blank (text may follow it, as in "$\\boxed{3}$.")."""
-    if answer_format == "tag":
-        text = completion.strip()
-        ok = (text.endswith("</answer>") and text.count("<answer>") == 1
-              and text.count("</answer>") == 1 and bool(extract_answer(text, "tag")))
-        return 1.0 if ok else 0.0
+    text = completion.strip()
+    if answer_format == "tag" and not (text.endswith("</answer>")
+                                       and text.count("<answer>") == text.count("</answer>") == 1):
+        return 0.0
     return 1.0 if extract_answer(completion, answer_format) else 0.0
 
 
@@ -436,9 +425,7 @@ def length_penalty(num_tokens, cfg):
     excess = num_tokens - cfg.len_threshold
     if excess <= 0:
         return 0.0
-    if cfg.len_buffer <= 0:
-        return float(cfg.len_max_penalty)
-    return cfg.len_max_penalty * min(1.0, excess / cfg.len_buffer)
+    return cfg.len_max_penalty * (min(1.0, excess / cfg.len_buffer) if cfg.len_buffer > 0 else 1.0)
 
 
 def overuse_penalty(n_functional, cfg):
