@@ -138,20 +138,15 @@ def drop_answer_prefix(text):
     the answer (case-insensitive, one of _ANSWER_PREFIXES, a ":" after it allowed). The phrase must end at
     a word boundary, so `Options` or `answered` stay whole."""
     for prefix in _ANSWER_PREFIXES:
-        head = text[:len(prefix)]
-        after = text[len(prefix):len(prefix) + 1]
-        if head.lower() == prefix and not (after.isalnum() or after == "_"):
-            rest = text[len(prefix):].lstrip()
-            rest = rest[1:].lstrip() if rest[:1] == ":" else rest
-            return rest or text
+        rest = text[len(prefix):]
+        if text[:len(prefix)].lower() == prefix and not (rest[:1].isalnum() or rest[:1] == "_"):
+            return rest.lstrip().removeprefix(":").lstrip() or text
     return text
 
 
 def drop_trailing_period(text):
     """`yes.` -> `yes`, `5.` -> `5`: one sentence-final period (an ellipsis `...` is kept)."""
-    if text.endswith(".") and not text.endswith(".."):
-        return text[:-1].rstrip()
-    return text
+    return text[:-1].rstrip() if text.endswith(".") and not text.endswith("..") else text
 
 
 def drop_variable(text):
