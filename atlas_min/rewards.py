@@ -26,7 +26,6 @@ MAX_QUANTITY_CHARS = MAX_NUMBER_CHARS + 32  # a number and its unit; the unit re
 
 _DIGITS = frozenset("0123456789")  # not str.isdigit(): it accepts "²", which int() then rejects
 _FRAC_COMMANDS = ("\\frac", "\\dfrac", "\\tfrac")
-_BRACE = re.compile(r"[{}]")
 _LATEX_SPECIAL = re.compile(r"[\\{}]")
 
 
@@ -51,15 +50,8 @@ def extract_answer(completion, answer_format):
         return completion[start + len("<answer>"):end].strip()
     if answer_format == "boxed":
         start = completion.rfind("\\boxed{")
-        if start < 0:
-            return None
-        start += len("\\boxed{")
-        depth = 1
-        for m in _BRACE.finditer(completion, start):  # one linear scan from the last box to its close
-            depth += 1 if completion[m.start()] == "{" else -1
-            if depth == 0:
-                return completion[start:m.start()].strip() or None
-        return None
+        box = _argument(completion[start + len("\\boxed"):]) if start >= 0 else None  # one scan to its close
+        return (box[0] or None) if box else None
     raise ValueError(f"answer_format must be 'tag' or 'boxed', not {answer_format!r}")
 
 
@@ -203,7 +195,7 @@ def _decimal(text):
 
 def _argument(text):
     """A TeX argument at the start of `text` -> (content, rest): a brace group (nesting allowed) or one
-    character (`\\frac12` is `\\frac{1}{2}`); None when there is none. `text` is short (capped)."""
+    character (`\\frac12` is `\\frac{1}{2}`); None when there is none. One linear scan."""
     text = text.lstrip()
     if text[:1] != "{":
         return (text[0], text[1:]) if text and text[0] not in "}\\" else None
