@@ -348,10 +348,8 @@ def choice_letter(text, letters, with_text=True):
         letter, rest = text[0], text[2:]
     else:
         return None
-    if rest.strip() and not with_text:
-        return None
-    letter = letter.upper()
-    return letter if len(letter) == 1 and letter in letters else None
+    letter = letter.upper()  # may be two letters: "ß" -> "SS"
+    return letter if len(letter) == 1 and letter in letters and (with_text or not rest.strip()) else None
 
 
 # --- R_acc: the verdict ------------------------------------------------------------------------------
