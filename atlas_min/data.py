@@ -177,12 +177,11 @@ def stream_indices(step, per_step, n, *, seed, epoch_seed_stride):
 
     Derived from (seed, step) alone, so a resumed run and any number of processes see the same batches.
     """
-    out = []
-    for k in range(step * per_step, (step + 1) * per_step):
-        epoch, pos = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * epoch_seed_stride + epoch))
-        out.append(perm[pos].item())
-    return out
+    def shuffle(epoch):
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * epoch_seed_stride + epoch))
+
+    # k: a position in the stream, item k % n of the shuffle of epoch k // n
+    return [shuffle(k // n)[k % n].item() for k in range(step * per_step, (step + 1) * per_step)]
 
 
 def open_image(path, where=""):

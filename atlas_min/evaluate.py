@@ -5,7 +5,6 @@ and the token intervention probe (does the answer depend on which functional tok
 colour (what normalises to 0): a model that reads the image falls to chance; one that guesses from
 the question does not.
 """
-import math
 import time
 from collections import Counter, defaultdict
 
@@ -35,8 +34,8 @@ def _greedy(model, tokenizer, encoded, filler, cfg, device):
     forward gathers, and every rank must take part in it: a rank without prompts decodes `filler` once."""
     outputs = []
     with gathered(model), autocast(device):
-        for c in range(max(1, math.ceil(len(encoded) / cfg.eval_batch_size))):
-            chunk = encoded[c * cfg.eval_batch_size:(c + 1) * cfg.eval_batch_size]
+        for start in range(0, max(len(encoded), 1), cfg.eval_batch_size):  # at least one chunk, maybe empty
+            chunk = encoded[start:start + cfg.eval_batch_size]
             batch = to_device(collate_prompts(chunk or [filler], tokenizer.pad_token_id), device)
             out = sample(model, batch, tokenizer, max_new_tokens=cfg.eval_max_new_tokens, temperature=0, lockstep=False)
             outputs += list(zip(out["completion_ids"].cpu(), out["completion_mask"].cpu()))[:len(chunk)]

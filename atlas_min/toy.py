@@ -277,18 +277,6 @@ def reply(params, token, rng, length):
     return _compose(token, result, lead, [rng.choice(slot) for slot in STEP_SLOTS[token]])
 
 
-def _puzzle_texts():
-    """Every puzzle question, answer and reply, of both lengths (all phrasings: a few thousand texts)."""
-    texts = [PUZZLE_QUESTION, NO_OPERAND, *ANSWERS["puzzle_shape"], *ANSWERS["puzzle_line"]]
-    results = {"<|Shape|>": ANSWERS["puzzle_shape"], "<|Line|>": ANSWERS["puzzle_line"]}
-    for token, slots in STEP_SLOTS.items():
-        for result in results.get(token, [NO_OPERAND]):
-            texts.append(f"{SHORT_LEAD} {token} <answer>{result}</answer>")
-            texts += [_compose(token, result, lead, steps)
-                      for lead in itertools.product(*LEAD_SLOTS) for steps in itertools.product(*slots)]
-    return texts
-
-
 # --- data sets --------------------------------------------------------------------------------------
 
 def _tasks(cfg):
@@ -406,6 +394,12 @@ def corpus(cfg):
         texts.append(QUESTIONS[task])
         for answer in ANSWERS[task]:
             texts += [answer, response(task, answer, True), response(task, answer, False)]
-    if any(task in PUZZLE_TOKENS for task in _tasks(cfg)):
-        texts += _puzzle_texts()
+    if any(task in PUZZLE_TOKENS for task in _tasks(cfg)):  # every puzzle reply, all phrasings: a few thousand
+        texts += [PUZZLE_QUESTION, NO_OPERAND, *ANSWERS["puzzle_shape"], *ANSWERS["puzzle_line"]]
+        results = {"<|Shape|>": ANSWERS["puzzle_shape"], "<|Line|>": ANSWERS["puzzle_line"]}
+        for token, slots in STEP_SLOTS.items():
+            for result in results.get(token, [NO_OPERAND]):
+                texts.append(f"{SHORT_LEAD} {token} <answer>{result}</answer>")
+                texts += [_compose(token, result, lead, steps)
+                          for lead in itertools.product(*LEAD_SLOTS) for steps in itertools.product(*slots)]
     return texts
