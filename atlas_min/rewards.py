@@ -68,8 +68,6 @@ def unwrap_text_commands(text):
     """`\\text{B}` -> `B`; also \\textbf, \\textit, \\textrm, \\mathrm, \\mathbf, \\mbox and \\boxed, nested
     or not (`\\text{\\textbf{B}}` -> `B`): they only typeset the answer. The harness unboxes a boxed gold
     answer too (judge_results.py:73). One left-to-right pass with a stack of open braces."""
-    if "\\" not in text:
-        return text
     out, stack, copied = [], [], 0  # stack: one entry per open "{": True when its "}" must be dropped
     for m in _LATEX_SPECIAL.finditer(text):
         i = m.start()
@@ -367,9 +365,7 @@ def answers_equivalent(pred, gold, *, question=""):
     text (`red` = `(A)` when the question lists `(A) red`). A letter counts as a choice only when the
     question lists options or the gold answer is itself a letter, so a free-text answer "a" is just a
     word. An empty or missing prediction is wrong."""
-    if pred is None or gold is None:
-        return False
-    p, g = normalise_answer(pred), normalise_answer(gold)
+    p, g = normalise_answer(pred or ""), normalise_answer(gold or "")
     if not p or not g:
         return False
     if _same_value(p, g):
