@@ -52,10 +52,9 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
     mine = examples[_rank()::world_size()]
     t0 = time.time()
     outputs = _greedy(model, tokenizer, [enc(ex) for ex in mine], enc(examples[0]), cfg, device)
-    rows, n_tokens = [], 0
+    rows = []
     for ex, (ids, mask) in zip(mine, outputs):
         text, length, functional = decode_completion(tokenizer, ids, mask)  # functional tokens by id
-        n_tokens += length
         reward = compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length,
                                 functional=functional)
         rows.append({"id": ex["id"], "task": ex["task"], "question": ex["question"], "answer": ex["answer"],
@@ -65,7 +64,7 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
                      "right_token": None if "token" not in ex else functional[:1] == [ex["token"]]})
     seconds = time.time() - t0
     rows = [r for part in all_gather_objects(rows) for r in part]
-    n_tokens, seconds = sum(all_gather_objects(n_tokens)), max(all_gather_objects(seconds))
+    seconds = max(all_gather_objects(seconds))
     n = max(len(rows), 1)
     by_task = {t: [r for r in rows if r["task"] == t] for t in sorted({r["task"] for r in rows})}
     mean = {key: sum(r[key] for r in rows) / n for key in ("accuracy", "format", "n_functional", "length")}
@@ -79,7 +78,7 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
         # per task whose examples name their token: the share of outputs whose first functional token is it
         "right_token_rate": {t: sum(r["right_token"] for r in rs) / len(rs) for t, rs in by_task.items()
                              if all(r["right_token"] is not None for r in rs)},
-        "tokens_per_s": n_tokens / max(seconds, 1e-9), "samples": rows[:8],
+        "tokens_per_s": sum(r["length"] for r in rows) / max(seconds, 1e-9), "samples": rows[:8],
         "outputs": rows,  # every row, for judging; eval.py leaves it out of eval.json
     }
 

@@ -285,10 +285,9 @@ def _tasks(cfg):
 
 def _stamp(cfg):
     """Everything the generated files depend on; equal stamps mean identical data sets."""
+    toy_fields = ("train_size", "eval_size", "no_token_share", "teacher_slip", "token_slip", "reply")  # cfg.toy_*
     return {"version": VERSION, "seed": cfg.seed, "image_size": cfg.image_size, "tasks": _tasks(cfg),
-            "train_size": cfg.toy_train_size, "eval_size": cfg.toy_eval_size,
-            "no_token_share": cfg.toy_no_token_share, "teacher_slip": cfg.toy_teacher_slip,
-            "token_slip": cfg.toy_token_slip, "reply": cfg.toy_reply}
+            **{name: getattr(cfg, f"toy_{name}") for name in toy_fields}}
 
 
 def _write_split(folder, split, size, cfg, taken):
