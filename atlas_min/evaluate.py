@@ -57,8 +57,7 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
         text, length, functional = decode_completion(tokenizer, ids, mask)  # functional tokens by id
         reward = compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length,
                                 functional=functional)
-        rows.append({"id": ex["id"], "task": ex["task"], "question": ex["question"], "answer": ex["answer"],
-                     "output": text, "length": length,
+        rows.append({**{k: ex[k] for k in ("id", "task", "question", "answer")}, "output": text, "length": length,
                      **{k: reward[k] for k in ("accuracy", "format", "n_functional")},
                      "tokens": sorted(set(functional), key=FUNCTIONAL_TOKENS.index),
                      "right_token": None if "token" not in ex else functional[:1] == [ex["token"]]})
