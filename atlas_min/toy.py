@@ -315,16 +315,12 @@ def _write_split(folder, split, size, cfg, taken):
             image.save(folder / "images" / f"{ex_id}.png")
             with_token = text_rng.random() >= cfg.toy_no_token_share
             if task in PUZZLE_TOKENS:  # always a token, it is the decision (toy_no_token_share: classics)
-                token = PUZZLE_TOKENS[task]
-                if split == "train" and task in TOKEN_SLIPS and slip_rng.random() < cfg.toy_token_slip:
-                    token = TOKEN_SLIPS[task]
-                text = reply(params, token, text_rng, cfg.toy_reply)
-            else:
-                said = answer  # what the SFT reply claims; `answer` stays the truth that rewards and eval use
+                slipped = split == "train" and task in TOKEN_SLIPS and slip_rng.random() < cfg.toy_token_slip
+                text = reply(params, TOKEN_SLIPS[task] if slipped else PUZZLE_TOKENS[task], text_rng, cfg.toy_reply)
+            else:  # the reply may claim a misread; `answer` stays the truth that rewards and eval use
                 true, misread = TEACHER_SLIPS.get(task, (None, None))
-                if split == "train" and answer == true and slip_rng.random() < cfg.toy_teacher_slip:
-                    said = misread
-                text = response(task, said, with_token)
+                slipped = split == "train" and answer == true and slip_rng.random() < cfg.toy_teacher_slip
+                text = response(task, misread if slipped else answer, with_token)
             row = {"id": ex_id, "images": [f"images/{ex_id}.png"], "question": question, "answer": answer,
                    "response": text, "task": task}
             if task in PUZZLE_TOKENS:  # the token the frame calls for: the truth behind the right-token rate
