@@ -137,8 +137,7 @@ elif opts.intervene:
 print0("\nsample outputs:")
 for s in result["samples"][:4]:
     print0(f"  [{s['task']}] answer={s['answer']!r} correct={bool(s['accuracy'])}: {s['output']!r}")
-out.parent.mkdir(parents=True, exist_ok=True)  # rank 0 alone is left
-tmp = out.with_name(out.name + ".tmp")
+tmp = out.with_name(out.name + ".tmp")  # in out's folder, which check_output made
 tmp.write_text(json.dumps(result, indent=1))
 tmp.replace(out)  # a killed eval leaves the previous eval.json, never half of one
 print0(f"wrote {out}")

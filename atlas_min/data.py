@@ -177,12 +177,11 @@ def stream_indices(step, per_step, n, *, seed, epoch_seed_stride):
 
     Derived from (seed, step) alone, so a resumed run and any number of processes see the same batches.
     """
-    out = []
-    for k in range(step * per_step, (step + 1) * per_step):
-        epoch, pos = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * epoch_seed_stride + epoch))
-        out.append(perm[pos].item())
-    return out
+    def shuffle(epoch):
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * epoch_seed_stride + epoch))
+
+    # k: a position in the stream, item k % n of the shuffle of epoch k // n
+    return [shuffle(k // n)[k % n].item() for k in range(step * per_step, (step + 1) * per_step)]
 
 
 def open_image(path, where=""):
@@ -209,17 +208,16 @@ def encode(ex, tokenizer, image_processor, system_prompt, with_reply=False, imag
     """
     if images is None:
         images = [open_image(p, ex.get("where", "")) for p in ex["images"]]
-    pixels = image_processor(images=images, return_tensors="pt") if images else None
+    pixels = (image_processor(images=images, return_tensors="pt") if images else
+              {"pixel_values": torch.zeros(0, 0), "image_grid_thw": torch.zeros(0, 3, dtype=torch.long)})
     pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     text = prompt_text(ex["question"] + question_suffix, len(images), system_prompt, image_separator)
     ids = tokenizer.encode(text, add_special_tokens=False)
     if images:
-        merge = image_processor.merge_size ** 2
-        counts = iter((pixels["image_grid_thw"].prod(-1) // merge).tolist())
+        counts = iter((pixels["image_grid_thw"].prod(-1) // image_processor.merge_size ** 2).tolist())
         ids = [t for i in ids for t in ([i] * next(counts) if i == pad_id else [i])]
-    out = {"prompt_ids": ids, "n_images": len(images),
-           "pixel_values": pixels["pixel_values"] if images else torch.zeros(0, 0),
-           "image_grid_thw": pixels["image_grid_thw"] if images else torch.zeros(0, 3, dtype=torch.long)}
+    out = {"prompt_ids": ids, "n_images": len(images), "pixel_values": pixels["pixel_values"],
+           "image_grid_thw": pixels["image_grid_thw"]}
     if with_reply:
         out["reply_ids"] = tokenizer.encode(ex["response"] + "<|im_end|>", add_special_tokens=False)
     return out
@@ -238,29 +236,25 @@ def _images(encoded):
             "images_per_row": [e["n_images"] for e in encoded]}
 
 
+def _pad(rows, value, side="right"):
+    """(B, T) tensor of the id lists `rows`, padded with `value` on `side` to the longest."""
+    return torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r in rows], batch_first=True, padding_value=value,
+                                           padding_side=side)
+
+
 def collate_sft(encoded, pad_id):
     """Right-padded prompt+reply rows; labels are IGNORE everywhere but the reply (stop token included)."""
     rows = [e["prompt_ids"] + e["reply_ids"] for e in encoded]
-    T = max(map(len, rows))
-    input_ids = torch.full((len(rows), T), pad_id)  # (B, T)
-    labels = torch.full((len(rows), T), IGNORE)  # (B, T)
-    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)  # (B, T)
-    for b, (e, row) in enumerate(zip(encoded, rows)):
-        input_ids[b, :len(row)] = torch.tensor(row)
-        attention_mask[b, :len(row)] = 1
-        labels[b, len(e["prompt_ids"]):len(row)] = torch.tensor(e["reply_ids"])
-    return dict(_images(encoded), input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    labels = [[IGNORE] * len(e["prompt_ids"]) + e["reply_ids"] for e in encoded]
+    return dict(_images(encoded), input_ids=_pad(rows, pad_id), attention_mask=_pad([[1] * len(r) for r in rows], 0),
+                labels=_pad(labels, IGNORE))
 
 
 def collate_prompts(encoded, pad_id):
     """Left-padded prompts, so every row's next token is generated at the same column."""
-    T = max(len(e["prompt_ids"]) for e in encoded)
-    input_ids = torch.full((len(encoded), T), pad_id)  # (B, T)
-    attention_mask = torch.zeros(len(encoded), T, dtype=torch.long)  # (B, T)
-    for b, e in enumerate(encoded):
-        input_ids[b, T - len(e["prompt_ids"]):] = torch.tensor(e["prompt_ids"])
-        attention_mask[b, T - len(e["prompt_ids"]):] = 1
-    return dict(_images(encoded), input_ids=input_ids, attention_mask=attention_mask)
+    rows = [e["prompt_ids"] for e in encoded]
+    return dict(_images(encoded), input_ids=_pad(rows, pad_id, "left"),
+                attention_mask=_pad([[1] * len(r) for r in rows], 0, "left"))
 
 
 def to_device(batch, device):

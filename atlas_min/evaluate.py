@@ -5,7 +5,6 @@ and the token intervention probe (does the answer depend on which functional tok
 colour (what normalises to 0): a model that reads the image falls to chance; one that guesses from
 the question does not.
 """
-import math
 import time
 from collections import Counter, defaultdict
 
@@ -35,8 +34,8 @@ def _greedy(model, tokenizer, encoded, filler, cfg, device):
     forward gathers, and every rank must take part in it: a rank without prompts decodes `filler` once."""
     outputs = []
     with gathered(model), autocast(device):
-        for c in range(max(1, math.ceil(len(encoded) / cfg.eval_batch_size))):
-            chunk = encoded[c * cfg.eval_batch_size:(c + 1) * cfg.eval_batch_size]
+        for start in range(0, max(len(encoded), 1), cfg.eval_batch_size):  # at least one chunk, maybe empty
+            chunk = encoded[start:start + cfg.eval_batch_size]
             batch = to_device(collate_prompts(chunk or [filler], tokenizer.pad_token_id), device)
             out = sample(model, batch, tokenizer, max_new_tokens=cfg.eval_max_new_tokens, temperature=0, lockstep=False)
             outputs += list(zip(out["completion_ids"].cpu(), out["completion_mask"].cpu()))[:len(chunk)]
@@ -53,20 +52,18 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
     mine = examples[_rank()::world_size()]
     t0 = time.time()
     outputs = _greedy(model, tokenizer, [enc(ex) for ex in mine], enc(examples[0]), cfg, device)
-    rows, n_tokens = [], 0
+    rows = []
     for ex, (ids, mask) in zip(mine, outputs):
         text, length, functional = decode_completion(tokenizer, ids, mask)  # functional tokens by id
-        n_tokens += length
         reward = compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length,
                                 functional=functional)
-        rows.append({"id": ex["id"], "task": ex["task"], "question": ex["question"], "answer": ex["answer"],
-                     "output": text, "length": length,
+        rows.append({**{k: ex[k] for k in ("id", "task", "question", "answer")}, "output": text, "length": length,
                      **{k: reward[k] for k in ("accuracy", "format", "n_functional")},
                      "tokens": sorted(set(functional), key=FUNCTIONAL_TOKENS.index),
                      "right_token": None if "token" not in ex else functional[:1] == [ex["token"]]})
     seconds = time.time() - t0
     rows = [r for part in all_gather_objects(rows) for r in part]
-    n_tokens, seconds = sum(all_gather_objects(n_tokens)), max(all_gather_objects(seconds))
+    seconds = max(all_gather_objects(seconds))
     n = max(len(rows), 1)
     by_task = {t: [r for r in rows if r["task"] == t] for t in sorted({r["task"] for r in rows})}
     mean = {key: sum(r[key] for r in rows) / n for key in ("accuracy", "format", "n_functional", "length")}
@@ -80,7 +77,7 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
         # per task whose examples name their token: the share of outputs whose first functional token is it
         "right_token_rate": {t: sum(r["right_token"] for r in rs) / len(rs) for t, rs in by_task.items()
                              if all(r["right_token"] is not None for r in rs)},
-        "tokens_per_s": n_tokens / max(seconds, 1e-9), "samples": rows[:8],
+        "tokens_per_s": sum(r["length"] for r in rows) / max(seconds, 1e-9), "samples": rows[:8],
         "outputs": rows,  # every row, for judging; eval.py leaves it out of eval.json
     }
 

@@ -211,6 +211,5 @@ def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, 
             answers += generate(model, tokenizer, texts, max_new_tokens, device)
     reply_of = dict(zip(asked, answers))
     replies = [reply_of.get(k) for k in range(len(items))]
-    parsed = [None if reply is None else parse_verdict(reply) for reply in replies]
-    unparsed = sum(1 for k in asked if parsed[k] is None)
-    return Verdicts([bool(v) for v in parsed], replies, unparsed)
+    parsed = [parse_verdict(reply) for reply in replies]  # None for an item not asked
+    return Verdicts([bool(v) for v in parsed], replies, unparsed=sum(parsed[k] is None for k in asked))

@@ -26,7 +26,6 @@ MAX_QUANTITY_CHARS = MAX_NUMBER_CHARS + 32  # a number and its unit; the unit re
 
 _DIGITS = frozenset("0123456789")  # not str.isdigit(): it accepts "²", which int() then rejects
 _FRAC_COMMANDS = ("\\frac", "\\dfrac", "\\tfrac")
-_BRACE = re.compile(r"[{}]")
 _LATEX_SPECIAL = re.compile(r"[\\{}]")
 
 
@@ -51,15 +50,8 @@ def extract_answer(completion, answer_format):
         return completion[start + len("<answer>"):end].strip()
     if answer_format == "boxed":
         start = completion.rfind("\\boxed{")
-        if start < 0:
-            return None
-        start += len("\\boxed{")
-        depth = 1
-        for m in _BRACE.finditer(completion, start):  # one linear scan from the last box to its close
-            depth += 1 if completion[m.start()] == "{" else -1
-            if depth == 0:
-                return completion[start:m.start()].strip() or None
-        return None
+        box = _argument(completion[start + len("\\boxed"):]) if start >= 0 else None  # one scan to its close
+        return (box[0] or None) if box else None
     raise ValueError(f"answer_format must be 'tag' or 'boxed', not {answer_format!r}")
 
 
@@ -76,8 +68,6 @@ def unwrap_text_commands(text):
     """`\\text{B}` -> `B`; also \\textbf, \\textit, \\textrm, \\mathrm, \\mathbf, \\mbox and \\boxed, nested
     or not (`\\text{\\textbf{B}}` -> `B`): they only typeset the answer. The harness unboxes a boxed gold
     answer too (judge_results.py:73). One left-to-right pass with a stack of open braces."""
-    if "\\" not in text:
-        return text
     out, stack, copied = [], [], 0  # stack: one entry per open "{": True when its "}" must be dropped
     for m in _LATEX_SPECIAL.finditer(text):
         i = m.start()
@@ -138,20 +128,15 @@ def drop_answer_prefix(text):
     the answer (case-insensitive, one of _ANSWER_PREFIXES, a ":" after it allowed). The phrase must end at
     a word boundary, so `Options` or `answered` stay whole."""
     for prefix in _ANSWER_PREFIXES:
-        head = text[:len(prefix)]
-        after = text[len(prefix):len(prefix) + 1]
-        if head.lower() == prefix and not (after.isalnum() or after == "_"):
-            rest = text[len(prefix):].lstrip()
-            rest = rest[1:].lstrip() if rest[:1] == ":" else rest
-            return rest or text
+        rest = text[len(prefix):]
+        if text[:len(prefix)].lower() == prefix and not (rest[:1].isalnum() or rest[:1] == "_"):
+            return rest.lstrip().removeprefix(":").lstrip() or text
     return text
 
 
 def drop_trailing_period(text):
     """`yes.` -> `yes`, `5.` -> `5`: one sentence-final period (an ellipsis `...` is kept)."""
-    if text.endswith(".") and not text.endswith(".."):
-        return text[:-1].rstrip()
-    return text
+    return text[:-1].rstrip() if text.endswith(".") and not text.endswith("..") else text
 
 
 def drop_variable(text):
@@ -208,7 +193,7 @@ def _decimal(text):
 
 def _argument(text):
     """A TeX argument at the start of `text` -> (content, rest): a brace group (nesting allowed) or one
-    character (`\\frac12` is `\\frac{1}{2}`); None when there is none. `text` is short (capped)."""
+    character (`\\frac12` is `\\frac{1}{2}`); None when there is none. One linear scan."""
     text = text.lstrip()
     if text[:1] != "{":
         return (text[0], text[1:]) if text and text[0] not in "}\\" else None
@@ -223,12 +208,10 @@ def _argument(text):
 def _root(text):
     """`2\\sqrt{3}`, `\\sqrt3`, `-0.5√2`, `√12` -> the signed square of coefficient·√radicand;
     else None."""
-    for mark in ("\\sqrt", "√"):
-        coef_text, found, radicand_text = text.partition(mark)
-        if found:
-            break
-    else:
+    mark = next((m for m in ("\\sqrt", "√") if m in text), None)
+    if mark is None:
         return None
+    coef_text, _, radicand_text = text.partition(mark)
     coef_text = coef_text.strip()
     coef = Fraction(-1 if coef_text == "-" else 1) if coef_text in ("", "+", "-") else _decimal(coef_text)
     if mark == "\\sqrt":
@@ -262,28 +245,25 @@ def number_value(text):
     (sign, square); None for anything else, including scientific notation and arithmetic."""
     if len(text) > MAX_NUMBER_CHARS:
         return None
-    text = text.strip()
-    sign, body = 1, text
+    sign, body = 1, text.strip()
     if body[:1] in ("-", "+") and body[1:].lstrip()[:1] in ("\\", "√"):
         sign, body = (-1 if body[0] == "-" else 1), body[1:].lstrip()
-    for command in _FRAC_COMMANDS:
-        if body.startswith(command):
-            first = _argument(body[len(command):])
-            second = first and _argument(first[1])
-            if not second or second[1].strip():
-                return None
-            value = _divide(_term(first[0]), _term(second[0]))
-            return None if value is None else (sign * value[0], value[1])
-    if body.count("/") == 1:
-        num, den = body.split("/")
-        value = _divide(_term(num), _term(den))
+    command = next((c for c in _FRAC_COMMANDS if body.startswith(c)), None)
+    if command:
+        first = _argument(body[len(command):])
+        second = first and _argument(first[1])
+        if not second or second[1].strip():
+            return None
+        value = _divide(_term(first[0]), _term(second[0]))
+    elif body.count("/") == 1:
+        value = _divide(*map(_term, body.split("/")))
     else:
         value = _term(body)
     return None if value is None else (sign * value[0], value[1])
 
 
-_DEGREE_MARKS = ("^{\\circ}", "^\\circ", "\\circ", "\\degree", "°")
-_PERCENT_MARKS = ("\\%", "%")
+_UNIT_MARKS = {"^{\\circ}": "°", "^\\circ": "°", "\\circ": "°", "\\degree": "°", "°": "°",
+               "\\%": "%", "%": "%"}
 _UNIT_NAMES = {"degree": "°", "degrees": "°", "deg": "°", "percent": "%"}
 # A unit: a word of 2+ letters, or one of a few one-letter SI symbols (so that `2x` is not "2 of unit x"),
 # then an optional power (^2, ^{3}, ², ³) and an optional "/word". Not after a letter or a backslash, so
@@ -296,10 +276,9 @@ _UNIT = re.compile(r"(?<![^\W\d_])(?<!\\)((?:[^\W\d_]{2,}|[mgsLhKNJWV])" + _POWE
 def split_unit(text):
     """`5 cm` -> ("5", "cm"), `30^\\circ` / `30°` / `30 degrees` -> ("30", "°"), `50\\%` -> ("50", "%"),
     `5 cm^2` -> ("5", "cm^2"), `7` -> ("7", "")."""
-    for marks, unit in ((_DEGREE_MARKS, "°"), (_PERCENT_MARKS, "%")):
-        for mark in marks:
-            if text.endswith(mark):
-                return text[:-len(mark)].rstrip(), unit
+    for mark, unit in _UNIT_MARKS.items():  # longest first where one ends another
+        if text.endswith(mark):
+            return text[:-len(mark)].rstrip(), unit
     m = _UNIT.search(text) if len(text) <= MAX_QUANTITY_CHARS else None
     if m is None or not m.start():
         return text, ""
@@ -351,12 +330,8 @@ def parse_options(question):
     # the longest run of two or more; reversed, so that a tie goes to the later run
     best = max([run for run in reversed(runs) if len(run) >= 2], key=len, default=[])
     options = {}
-    for k, (letter, _, end) in enumerate(best):
-        if k + 1 < len(best):
-            stop = best[k + 1][1]
-        else:
-            stop = question.find("\n", end)
-            stop = len(question) if stop < 0 else stop
+    for (letter, _, end), after in zip(best, best[1:] + [None]):
+        stop = after[1] if after else (question + "\n").find("\n", end)  # the last: to the end of its line
         options[letter] = question[end:stop].strip().rstrip(",;").strip()
     return options
 
@@ -371,10 +346,8 @@ def choice_letter(text, letters, with_text=True):
         letter, rest = text[0], text[2:]
     else:
         return None
-    if rest.strip() and not with_text:
-        return None
-    letter = letter.upper()
-    return letter if len(letter) == 1 and letter in letters else None
+    letter = letter.upper()  # may be two letters: "ß" -> "SS"
+    return letter if len(letter) == 1 and letter in letters and (with_text or not rest.strip()) else None
 
 
 # --- R_acc: the verdict ------------------------------------------------------------------------------
@@ -392,9 +365,7 @@ def answers_equivalent(pred, gold, *, question=""):
     text (`red` = `(A)` when the question lists `(A) red`). A letter counts as a choice only when the
     question lists options or the gold answer is itself a letter, so a free-text answer "a" is just a
     word. An empty or missing prediction is wrong."""
-    if pred is None or gold is None:
-        return False
-    p, g = normalise_answer(pred), normalise_answer(gold)
+    p, g = normalise_answer(pred or ""), normalise_answer(gold or "")
     if not p or not g:
         return False
     if _same_value(p, g):
@@ -420,11 +391,10 @@ def format_reward(completion, answer_format):
     """R_fmt ∈ {0, 1}. "tag": the stripped completion ends with `</answer>`, holds exactly one
     `<answer>` and one `</answer>`, and the answer is not blank. "boxed": extract_answer finds an
     answer: the last `\\boxed{` closes and is not blank (text may follow it, as in "$\\boxed{3}$.")."""
-    if answer_format == "tag":
-        text = completion.strip()
-        ok = (text.endswith("</answer>") and text.count("<answer>") == 1
-              and text.count("</answer>") == 1 and bool(extract_answer(text, "tag")))
-        return 1.0 if ok else 0.0
+    text = completion.strip()
+    if answer_format == "tag" and not (text.endswith("</answer>")
+                                       and text.count("<answer>") == text.count("</answer>") == 1):
+        return 0.0
     return 1.0 if extract_answer(completion, answer_format) else 0.0
 
 
@@ -436,9 +406,7 @@ def length_penalty(num_tokens, cfg):
     excess = num_tokens - cfg.len_threshold
     if excess <= 0:
         return 0.0
-    if cfg.len_buffer <= 0:
-        return float(cfg.len_max_penalty)
-    return cfg.len_max_penalty * min(1.0, excess / cfg.len_buffer)
+    return cfg.len_max_penalty * (min(1.0, excess / cfg.len_buffer) if cfg.len_buffer > 0 else 1.0)
 
 
 def overuse_penalty(n_functional, cfg):

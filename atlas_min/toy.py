@@ -92,21 +92,22 @@ def _digit(draw, digit, x, y, w, h, t, fill):
 
 def _shape(draw, s, rng, answer):
     # A 3x3 grid of cells, one shape per cell: at 84 px a cell is one merged vision token (28 px),
-    # so counting red cells is what the tower sees most directly. Blue distractors: 0-3.
-    cell, n_red, n_blue = s // 3, int(answer), rng.randint(0, 3)
-    items = []  # (cell, kind: o circle / s square / v triangle, colour, dx, dy, radius)
-    for i, c in enumerate(rng.sample(range(9), n_red + n_blue)):  # random order: red cells are random ones
-        r = rng.randint(cell * 3 // 10, cell * 2 // 5)  # radius: bold, yet inside its cell
-        slack = cell // 2 - r - 1
+    # so counting red cells is what the tower sees most directly.
+    cell = s // 3
+    return {"items": _shapes(draw, rng, int(answer), cell, range(9), (cell * 3 // 10, cell * 2 // 5))}
+
+
+def _shapes(draw, rng, n_red, cell, cells, radius, margin=0, columns=3):
+    """`n_red` red and 0-3 blue shapes, bold and filled, each in its own cell (of side `cell`) among `cells` of
+    a grid `columns` wide, with a radius in the range `radius`, `margin` px clear of the cell's edges.
+    Returns them sorted: (cell, kind: o circle / s square / v triangle, colour, dx, dy, radius)."""
+    items = []
+    for i, c in enumerate(rng.sample(cells, n_red + rng.randint(0, 3))):  # random order: red cells are random ones
+        r = rng.randint(*radius)
+        slack = max(0, cell // 2 - r - 1 - margin)
         dx, dy = rng.randint(-slack, slack), rng.randint(-slack, slack)
         items.append((c, rng.choice("osv"), "red" if i < n_red else "blue", dx, dy, r))
-    items.sort()
-    _paint_shapes(draw, cell, items)
-    return {"items": items}
-
-
-def _paint_shapes(draw, cell, items, columns=3):
-    for c, kind, colour, dx, dy, r in items:  # cell c sits in column c % columns, row c // columns
+    for c, kind, colour, dx, dy, r in sorted(items):  # cell c sits in column c % columns, row c // columns
         cx, cy = (c % columns) * cell + cell // 2 + dx, (c // columns) * cell + cell // 2 + dy
         fill = RED if colour == "red" else BLUE
         if kind == "o":
@@ -115,6 +116,7 @@ def _paint_shapes(draw, cell, items, columns=3):
             draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
         else:
             draw.polygon([(cx - r, cy - r), (cx + r, cy - r), (cx, cy + r)], fill=fill)
+    return sorted(items)
 
 
 def _line(draw, s, rng, answer):
@@ -190,14 +192,8 @@ def _puzzle(draw, s, rng, answer, family):
         y, x = rng.randint(lo, hi), rng.randint(f + 2, s - f - 2 - length)
         draw.rectangle((x, y - t // 2, x + length, y - t // 2 + t - 1), fill=colour)
         lines.append((x, y, length))
-    items, n_blue = [], rng.randint(0, 3)
-    for i, c in enumerate(rng.sample(range(4, 12), n_red + n_blue)):  # cells 4-11: the two middle rows
-        r = rng.randint(cell // 4, cell // 3)  # smaller than the classic shapes: they must clear the frame
-        slack = max(0, cell // 2 - r - 1 - f)
-        dx, dy = rng.randint(-slack, slack), rng.randint(-slack, slack)
-        items.append((c, rng.choice("osv"), "red" if i < n_red else "blue", dx, dy, r))
-    items.sort()
-    _paint_shapes(draw, cell, items, columns=4)
+    # cells 4-11: the two middle rows; smaller than the classic shapes: they must clear the frame
+    items = _shapes(draw, rng, n_red, cell, range(4, 12), (cell // 4, cell // 3), margin=f, columns=4)
     draw.rectangle((0, 0, s - 1, s - 1), outline=FRAMES[family], width=f)
     return {"lines": lines, "items": items}
 
@@ -281,18 +277,6 @@ def reply(params, token, rng, length):
     return _compose(token, result, lead, [rng.choice(slot) for slot in STEP_SLOTS[token]])
 
 
-def _puzzle_texts():
-    """Every puzzle question, answer and reply, of both lengths (all phrasings: a few thousand texts)."""
-    texts = [PUZZLE_QUESTION, NO_OPERAND, *ANSWERS["puzzle_shape"], *ANSWERS["puzzle_line"]]
-    results = {"<|Shape|>": ANSWERS["puzzle_shape"], "<|Line|>": ANSWERS["puzzle_line"]}
-    for token, slots in STEP_SLOTS.items():
-        for result in results.get(token, [NO_OPERAND]):
-            texts.append(f"{SHORT_LEAD} {token} <answer>{result}</answer>")
-            texts += [_compose(token, result, lead, steps)
-                      for lead in itertools.product(*LEAD_SLOTS) for steps in itertools.product(*slots)]
-    return texts
-
-
 # --- data sets --------------------------------------------------------------------------------------
 
 def _tasks(cfg):
@@ -301,10 +285,9 @@ def _tasks(cfg):
 
 def _stamp(cfg):
     """Everything the generated files depend on; equal stamps mean identical data sets."""
+    toy_fields = ("train_size", "eval_size", "no_token_share", "teacher_slip", "token_slip", "reply")  # cfg.toy_*
     return {"version": VERSION, "seed": cfg.seed, "image_size": cfg.image_size, "tasks": _tasks(cfg),
-            "train_size": cfg.toy_train_size, "eval_size": cfg.toy_eval_size,
-            "no_token_share": cfg.toy_no_token_share, "teacher_slip": cfg.toy_teacher_slip,
-            "token_slip": cfg.toy_token_slip, "reply": cfg.toy_reply}
+            **{name: getattr(cfg, f"toy_{name}") for name in toy_fields}}
 
 
 def _write_split(folder, split, size, cfg, taken):
@@ -332,16 +315,12 @@ def _write_split(folder, split, size, cfg, taken):
             image.save(folder / "images" / f"{ex_id}.png")
             with_token = text_rng.random() >= cfg.toy_no_token_share
             if task in PUZZLE_TOKENS:  # always a token, it is the decision (toy_no_token_share: classics)
-                token = PUZZLE_TOKENS[task]
-                if split == "train" and task in TOKEN_SLIPS and slip_rng.random() < cfg.toy_token_slip:
-                    token = TOKEN_SLIPS[task]
-                text = reply(params, token, text_rng, cfg.toy_reply)
-            else:
-                said = answer  # what the SFT reply claims; `answer` stays the truth that rewards and eval use
+                slipped = split == "train" and task in TOKEN_SLIPS and slip_rng.random() < cfg.toy_token_slip
+                text = reply(params, TOKEN_SLIPS[task] if slipped else PUZZLE_TOKENS[task], text_rng, cfg.toy_reply)
+            else:  # the reply may claim a misread; `answer` stays the truth that rewards and eval use
                 true, misread = TEACHER_SLIPS.get(task, (None, None))
-                if split == "train" and answer == true and slip_rng.random() < cfg.toy_teacher_slip:
-                    said = misread
-                text = response(task, said, with_token)
+                slipped = split == "train" and answer == true and slip_rng.random() < cfg.toy_teacher_slip
+                text = response(task, misread if slipped else answer, with_token)
             row = {"id": ex_id, "images": [f"images/{ex_id}.png"], "question": question, "answer": answer,
                    "response": text, "task": task}
             if task in PUZZLE_TOKENS:  # the token the frame calls for: the truth behind the right-token rate
@@ -410,6 +389,12 @@ def corpus(cfg):
         texts.append(QUESTIONS[task])
         for answer in ANSWERS[task]:
             texts += [answer, response(task, answer, True), response(task, answer, False)]
-    if any(task in PUZZLE_TOKENS for task in _tasks(cfg)):
-        texts += _puzzle_texts()
+    if any(task in PUZZLE_TOKENS for task in _tasks(cfg)):  # every puzzle reply, all phrasings: a few thousand
+        texts += [PUZZLE_QUESTION, NO_OPERAND, *ANSWERS["puzzle_shape"], *ANSWERS["puzzle_line"]]
+        results = {"<|Shape|>": ANSWERS["puzzle_shape"], "<|Line|>": ANSWERS["puzzle_line"]}
+        for token, slots in STEP_SLOTS.items():
+            for result in results.get(token, [NO_OPERAND]):
+                texts.append(f"{SHORT_LEAD} {token} <answer>{result}</answer>")
+                texts += [_compose(token, result, lead, steps)
+                          for lead in itertools.product(*LEAD_SLOTS) for steps in itertools.product(*slots)]
     return texts
