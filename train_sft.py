@@ -17,23 +17,19 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.cli import (Progress, UsageError, defer_interrupts, end_step, finish, parse_run_args, say_skipped,
-                           user_errors)
-from atlas_min.config import check_world
+from atlas_min.cli import Progress, UsageError, catch_interrupts, end_step, finish, say_skipped, start_run, user_errors
 from atlas_min.data import (IGNORE, check_lengths, collate_sft, encode_example, load_examples, stream_indices,
                             to_device)
-from atlas_min.dist import all_sum, autocast, print0, setup, shard
+from atlas_min.dist import all_sum, autocast, print0, shard
 from atlas_min.model import forward, init_model, load_pretrained, reply_nll
 from atlas_min.optim import adamw, clipped_step, count_nonfinite, lr_at, set_lr
 from atlas_min.tokens import FUNCTIONAL_TOKENS
 
 # 1. command line, processes, data
 with user_errors():
-    opts, cfg, resume_from, record = parse_run_args("Stage 1: SFT with functional tokens", stage="sft")
-    rank, world, device = setup(cfg.collective_timeout_s)
+    opts, cfg, resume_from, record, (rank, world, device) = start_run("Stage 1: SFT with functional tokens", "sft")
     if cfg.vocab_rows and not cfg.model_path and not resume_from:
         raise UsageError(f"config {cfg.name} trains a pretrained model: set model_path=/path/to/Qwen2.5-VL-7B-Instruct")
-    check_world(cfg, world, "sft")
     train = load_examples(cfg, "train", need_response=True, on_skip=say_skipped)
 run = opts.out
 total = cfg.max_steps or cfg.sft_steps
@@ -78,7 +74,7 @@ def sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world, device
 
 # 3. the loop; a run that diverges (optim.count_nonfinite) or cannot save ends in one line, its lock released
 progress = Progress(run, "sft", start, total, cfg)
-defer_interrupts(run)  # from here on, Ctrl-C stops the run after the step it is in
+catch_interrupts(run, defer=True)  # from here on, Ctrl-C stops the run after the step it is in
 streak = 0  # steps in a row whose loss or gradient norm was not finite: none of them is ever saved
 with user_errors():
     for step in range(start, total):
