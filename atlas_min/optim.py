@@ -16,11 +16,8 @@ from atlas_min.dist import clip_grad_norm
 
 def adamw(model, cfg, stage):
     """AdamW over the model's (sharded) parameters with `stage`'s ("sft" or "rl") peak lr and betas."""
-    if stage == "sft":
-        lr, betas = cfg.sft_lr, (cfg.sft_beta1, cfg.sft_beta2)
-    else:
-        lr, betas = cfg.rl_lr, (cfg.rl_beta1, cfg.rl_beta2)
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=cfg.weight_decay)
+    lr, beta1, beta2 = (getattr(cfg, f"{stage}_{knob}") for knob in ("lr", "beta1", "beta2"))
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=cfg.weight_decay)
 
 
 def lr_at(step, total, warmup, peak):
