@@ -64,11 +64,9 @@ with user_errors():
                                  on_skip=say_skipped, context=context)
 model = shard(model, cfg, device)
 reference = None
-if cfg.kl_coef > 0:
+if cfg.kl_coef > 0:  # frozen: on CUDA bf16 shards are enough, and half the memory
     reference = load_pretrained(init, cfg, on_meta=rank > 0)[0].requires_grad_(False)
-    if device.type == "cuda":  # frozen: bf16 shards are enough, and half the memory
-        reference = reference.to(torch.bfloat16)
-    reference = shard(reference, cfg, device).eval()
+    reference = shard(reference.to(torch.bfloat16 if device.type == "cuda" else torch.float32), cfg, device).eval()
 optimizer = adamw(model, cfg, "rl")
 if resume_from:
     checkpoint.load_optimizer(resume_from, model, optimizer)

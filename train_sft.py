@@ -36,10 +36,8 @@ total = cfg.max_steps or cfg.sft_steps
 
 # 2. model (the base model + functional tokens, or the checkpoint to resume; read by rank 0 only), optimizer
 start = checkpoint.read_state(resume_from)[0]["step"] if resume_from else 0
-if resume_from:
-    model, tokenizer, image_processor = load_pretrained(resume_from, cfg, on_meta=rank > 0)
-else:
-    model, tokenizer, image_processor = init_model(cfg, on_meta=rank > 0)
+model, tokenizer, image_processor = (load_pretrained(resume_from, cfg, on_meta=rank > 0) if resume_from
+                                     else init_model(cfg, on_meta=rank > 0))
 with user_errors():
     train = check_lengths(train, tokenizer, image_processor, cfg, with_reply=True, on_skip=say_skipped,
                           context=model.config.get_text_config().max_position_embeddings)

@@ -121,10 +121,8 @@ def end_step(run, step, total, streak, script, model, tokenizer, image_processor
         line += ": nothing saved (save_on_interrupt=false, or a non-finite step)"
     sys.stdout.write(line + "\n")  # one write: the ranks share torchrun's output, and lines must not mix
     sys.stdout.flush()
-    tracking.close()
-    release(run)
-    cleanup(exit_code=130)  # under torchrun; on one process it returns
-    sys.exit(130)
+    _leave(run, exit_code=130)
+    sys.exit(130)  # on one process
 
 
 def start_run(description, stage):
@@ -213,6 +211,12 @@ def finish(run, title, lines):
         with open(Path(run) / "report.md", "a") as f:
             f.write(f"\n## {title}\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
     print0(f"saved {run}")
+    _leave(run)
+
+
+def _leave(run, exit_code=0):
+    """The tracked run closed, the lock released, then the process group left (under torchrun the process
+    exits here with `exit_code`; on one process it returns)."""
     tracking.close()
     release(run)
-    cleanup()
+    cleanup(exit_code=exit_code)

@@ -242,6 +242,9 @@ PRESETS["toy_decisive"] = replace(
     eval_max_new_tokens=48, save_every=0, eval_every=0, eval_examples=20)
 
 
+FIELDS = {f.name: f for f in fields(Config)}
+
+
 class ConfigError(ValueError):
     """A preset, field or value that does not exist or is out of its range; the message names it."""
 
@@ -280,15 +283,14 @@ def get_config(name="micro", overrides=(), base=None):
         if name not in PRESETS:
             raise ConfigError(f"unknown config {name!r}; choose one of {', '.join(PRESETS)}")
         base = PRESETS[name]
-    by_name = {f.name: f for f in fields(Config)}
     changes = {}
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"override {item!r} is not field=value")
-        if key not in by_name:
+        if key not in FIELDS:
             raise ConfigError(f"unknown config field {key!r} (see atlas_min/config.py)")
-        changes[key] = _parse(by_name[key], value)
+        changes[key] = _parse(FIELDS[key], value)
     return check(replace(base, **changes))
 
 
@@ -364,5 +366,4 @@ to_dict = dataclasses.asdict
 
 
 def from_dict(d):
-    known = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in d.items() if k in known})
+    return Config(**{k: v for k, v in d.items() if k in FIELDS})
