@@ -69,8 +69,7 @@ if cfg.kl_coef > 0:  # frozen: on CUDA bf16 shards are enough, and half the memo
     reference = shard(reference.to(torch.bfloat16 if device.type == "cuda" else torch.float32), cfg, device).eval()
 optimizer = adamw(model, cfg, "rl")
 if resume_from:
-    checkpoint.load_optimizer(resume_from, model, optimizer)
-    print0(f"resumed from {resume_from} at step {start}")
+    checkpoint.load_optimizer(resume_from, model, optimizer)  # says "resumed from ... at step N"
 functional_ids = tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS)
 prompts_per_rank = cfg.prompts_per_step // world
 print0(f"RL {cfg.name} from {init}: {'LA-GRPO λ=' + str(cfg.anchor_coef) if cfg.anchor_coef else 'GRPO'}, "
@@ -227,8 +226,7 @@ with user_errors():
             t0 = time.time()
             val = validate(model, tokenizer, image_processor, held_out, cfg, rank, world, device)
             seconds["validation"] = time.time() - t0
-        lr = lr_at(step, total, cfg.rl_warmup, cfg.rl_lr)
-        set_lr(optimizer, lr)
+        lr = set_lr(optimizer, lr_at(step, total, cfg.rl_warmup, cfg.rl_lr))
         first_prompt = rank * prompts_per_rank
         order = stream_indices(step, cfg.prompts_per_step, len(train), seed=rl_run_seed(cfg) + cfg.rl_seed_offset,
                                epoch_seed_stride=cfg.epoch_seed_stride)

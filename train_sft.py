@@ -45,8 +45,7 @@ functional_ids = torch.tensor(tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS)
 model = shard(model, cfg, device).train()
 optimizer = adamw(model, cfg, "sft")
 if resume_from:
-    checkpoint.load_optimizer(resume_from, model, optimizer)
-    print0(f"resumed from {resume_from} at step {start}")
+    checkpoint.load_optimizer(resume_from, model, optimizer)  # says "resumed from ... at step N"
 n_params = sum(p.numel() for p in model.parameters())  # a sharded parameter's numel() is the global one
 print0(f"SFT {cfg.name}: ~{n_params / 1e6:.2f}M parameters, {world} process(es), {device}, {total} steps")
 pad_id, per_rank = tokenizer.pad_token_id, cfg.batch_size // world
@@ -77,8 +76,7 @@ streak = 0  # steps in a row whose loss or gradient norm was not finite: none of
 with user_errors():
     for step in range(start, total):
         t0 = time.time()
-        lr = lr_at(step, total, cfg.sft_warmup, cfg.sft_lr)
-        set_lr(optimizer, lr)
+        lr = set_lr(optimizer, lr_at(step, total, cfg.sft_warmup, cfg.sft_lr))
         order = stream_indices(step, cfg.batch_size, len(train), seed=cfg.seed, epoch_seed_stride=cfg.epoch_seed_stride)
         encoded = [encode_example(train[i], tokenizer, image_processor, cfg, with_reply=True)
                    for i in order[rank * per_rank:(rank + 1) * per_rank]]

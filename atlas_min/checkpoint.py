@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from atlas_min.config import from_dict, to_dict
-from atlas_min.dist import FULL, all_sum, full_model_state, is_main, world_size
+from atlas_min.dist import FULL, all_sum, full_model_state, is_main, print0, world_size
 
 STATE = "trainer_state.json"
 
@@ -176,11 +176,12 @@ def read_state(folder):
 
 def load_optimizer(folder, model, optimizer):
     """Restore AdamW moments saved by `save` (every rank calls it; rank 0 reads the file and broadcasts it,
-    each rank keeping its shard)."""
+    each rank keeping its shard), and say so."""
     state, _ = read_state(folder)
     full = _unflatten_optimizer(load_file(Path(folder) / "optimizer.safetensors"), state["param_groups"]) if is_main() else {}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size() > 1)
     set_optimizer_state_dict(model, optimizer, full, options=options)
+    print0(f"resumed from {folder} at step {state['step']}")
 
 
 def prune(run, keep):

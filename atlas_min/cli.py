@@ -26,16 +26,14 @@ from atlas_min.data import DataError
 from atlas_min.dist import all_sum, cleanup, is_main, print0, setup
 from atlas_min.judge import JudgeError
 from atlas_min.optim import DivergedError
-from atlas_min.run_folder import RunFolderError, release
-from atlas_min.tracking import TrackingError
 
 
 class UsageError(ValueError):
     """A command line that cannot work (a missing --init, a finished run to resume, ...)."""
 
 
-USER_ERRORS = (UsageError, ConfigError, DataError, checkpoint.CheckpointError, JudgeError, RunFolderError, DivergedError,
-               TrackingError)
+USER_ERRORS = (UsageError, ConfigError, DataError, checkpoint.CheckpointError, JudgeError, run_folder.RunFolderError,
+               DivergedError, tracking.TrackingError)
 
 
 def die(message):
@@ -86,7 +84,7 @@ def catch_interrupts(run, defer):
         if defer and not _interrupts:
             _interrupts.append(signum)
             return
-        release(run)
+        run_folder.release(run)
         why = "again: stopped without saving" if defer else "before the first step: nothing saved"
         sys.stderr.write(f"{_rank_tag()}interrupted {why}\n")  # one write per line
         os._exit(130)  # 128 + SIGINT, the shell's convention
@@ -218,5 +216,5 @@ def _leave(run, exit_code=0):
     """The tracked run closed, the lock released, then the process group left (under torchrun the process
     exits here with `exit_code`; on one process it returns)."""
     tracking.close()
-    release(run)
+    run_folder.release(run)
     cleanup(exit_code=exit_code)

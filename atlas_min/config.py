@@ -297,14 +297,14 @@ def get_config(name="micro", overrides=(), base=None):
 # Allowed ranges, checked before any work (`check`). Everything not named here is free (strings, flags).
 POSITIVE = ("text_hidden text_layers text_heads text_kv_heads text_intermediate vision_hidden vision_depth "
             "vision_heads vision_intermediate tokenizer_vocab max_positions image_size min_pixels max_pixels "
-            "toy_train_size toy_eval_size log_every sft_steps batch_size micro_batch_size rl_steps "
-            "prompts_per_step group_size rl_mini_batch ppo_epochs max_new_tokens eval_max_new_tokens "
-            "eval_batch_size eval_examples collective_timeout_s epoch_seed_stride step_seed_stride row_seed_stride sft_lr rl_lr grad_clip "
-            "clip_eps rope_theta rms_norm_eps max_nonfinite_steps").split()
+            "toy_train_size toy_eval_size log_every sft_steps batch_size micro_batch_size rl_steps prompts_per_step "
+            "group_size rl_mini_batch ppo_epochs max_new_tokens eval_max_new_tokens eval_batch_size eval_examples "
+            "collective_timeout_s epoch_seed_stride step_seed_stride row_seed_stride sft_lr rl_lr grad_clip clip_eps "
+            "rope_theta rms_norm_eps max_nonfinite_steps").split()
 NON_NEGATIVE = ("logprob_chunk seed rl_seed rl_seed_offset vocab_rows vision_fullatt_every vision_tokens_per_second "
-                "max_steps save_every eval_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer over_threshold "
-                "eval_min_pixels eval_max_pixels weight_decay temperature kl_coef anchor_coef adv_eps w_acc w_ft "
-                "w_fmt w_len w_over len_max_penalty over_slope over_max_penalty").split()
+                "max_steps save_every eval_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer "
+                "over_threshold eval_min_pixels eval_max_pixels weight_decay temperature kl_coef anchor_coef adv_eps "
+                "w_acc w_ft w_fmt w_len w_over len_max_penalty over_slope over_max_penalty").split()
 SHARES = "toy_no_token_share toy_teacher_slip toy_token_slip".split()
 BETAS = "sft_beta1 sft_beta2 rl_beta1 rl_beta2".split()
 # (fields, test, the range the message names), in this order: a field in two tables must pass both

@@ -1,7 +1,7 @@
 """The optimizer of both stages: AdamW with the stage's betas, and the learning-rate schedule.
 
     optimizer = adamw(model, cfg, "rl")
-    set_lr(optimizer, lr_at(step, total, cfg.rl_warmup, cfg.rl_lr))
+    lr = set_lr(optimizer, lr_at(step, total, cfg.rl_warmup, cfg.rl_lr))
     grad_norm = clipped_step(model, optimizer, cfg.grad_clip)   # nan: the update was skipped
 
 AdamW is torch's (decoupled weight decay, `weight_decay` in the config: 0 in every preset). The schedule is
@@ -29,8 +29,10 @@ def lr_at(step, total, warmup, peak):
 
 
 def set_lr(optimizer, lr):
+    """Every parameter group's lr is `lr`; returns it."""
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
+    return lr
 
 
 def clipped_step(model, optimizer, max_norm):
