@@ -18,8 +18,7 @@ import torch
 
 from atlas_min import checkpoint
 from atlas_min.cli import Progress, UsageError, catch_interrupts, end_step, finish, say_skipped, start_run, user_errors
-from atlas_min.data import (IGNORE, check_lengths, collate_sft, encode_example, load_examples, stream_indices,
-                            to_device)
+from atlas_min.data import IGNORE, check_lengths, collate_sft, encode_example, load_examples, stream_indices, to_device
 from atlas_min.dist import all_sum, autocast, print0, shard
 from atlas_min.model import forward, init_model, load_pretrained, reply_nll
 from atlas_min.optim import adamw, clipped_step, count_nonfinite, lr_at, set_lr

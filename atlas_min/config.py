@@ -5,9 +5,8 @@
 Presets: `micro` (tests: a forward in milliseconds), `toy` (the CPU demo, minutes), `qwen2_5_vl_7b`
 (the paper's model on one node of 8 GPUs: Qwen2.5-VL-7B's architecture; weights from `model_path`).
 """
-import dataclasses
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 
 @dataclass(frozen=True)
@@ -362,7 +361,7 @@ def check_world(cfg, world, stage):
                           f"{cfg.group_size} must divide by the {world} processes")
 
 
-to_dict = dataclasses.asdict
+to_dict = asdict
 
 
 def from_dict(d):
