@@ -65,10 +65,9 @@ def all_sum(x):
 
 def all_gather_objects(obj):
     """[obj of rank 0, obj of rank 1, ...] (a list with one item on one process)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [obj] * world_size()
+    if dist.is_initialized():
+        dist.all_gather_object(out, obj)
     return out
 
 
