@@ -26,11 +26,9 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.cli import (Progress, UsageError, defer_interrupts, end_step, finish, parse_run_args, say_skipped,
-                           user_errors)
-from atlas_min.config import check_world
+from atlas_min.cli import Progress, UsageError, catch_interrupts, end_step, finish, say_skipped, start_run, user_errors
 from atlas_min.data import check_lengths, collate_prompts, encode_example, load_examples, stream_indices, to_device
-from atlas_min.dist import all_sum, autocast, gathered, print0, reshard, setup, shard
+from atlas_min.dist import all_sum, autocast, gathered, print0, reshard, shard
 from atlas_min.grpo import constant_groups, functional_grad_share, group_advantages, grpo_loss
 from atlas_min.model import load_pretrained
 from atlas_min.optim import adamw, clipped_step, count_nonfinite, lr_at, set_lr
@@ -40,10 +38,8 @@ from atlas_min.tokens import FUNCTIONAL_TOKENS, functional_mask
 
 # 1. command line, processes, data
 with user_errors():
-    opts, cfg, resume_from, record = parse_run_args("Stage 2: GRPO / LA-GRPO", stage="rl")
-    rank, world, device = setup(cfg.collective_timeout_s)
+    opts, cfg, resume_from, record, (rank, world, device) = start_run("Stage 2: GRPO / LA-GRPO", "rl")
     G = cfg.group_size
-    check_world(cfg, world, "rl")
     train = load_examples(cfg, "train", on_skip=say_skipped)
     if cfg.eval_every and cfg.train_data and not cfg.eval_data:
         raise UsageError(f"eval_every={cfg.eval_every} validates on eval_data, which is empty (the toy's split): "
@@ -68,15 +64,12 @@ with user_errors():
                                  on_skip=say_skipped, context=context)
 model = shard(model, cfg, device)
 reference = None
-if cfg.kl_coef > 0:
+if cfg.kl_coef > 0:  # frozen: on CUDA bf16 shards are enough, and half the memory
     reference = load_pretrained(init, cfg, on_meta=rank > 0)[0].requires_grad_(False)
-    if device.type == "cuda":  # frozen: bf16 shards are enough, and half the memory
-        reference = reference.to(torch.bfloat16)
-    reference = shard(reference, cfg, device).eval()
+    reference = shard(reference.to(torch.bfloat16 if device.type == "cuda" else torch.float32), cfg, device).eval()
 optimizer = adamw(model, cfg, "rl")
 if resume_from:
-    checkpoint.load_optimizer(resume_from, model, optimizer)
-    print0(f"resumed from {resume_from} at step {start}")
+    checkpoint.load_optimizer(resume_from, model, optimizer)  # says "resumed from ... at step N"
 functional_ids = tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS)
 prompts_per_rank = cfg.prompts_per_step // world
 print0(f"RL {cfg.name} from {init}: {'LA-GRPO λ=' + str(cfg.anchor_coef) if cfg.anchor_coef else 'GRPO'}, "
@@ -224,7 +217,7 @@ def rollout_metrics(scores, rollout, fmask, constant):
 # 3. the loop: sample, score, log-probs before the update, update, log, save; a run that diverges
 #    (optim.count_nonfinite) or cannot save ends in one line, its lock released
 progress = Progress(run, "rl", start, total, cfg)
-defer_interrupts(run)  # from here on, Ctrl-C stops the run after the step it is in
+catch_interrupts(run, defer=True)  # from here on, Ctrl-C stops the run after the step it is in
 streak = 0  # steps in a row whose loss or gradient norm was not finite: none of them is ever saved
 with user_errors():
     for step in range(start, total):
@@ -233,8 +226,7 @@ with user_errors():
             t0 = time.time()
             val = validate(model, tokenizer, image_processor, held_out, cfg, rank, world, device)
             seconds["validation"] = time.time() - t0
-        lr = lr_at(step, total, cfg.rl_warmup, cfg.rl_lr)
-        set_lr(optimizer, lr)
+        lr = set_lr(optimizer, lr_at(step, total, cfg.rl_warmup, cfg.rl_lr))
         first_prompt = rank * prompts_per_rank
         order = stream_indices(step, cfg.prompts_per_step, len(train), seed=rl_run_seed(cfg) + cfg.rl_seed_offset,
                                epoch_seed_stride=cfg.epoch_seed_stride)

@@ -17,33 +17,26 @@ import time
 import torch
 
 from atlas_min import checkpoint
-from atlas_min.cli import (Progress, UsageError, defer_interrupts, end_step, finish, parse_run_args, say_skipped,
-                           user_errors)
-from atlas_min.config import check_world
-from atlas_min.data import (IGNORE, check_lengths, collate_sft, encode_example, load_examples, stream_indices,
-                            to_device)
-from atlas_min.dist import all_sum, autocast, print0, setup, shard
+from atlas_min.cli import Progress, UsageError, catch_interrupts, end_step, finish, say_skipped, start_run, user_errors
+from atlas_min.data import IGNORE, check_lengths, collate_sft, encode_example, load_examples, stream_indices, to_device
+from atlas_min.dist import all_sum, autocast, print0, shard
 from atlas_min.model import forward, init_model, load_pretrained, reply_nll
 from atlas_min.optim import adamw, clipped_step, count_nonfinite, lr_at, set_lr
 from atlas_min.tokens import FUNCTIONAL_TOKENS
 
 # 1. command line, processes, data
 with user_errors():
-    opts, cfg, resume_from, record = parse_run_args("Stage 1: SFT with functional tokens", stage="sft")
-    rank, world, device = setup(cfg.collective_timeout_s)
+    opts, cfg, resume_from, record, (rank, world, device) = start_run("Stage 1: SFT with functional tokens", "sft")
     if cfg.vocab_rows and not cfg.model_path and not resume_from:
         raise UsageError(f"config {cfg.name} trains a pretrained model: set model_path=/path/to/Qwen2.5-VL-7B-Instruct")
-    check_world(cfg, world, "sft")
     train = load_examples(cfg, "train", need_response=True, on_skip=say_skipped)
 run = opts.out
 total = cfg.max_steps or cfg.sft_steps
 
 # 2. model (the base model + functional tokens, or the checkpoint to resume; read by rank 0 only), optimizer
 start = checkpoint.read_state(resume_from)[0]["step"] if resume_from else 0
-if resume_from:
-    model, tokenizer, image_processor = load_pretrained(resume_from, cfg, on_meta=rank > 0)
-else:
-    model, tokenizer, image_processor = init_model(cfg, on_meta=rank > 0)
+model, tokenizer, image_processor = (load_pretrained(resume_from, cfg, on_meta=rank > 0) if resume_from
+                                     else init_model(cfg, on_meta=rank > 0))
 with user_errors():
     train = check_lengths(train, tokenizer, image_processor, cfg, with_reply=True, on_skip=say_skipped,
                           context=model.config.get_text_config().max_position_embeddings)
@@ -51,8 +44,7 @@ functional_ids = torch.tensor(tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS)
 model = shard(model, cfg, device).train()
 optimizer = adamw(model, cfg, "sft")
 if resume_from:
-    checkpoint.load_optimizer(resume_from, model, optimizer)
-    print0(f"resumed from {resume_from} at step {start}")
+    checkpoint.load_optimizer(resume_from, model, optimizer)  # says "resumed from ... at step N"
 n_params = sum(p.numel() for p in model.parameters())  # a sharded parameter's numel() is the global one
 print0(f"SFT {cfg.name}: ~{n_params / 1e6:.2f}M parameters, {world} process(es), {device}, {total} steps")
 pad_id, per_rank = tokenizer.pad_token_id, cfg.batch_size // world
@@ -78,13 +70,12 @@ def sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world, device
 
 # 3. the loop; a run that diverges (optim.count_nonfinite) or cannot save ends in one line, its lock released
 progress = Progress(run, "sft", start, total, cfg)
-defer_interrupts(run)  # from here on, Ctrl-C stops the run after the step it is in
+catch_interrupts(run, defer=True)  # from here on, Ctrl-C stops the run after the step it is in
 streak = 0  # steps in a row whose loss or gradient norm was not finite: none of them is ever saved
 with user_errors():
     for step in range(start, total):
         t0 = time.time()
-        lr = lr_at(step, total, cfg.sft_warmup, cfg.sft_lr)
-        set_lr(optimizer, lr)
+        lr = set_lr(optimizer, lr_at(step, total, cfg.sft_warmup, cfg.sft_lr))
         order = stream_indices(step, cfg.batch_size, len(train), seed=cfg.seed, epoch_seed_stride=cfg.epoch_seed_stride)
         encoded = [encode_example(train[i], tokenizer, image_processor, cfg, with_reply=True)
                    for i in order[rank * per_rank:(rank + 1) * per_rank]]

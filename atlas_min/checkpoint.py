@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from atlas_min.config import from_dict, to_dict
-from atlas_min.dist import all_sum, full_model_state, full_optimizer_state, is_main, load_optimizer_state
+from atlas_min.dist import FULL, all_sum, full_model_state, is_main, print0, world_size
 
 STATE = "trainer_state.json"
 
@@ -35,10 +36,8 @@ def _write_model(folder, model, state, tokenizer, image_processor, dtype):
               folder / "model.safetensors", metadata={"format": "pt"})
     config = copy.deepcopy(model.config)
     config.dtype = dtype  # what stock transformers loads it as
-    config.save_pretrained(folder)
-    model.generation_config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    image_processor.save_pretrained(folder)
+    for part in (config, model.generation_config, tokenizer, image_processor):
+        part.save_pretrained(folder)
 
 
 def _flatten_optimizer(state):
@@ -66,7 +65,7 @@ def save(folder, model, tokenizer, image_processor, cfg, step, optimizer=None, e
     folder = Path(folder)
     state = full_model_state(model)
     resumable = optimizer is not None and dtype == "float32"
-    optim = full_optimizer_state(model, optimizer) if resumable else None
+    optim = get_optimizer_state_dict(model, optimizer, options=FULL) if resumable else None  # keyed by parameter name
     failed = None
     if is_main():
         tmp = folder.parent / f".tmp-{folder.name}"
@@ -176,10 +175,13 @@ def read_state(folder):
 
 
 def load_optimizer(folder, model, optimizer):
-    """Restore AdamW moments saved by `save` (every rank calls it; rank 0 reads the file)."""
+    """Restore AdamW moments saved by `save` (every rank calls it; rank 0 reads the file and broadcasts it,
+    each rank keeping its shard), and say so."""
     state, _ = read_state(folder)
     full = _unflatten_optimizer(load_file(Path(folder) / "optimizer.safetensors"), state["param_groups"]) if is_main() else {}
-    load_optimizer_state(model, optimizer, full)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size() > 1)
+    set_optimizer_state_dict(model, optimizer, full, options=options)
+    print0(f"resumed from {folder} at step {state['step']}")
 
 
 def prune(run, keep):

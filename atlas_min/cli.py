@@ -2,7 +2,7 @@
 how a training step and a run end (the checkpoint saved, Ctrl-C, the report).
 
     with user_errors():                                   # bad input: one line "error: ...", exit 2
-        opts, cfg, resume_from, record = parse_run_args("Stage 1: SFT", stage="sft")
+        opts, cfg, resume_from, record, (rank, world, device) = start_run("Stage 1: SFT", "sft")
     progress = Progress(run, "sft", start, total, cfg)   # RUN/metrics_sft.jsonl, a line per log_every, log_to
     end_step(run, step, total, streak, "train_sft.py", model, ...)  # save when due, stop after a Ctrl-C
     finish(run, "SFT (toy)", ["final loss 0.1", ...])     # RUN/report.md, the lock released, the processes end
@@ -21,21 +21,19 @@ import time
 from pathlib import Path
 
 from atlas_min import checkpoint, run_folder, tracking
-from atlas_min.config import ConfigError
+from atlas_min.config import ConfigError, check_world
 from atlas_min.data import DataError
-from atlas_min.dist import all_sum, cleanup, is_main, print0
+from atlas_min.dist import all_sum, cleanup, is_main, print0, setup
 from atlas_min.judge import JudgeError
 from atlas_min.optim import DivergedError
-from atlas_min.run_folder import RunFolderError, release
-from atlas_min.tracking import TrackingError
 
 
 class UsageError(ValueError):
     """A command line that cannot work (a missing --init, a finished run to resume, ...)."""
 
 
-USER_ERRORS = (UsageError, ConfigError, DataError, checkpoint.CheckpointError, JudgeError, RunFolderError, DivergedError,
-               TrackingError)
+USER_ERRORS = (UsageError, ConfigError, DataError, checkpoint.CheckpointError, JudgeError, run_folder.RunFolderError,
+               DivergedError, tracking.TrackingError)
 
 
 def die(message):
@@ -68,7 +66,7 @@ def say_skipped(bad_lines, what):
 # Ctrl-C (SIGINT) and SIGTERM (a scheduler's "time is up"). torchrun runs its workers in a session of
 # their own: the terminal's Ctrl-C reaches torchrun, which sends SIGINT to every worker and kills them
 # after --shutdown-timeout seconds (default 30: raise it when a step takes longer).
-_interrupts = []  # signals received since `defer_interrupts`
+_interrupts = []  # signals received since `catch_interrupts(run, defer=True)`
 
 
 def _rank_tag():
@@ -76,29 +74,22 @@ def _rank_tag():
     return f"rank {rank}: " if rank else ""
 
 
-def quit_on_interrupt(run):
-    """Until the loop starts, Ctrl-C ends the process at once in one line (nothing is saved yet; the
-    run folder's lock is released) rather than a traceback on every rank."""
-    def quit_now(signum, frame):
-        release(run)
-        sys.stderr.write(f"{_rank_tag()}interrupted before the first step: nothing saved\n")  # one write per line
+def catch_interrupts(run, defer):
+    """Until the loop starts (`defer` False), Ctrl-C ends the process at once in one line (nothing is saved
+    yet; the run folder's lock is released) rather than a traceback on every rank. From the loop's start
+    (`defer` True), Ctrl-C asks the run to stop at the end of its current step (`interrupted`): never in
+    the middle of an update, a save or a collective that the other ranks are waiting in. A second Ctrl-C
+    on the same process quits at once (the last complete checkpoint stays as it was)."""
+    def handler(signum, frame):
+        if defer and not _interrupts:
+            _interrupts.append(signum)
+            return
+        run_folder.release(run)
+        why = "again: stopped without saving" if defer else "before the first step: nothing saved"
+        sys.stderr.write(f"{_rank_tag()}interrupted {why}\n")  # one write per line
         os._exit(130)  # 128 + SIGINT, the shell's convention
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, quit_now)
-
-
-def defer_interrupts(run):
-    """From the loop's start, Ctrl-C asks the run to stop at the end of its current step (`interrupted`):
-    never in the middle of an update, a save or a collective that the other ranks are waiting in. A
-    second Ctrl-C on the same process quits at once (the last complete checkpoint stays as it was)."""
-    def note(signum, frame):
-        if _interrupts:
-            release(run)
-            sys.stderr.write(f"{_rank_tag()}interrupted again: stopped without saving\n")
-            os._exit(130)
-        _interrupts.append(signum)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, note)
+        signal.signal(sig, handler)
 
 
 def interrupted():
@@ -110,7 +101,8 @@ def interrupted():
 def end_step(run, step, total, streak, script, model, tokenizer, image_processor, cfg, optimizer, extra):
     """After 0-based `step` of `total` (every rank calls it): save RUN/checkpoints/step_N when save_every says
     so or when a rank was interrupted (save_on_interrupt), never while `streak` (optim.count_nonfinite) counts
-    non-finite steps; keep the newest keep_checkpoints; after an interrupt, stop the run (`stop_interrupted`)."""
+    non-finite steps; keep the newest keep_checkpoints. After an interrupt, leave the run: one line on each
+    rank, the lock released, exit code 130."""
     stop = step + 1 < total and interrupted()  # a Ctrl-C on any rank: every rank stops after this step
     due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total
     saved_to = None
@@ -118,28 +110,23 @@ def end_step(run, step, total, streak, script, model, tokenizer, image_processor
         saved_to = checkpoint.step_folder(run, step + 1)
         checkpoint.save(saved_to, model, tokenizer, image_processor, cfg, step + 1, optimizer, extra=extra)
         checkpoint.prune(run, cfg.keep_checkpoints)
-    if stop:
-        stop_interrupted(run, step + 1, total, saved_to, script)
-
-
-def stop_interrupted(run, step, total, saved, script):
-    """Leave an interrupted run after `step`: one line on each rank, the lock released, exit code 130."""
-    line = f"{_rank_tag()}interrupted after step {step} of {total}"  # rank 0 has no tag, and says what comes next
-    if is_main() and saved:
-        line += f": saved {saved}; python {script} --resume {run} goes on from it"
+    if not stop:
+        return
+    line = f"{_rank_tag()}interrupted after step {step + 1} of {total}"  # rank 0 (no tag) says what comes next
+    if is_main() and saved_to:
+        line += f": saved {saved_to}; python {script} --resume {run} goes on from it"
     elif is_main():
         line += ": nothing saved (save_on_interrupt=false, or a non-finite step)"
     sys.stdout.write(line + "\n")  # one write: the ranks share torchrun's output, and lines must not mix
     sys.stdout.flush()
-    tracking.close()
-    release(run)
-    cleanup(exit_code=130)  # under torchrun; on one process it returns
-    sys.exit(130)
+    _leave(run, exit_code=130)
+    sys.exit(130)  # on one process
 
 
-def parse_run_args(description, stage):
-    """(opts, cfg, resume_from, record) from `--config NAME [--init DIR] [--out DIR] [--resume X] [--overwrite]
-    [field=value ...]`, every rule of atlas_min.run_folder checked, then the run folder claimed (rank 0).
+def start_run(description, stage):
+    """(opts, cfg, resume_from, record, (rank, world, device)) from `--config NAME [--init DIR] [--out DIR]
+    [--resume X] [--overwrite] [field=value ...]`: every rule of atlas_min.run_folder checked, the run folder
+    claimed (rank 0), then the processes set up (`dist.setup`) and the world size checked (config.check_world).
 
     `stage` is "sft" or "rl" (which adds --init). With --resume the checkpoint's own config is the base and
     `resume_from` is that checkpoint folder, else None; `record` is what every checkpoint records of the run.
@@ -159,10 +146,12 @@ def parse_run_args(description, stage):
     if stage == "rl" and cfg.temperature <= 0:
         raise UsageError("temperature=0 samples greedily: a group's G outputs are then equal, every advantage "
                          "is 0 and no step changes a weight; RL needs temperature > 0 (the presets use 1)")
-    quit_on_interrupt(opts.out)  # before the lock exists: a Ctrl-C never leaves it behind
+    catch_interrupts(opts.out, defer=False)  # before the lock exists: a Ctrl-C never leaves it behind
     if not int(os.environ.get("RANK", "0")):  # before the process group exists
         run_folder.claim(opts.out, opts.overwrite)
-    return opts, cfg, resume_from, record
+    rank, world, device = setup(cfg.collective_timeout_s)
+    check_world(cfg, world, stage)
+    return opts, cfg, resume_from, record, (rank, world, device)
 
 
 class Progress:
@@ -172,8 +161,7 @@ class Progress:
     def __init__(self, run, stage, start, total, cfg):
         self.run, self.stage, self.start, self.total, self.every = Path(run), stage, start, total, cfg.log_every
         self.t0 = time.time()
-        if is_main():
-            self.run.mkdir(parents=True, exist_ok=True)
+        if is_main():  # the run folder exists: rank 0 claimed it (run_folder.claim)
             for path in (self.run / f"metrics_{stage}.jsonl", self.run / f"samples_{stage}.jsonl"):
                 _drop_steps_from(path, start)
         tracking.start(cfg, run, start)
@@ -221,6 +209,12 @@ def finish(run, title, lines):
         with open(Path(run) / "report.md", "a") as f:
             f.write(f"\n## {title}\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
     print0(f"saved {run}")
+    _leave(run)
+
+
+def _leave(run, exit_code=0):
+    """The tracked run closed, the lock released, then the process group left (under torchrun the process
+    exits here with `exit_code`; on one process it returns)."""
     tracking.close()
-    release(run)
-    cleanup()
+    run_folder.release(run)
+    cleanup(exit_code=exit_code)

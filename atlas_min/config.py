@@ -5,9 +5,8 @@
 Presets: `micro` (tests: a forward in milliseconds), `toy` (the CPU demo, minutes), `qwen2_5_vl_7b`
 (the paper's model on one node of 8 GPUs: Qwen2.5-VL-7B's architecture; weights from `model_path`).
 """
-import dataclasses
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 
 @dataclass(frozen=True)
@@ -228,24 +227,21 @@ PRESETS = {
         eval_every=50, eval_examples=256,
         final_dtype="bfloat16",  # the final model: 16.6 GB, as the download, and what eval and RL --init read
     ),
-    # The toy model on the decisive puzzles (toy.py): the frame picks the operation, the token is the
-    # decision, and the teacher writes <|Shape|> in 70% of the line puzzles' train replies, so greedy SFT
-    # picks the wrong token there. Calibrated on 2 cores: 112 px (a 4x4 grid of vision tokens: at 84 px
-    # the two lines shared a row of tokens and short-reply models stayed at chance on them); 400 SFT
-    # steps of 64 learn both operations (batch 32: hit or miss); 60 RL steps at lr 3e-5 let GRPO repair
-    # the slip (at 1e-4 the token stopped deciding the answer on shape puzzles).
-    "toy_decisive": Config(
-        name="toy_decisive", text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=256,
-        vision_hidden=64, vision_depth=2, vision_heads=2, vision_intermediate=128,
-        image_size=112, min_pixels=112 * 112, max_pixels=112 * 112,
-        toy_train_size=4000, toy_eval_size=200, toy_tasks="puzzle_shape,puzzle_line", toy_no_token_share=0.0,
-        toy_token_slip=0.7, toy_reply="long",
-        sft_steps=400, sft_lr=2e-3, sft_warmup=30, batch_size=64, micro_batch_size=32,
-        rl_steps=60, rl_lr=3e-5, rl_warmup=10, prompts_per_step=16, group_size=8, rl_mini_batch=64,
-        max_new_tokens=48, len_threshold=48, len_buffer=16,
-        eval_max_new_tokens=48, eval_batch_size=50, save_every=0, log_every=10,
-    ),
 }
+# The toy model on the decisive puzzles (toy.py): the frame picks the operation, the token is the
+# decision, and the teacher writes <|Shape|> in 70% of the line puzzles' train replies, so greedy SFT
+# picks the wrong token there. Calibrated on 2 cores: 112 px (a 4x4 grid of vision tokens: at 84 px
+# the two lines shared a row of tokens and short-reply models stayed at chance on them); 400 SFT
+# steps of 64 learn both operations (batch 32: hit or miss); 60 RL steps at lr 3e-5 let GRPO repair
+# the slip (at 1e-4 the token stopped deciding the answer on shape puzzles). The toy's sizes otherwise.
+PRESETS["toy_decisive"] = replace(
+    PRESETS["toy"], name="toy_decisive", image_size=112, min_pixels=112 * 112, max_pixels=112 * 112,
+    toy_tasks="puzzle_shape,puzzle_line", toy_no_token_share=0.0, toy_teacher_slip=0.0, toy_token_slip=0.7,
+    toy_reply="long", sft_steps=400, batch_size=64, rl_steps=60, rl_lr=3e-5, max_new_tokens=48, len_threshold=48,
+    eval_max_new_tokens=48, save_every=0, eval_every=0, eval_examples=20)
+
+
+FIELDS = {f.name: f for f in fields(Config)}
 
 
 class ConfigError(ValueError):
@@ -273,14 +269,11 @@ _BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "
 
 
 def _parse(field, text):
-    if field.type is bool and text.lower() not in _BOOLEANS:
-        raise ConfigError(f"{field.name}={text!r}: expected true or false")
-    if field.type is bool:
-        return _BOOLEANS[text.lower()]
     try:
-        return field.type(text)
-    except ValueError:
-        raise ConfigError(f"{field.name}={text!r}: expected {field.type.__name__}") from None
+        return _BOOLEANS[text.lower()] if field.type is bool else field.type(text)
+    except (KeyError, ValueError):
+        expected = "true or false" if field.type is bool else field.type.__name__
+        raise ConfigError(f"{field.name}={text!r}: expected {expected}") from None
 
 
 def get_config(name="micro", overrides=(), base=None):
@@ -289,31 +282,36 @@ def get_config(name="micro", overrides=(), base=None):
         if name not in PRESETS:
             raise ConfigError(f"unknown config {name!r}; choose one of {', '.join(PRESETS)}")
         base = PRESETS[name]
-    by_name = {f.name: f for f in fields(Config)}
     changes = {}
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"override {item!r} is not field=value")
-        if key not in by_name:
+        if key not in FIELDS:
             raise ConfigError(f"unknown config field {key!r} (see atlas_min/config.py)")
-        changes[key] = _parse(by_name[key], value)
+        changes[key] = _parse(FIELDS[key], value)
     return check(replace(base, **changes))
 
 
 # Allowed ranges, checked before any work (`check`). Everything not named here is free (strings, flags).
 POSITIVE = ("text_hidden text_layers text_heads text_kv_heads text_intermediate vision_hidden vision_depth "
             "vision_heads vision_intermediate tokenizer_vocab max_positions image_size min_pixels max_pixels "
-            "toy_train_size toy_eval_size log_every sft_steps batch_size micro_batch_size rl_steps "
-            "prompts_per_step group_size rl_mini_batch ppo_epochs max_new_tokens eval_max_new_tokens "
-            "eval_batch_size eval_examples collective_timeout_s epoch_seed_stride step_seed_stride row_seed_stride sft_lr rl_lr grad_clip "
-            "clip_eps rope_theta rms_norm_eps max_nonfinite_steps").split()
+            "toy_train_size toy_eval_size log_every sft_steps batch_size micro_batch_size rl_steps prompts_per_step "
+            "group_size rl_mini_batch ppo_epochs max_new_tokens eval_max_new_tokens eval_batch_size eval_examples "
+            "collective_timeout_s epoch_seed_stride step_seed_stride row_seed_stride sft_lr rl_lr grad_clip clip_eps "
+            "rope_theta rms_norm_eps max_nonfinite_steps").split()
 NON_NEGATIVE = ("logprob_chunk seed rl_seed rl_seed_offset vocab_rows vision_fullatt_every vision_tokens_per_second "
-                "max_steps save_every eval_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer over_threshold "
-                "eval_min_pixels eval_max_pixels weight_decay temperature kl_coef anchor_coef adv_eps w_acc w_ft "
-                "w_fmt w_len w_over len_max_penalty over_slope over_max_penalty").split()
-SHARES = "toy_no_token_share toy_teacher_slip toy_token_slip".split()  # in [0, 1]
-BETAS = "sft_beta1 sft_beta2 rl_beta1 rl_beta2".split()  # in [0, 1)
+                "max_steps save_every eval_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer "
+                "over_threshold eval_min_pixels eval_max_pixels weight_decay temperature kl_coef anchor_coef adv_eps "
+                "w_acc w_ft w_fmt w_len w_over len_max_penalty over_slope over_max_penalty").split()
+SHARES = "toy_no_token_share toy_teacher_slip toy_token_slip".split()
+BETAS = "sft_beta1 sft_beta2 rl_beta1 rl_beta2".split()
+# (fields, test, the range the message names), in this order: a field in two tables must pass both
+RANGES = [(POSITIVE, lambda v: v > 0, "> 0"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+          (SHARES, lambda v: 0 <= v <= 1, "in [0, 1]"), (BETAS, lambda v: 0 <= v < 1, "in [0, 1)"),
+          (["top_p"], lambda v: 0 < v <= 1, "in (0, 1]"),
+          # A_i compares an output with its group: a lone output's advantage is 0, RL would do nothing
+          (["group_size"], lambda v: v >= 2, ">= 2 (GRPO compares each output with the others of its group)")]
 CHOICES = {"answer_format": ("tag", "boxed"), "final_dtype": ("float32", "bfloat16"), "toy_reply": ("short", "long"),
            "log_to": ("none", "wandb", "tensorboard")}
 
@@ -322,21 +320,14 @@ def check(cfg):
     """`cfg`, if every field is in its allowed range; else ConfigError naming the field, value and range."""
     def bad(name, allowed):
         return ConfigError(f"{name}={getattr(cfg, name)!r}: must be {allowed}")
-    for name in POSITIVE + NON_NEGATIVE + SHARES + BETAS:
-        if not math.isfinite(getattr(cfg, name)):
-            raise bad(name, "a finite number")
-    for names, ok, allowed in [(POSITIVE, lambda v: v > 0, "> 0"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
-                               (SHARES, lambda v: 0 <= v <= 1, "in [0, 1]"), (BETAS, lambda v: 0 <= v < 1, "in [0, 1)")]:
+    for names, ok, allowed in RANGES:
         for name in names:
-            if not ok(getattr(cfg, name)):
-                raise bad(name, allowed)
-    if not 0 < cfg.top_p <= 1:
-        raise bad("top_p", "in (0, 1]")
+            value = getattr(cfg, name)
+            if not (math.isfinite(value) and ok(value)):
+                raise bad(name, allowed if math.isfinite(value) else "a finite number")
     for name, options in CHOICES.items():
         if getattr(cfg, name) not in options:
             raise bad(name, "one of " + ", ".join(options))
-    if cfg.group_size < 2:  # A_i compares an output with its group: a lone output's advantage is 0, RL would do nothing
-        raise bad("group_size", ">= 2 (GRPO compares each output with the others of its group)")
     tasks = [t.strip() for t in cfg.toy_tasks.split(",") if t.strip()]
     if not tasks or set(tasks) - set(TOY_TASKS):
         raise bad("toy_tasks", "a comma-separated list of " + ", ".join(TOY_TASKS))
@@ -370,10 +361,8 @@ def check_world(cfg, world, stage):
                           f"{cfg.group_size} must divide by the {world} processes")
 
 
-def to_dict(cfg):
-    return dataclasses.asdict(cfg)
+to_dict = asdict
 
 
 def from_dict(d):
-    known = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in d.items() if k in known})
+    return Config(**{k: v for k, v in d.items() if k in FIELDS})

@@ -10,8 +10,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
@@ -66,10 +65,9 @@ def all_sum(x):
 
 def all_gather_objects(obj):
     """[obj of rank 0, obj of rank 1, ...] (a list with one item on one process)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [obj] * world_size()
+    if dist.is_initialized():
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -143,23 +141,12 @@ def reshard(model):
         model.reshard()
 
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, in host memory
 
 
 def full_model_state(model):
     """The whole state dict on rank 0 (CPU tensors); {} on the others. Every rank must call it."""
-    return get_model_state_dict(model, options=_FULL)
-
-
-def full_optimizer_state(model, optimizer):
-    """AdamW state keyed by parameter name, on rank 0; every rank must call it."""
-    return get_optimizer_state_dict(model, optimizer, options=_FULL)
-
-
-def load_optimizer_state(model, optimizer, state):
-    """Rank 0 holds the full `state`; it is broadcast and each rank keeps its shard."""
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size() > 1)
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=options)
+    return get_model_state_dict(model, options=FULL)
 
 
 def cleanup(exit_code=0, together=True):

@@ -1,7 +1,7 @@
 """The optimizer of both stages: AdamW with the stage's betas, and the learning-rate schedule.
 
     optimizer = adamw(model, cfg, "rl")
-    set_lr(optimizer, lr_at(step, total, cfg.rl_warmup, cfg.rl_lr))
+    lr = set_lr(optimizer, lr_at(step, total, cfg.rl_warmup, cfg.rl_lr))
     grad_norm = clipped_step(model, optimizer, cfg.grad_clip)   # nan: the update was skipped
 
 AdamW is torch's (decoupled weight decay, `weight_decay` in the config: 0 in every preset). The schedule is
@@ -16,11 +16,8 @@ from atlas_min.dist import clip_grad_norm
 
 def adamw(model, cfg, stage):
     """AdamW over the model's (sharded) parameters with `stage`'s ("sft" or "rl") peak lr and betas."""
-    if stage == "sft":
-        lr, betas = cfg.sft_lr, (cfg.sft_beta1, cfg.sft_beta2)
-    else:
-        lr, betas = cfg.rl_lr, (cfg.rl_beta1, cfg.rl_beta2)
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=cfg.weight_decay)
+    lr, beta1, beta2 = (getattr(cfg, f"{stage}_{knob}") for knob in ("lr", "beta1", "beta2"))
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=cfg.weight_decay)
 
 
 def lr_at(step, total, warmup, peak):
@@ -32,8 +29,10 @@ def lr_at(step, total, warmup, peak):
 
 
 def set_lr(optimizer, lr):
+    """Every parameter group's lr is `lr`; returns it."""
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
+    return lr
 
 
 def clipped_step(model, optimizer, max_norm):

@@ -20,7 +20,6 @@ The rules (README, "Runs and safety"), in the order `resolve` and `claim` check 
    At exit (an error included) the lock goes, and a folder the run created and left empty goes too.
 """
 import atexit
-import dataclasses
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import subprocess
 from pathlib import Path
 
 from atlas_min import checkpoint
-from atlas_min.config import MUTABLE, get_config
+from atlas_min.config import FIELDS, MUTABLE, get_config
 from atlas_min.data import data_file, file_record
 from atlas_min.dist import print0
 
@@ -103,8 +102,7 @@ def _resume(opts, stage):
         raise RunFolderError(f"--resume {resume_from} was trained with --config {saved.name}, not {opts.config}: "
                              "drop --config")
     cfg = get_config(overrides=opts.overrides, base=saved)
-    changed = {f.name: [getattr(saved, f.name), getattr(cfg, f.name)] for f in dataclasses.fields(cfg)
-               if getattr(saved, f.name) != getattr(cfg, f.name)}
+    changed = {n: [getattr(saved, n), getattr(cfg, n)] for n in FIELDS if getattr(saved, n) != getattr(cfg, n)}
     fixed = ", ".join(f"{n} {changed[n][0]!r} -> {changed[n][1]!r}" for n in changed if n not in MUTABLE)
     if fixed:
         raise RunFolderError(f"--resume {opts.resume}: {fixed} would change what the run computes, and a run's settings "
