@@ -359,20 +359,30 @@ def test_skip_bad_examples_drops_them_and_says_how_many(tmp_path):
     assert "skipped 1 example(s) with a bad image" in out.stdout
 
 
+@pytest.mark.parametrize("knob, message", [
+    ("max_steps=-1", "max_steps=-1: must be >= 0"),
+    ("group_size=0", "group_size=0: must be > 0"),
+    ("batch_size=0", "batch_size=0: must be > 0"),
+    ("micro_batch_size=0", "micro_batch_size=0: must be > 0"),
+    ("max_new_tokens=0", "max_new_tokens=0: must be > 0"),
+    ("log_every=0", "log_every=0: must be > 0"),
+    ("sft_lr=nan", "sft_lr=nan: must be a finite number"),
+    ("save_every=-1", "save_every=-1: must be >= 0"),
+    ("top_p=1.5", "top_p=1.5: must be in (0, 1]"),
+    ("anchor_coef=-0.5", "anchor_coef=-0.5: must be >= 0"),
+    ("sft_beta2=1", "sft_beta2=1.0: must be in [0, 1)"),
+    ("answer_format=json", "answer_format='json': must be one of tag, boxed"),
+])
+def test_a_knob_out_of_its_range_is_refused_naming_field_value_and_range(knob, message):
+    from atlas_min.config import ConfigError, get_config
+    with pytest.raises(ConfigError) as e:
+        get_config("micro", [knob])
+    assert message in str(e.value)
+
+
 @pytest.mark.parametrize("script, knob, message", [
-    ("train_sft.py", "max_steps=-1", "max_steps=-1: must be >= 0"),
-    ("train_sft.py", "group_size=0", "group_size=0: must be > 0"),
-    ("train_sft.py", "batch_size=0", "batch_size=0: must be > 0"),
-    ("train_sft.py", "micro_batch_size=0", "micro_batch_size=0: must be > 0"),
-    ("train_sft.py", "max_new_tokens=0", "max_new_tokens=0: must be > 0"),
-    ("train_sft.py", "log_every=0", "log_every=0: must be > 0"),
-    ("train_sft.py", "sft_lr=nan", "sft_lr=nan: must be a finite number"),
-    ("train_sft.py", "save_every=-1", "save_every=-1: must be >= 0"),
-    ("train_sft.py", "top_p=1.5", "top_p=1.5: must be in (0, 1]"),
-    ("train_sft.py", "anchor_coef=-0.5", "anchor_coef=-0.5: must be >= 0"),
-    ("train_sft.py", "sft_beta2=1", "sft_beta2=1.0: must be in [0, 1)"),
-    ("train_sft.py", "answer_format=json", "answer_format='json': must be one of tag, boxed"),
-    ("train_rl.py", "temperature=0", "temperature=0 samples greedily"),
+    ("train_sft.py", "max_steps=-1", "max_steps=-1: must be >= 0"),  # config.check, as for every range above
+    ("train_rl.py", "temperature=0", "temperature=0 samples greedily"),  # the RL stage's own rule
 ])
 def test_a_bad_knob_is_refused_in_one_line_before_anything_is_written(tmp_path, sft_run, script, knob, message):
     init = ["--init", sft_run] if script == "train_rl.py" else []
@@ -499,8 +509,8 @@ def test_ctrl_c_saves_the_step_it_ends_and_resume_is_bit_identical(tmp_path, sft
     import random
     at_step = random.Random(seed).randint(2, 8)  # a random step, the same on every run of the suite
     stage = "rl" if script == "train_rl.py" else "sft"
-    args = ["--config", "micro", *(["--init", sft_run] if stage == "rl" else []), "max_steps=60" if stage == "rl"
-            else "max_steps=150"]
+    args = ["--config", "micro", *(["--init", sft_run] if stage == "rl" else []), "max_steps=30" if stage == "rl"
+            else "max_steps=60"]
     run(script, *args, "--out", tmp_path / "straight")
     stopped = tmp_path / "stopped"
     out = _interrupt_at([sys.executable], [script, *args, "--out", stopped], stopped / f"metrics_{stage}.jsonl",
