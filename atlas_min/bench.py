@@ -263,17 +263,17 @@ class ForcedLengths:
         return out
 
 
-def compare_varied(model, tokenizer, batch, cfg, repeats):
+def compare_varied(model, tokenizer, batch, cfg, repeats, warm_up):
     """Greedy tokens/s of `sample` and `model.generate` on the rows of `batch` with reply lengths drawn by
-    `reply_lengths` and forced by `ForcedLengths`, and whether both made the same tokens. No warm-up of its own
-    (the decode section's warms both up)."""
+    `reply_lengths` and forced by `ForcedLengths`, and whether both made the same tokens. `warm_up`: a first
+    untimed call of each, needed unless the decode section has warmed both up."""
     ours, theirs = decoders(model, tokenizer, batch, cfg)
     lengths = reply_lengths(batch["input_ids"].shape[0] * cfg.group_size, cfg.max_new_tokens, cfg.seed)
     hook = model.register_forward_hook(ForcedLengths(lengths, tokenizer.convert_tokens_to_ids(STOP_TOKENS),
                                                      tokenizer.convert_tokens_to_ids("<|im_end|>")), with_kwargs=True)
     try:
-        t_ours, (ids_ours, n_ours) = _timed(lambda: ours(0.0), repeats, warm_up=False)
-        t_theirs, (ids_theirs, n_theirs) = _timed(lambda: theirs(0.0), repeats, warm_up=False)
+        t_ours, (ids_ours, n_ours) = _timed(lambda: ours(0.0), repeats, warm_up)
+        t_theirs, (ids_theirs, n_theirs) = _timed(lambda: theirs(0.0), repeats, warm_up)
     finally:
         hook.remove()
     return {"rows": len(lengths), "sampler_tokens_per_s": n_ours / t_ours, "generate_tokens_per_s": n_theirs / t_theirs,
@@ -485,7 +485,8 @@ def run(args, cfg):
         for who in ("sampler", "generate"):
             tokens_per_s = r[f"{who}_tokens_per_s"]
             r[f"{who}_share_of_bound"] = None if tokens_per_s is None else share(tokens_per_s, r["bound_tokens_per_s"])
-        r["varied"] = None if "varied" in args.skip else compare_varied(model, tokenizer, batch, cfg, args.repeats)
+        r["varied"] = None if "varied" in args.skip else compare_varied(model, tokenizer, batch, cfg, args.repeats,
+                                                                         warm_up="decode" in args.skip)
         vocab_rows = model.get_output_embeddings().weight.shape[0]
         r["update"] = None
         if update_rows:
