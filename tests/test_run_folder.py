@@ -252,6 +252,18 @@ def test_an_rl_policy_that_is_not_finite_stops_the_run_in_one_line_unsaved(sft4,
     ("vision_heads=3", "vision_heads=3: must be a divisor of vision_hidden"),
     ("mrope_section=1,2", "mrope_section='1,2': must be three counts"),
     ("mrope_section=1,1,1", "summing to half the text head size (4)"),
+    ("max_steps=-1", "max_steps=-1: must be >= 0"),
+    ("group_size=0", "group_size=0: must be > 0"),
+    ("batch_size=0", "batch_size=0: must be > 0"),
+    ("micro_batch_size=0", "micro_batch_size=0: must be > 0"),
+    ("max_new_tokens=0", "max_new_tokens=0: must be > 0"),
+    ("log_every=0", "log_every=0: must be > 0"),
+    ("sft_lr=nan", "sft_lr=nan: must be a finite number"),
+    ("save_every=-1", "save_every=-1: must be >= 0"),
+    ("top_p=1.5", "top_p=1.5: must be in (0, 1]"),
+    ("anchor_coef=-0.5", "anchor_coef=-0.5: must be >= 0"),
+    ("sft_beta2=1", "sft_beta2=1.0: must be in [0, 1)"),
+    ("answer_format=json", "answer_format='json': must be one of tag, boxed"),
 ])
 def test_a_config_that_cannot_build_or_train_is_refused_naming_the_field(knob, named):
     with pytest.raises(ConfigError) as e:
