@@ -9,8 +9,8 @@
 #
 # GRPO needs, for every prompt q, G sampled outputs and the log-probability π_old(o_t | q, o_<t)
 # of every sampled token. `atlas_min.sampler.sample` produces both in one pass:
-#   * each prompt is repeated G times (its image encoded once, its features reused G times);
-#   * one prefill forward over the left-padded prompts fills a KV cache;
+#   * one prefill forward over the left-padded distinct prompts (each image encoded once) fills a
+#     KV cache, which is then repeated G times: row r of the G·B rows answers prompt r // G;
 #   * then one token per step for every row, at an explicit 3-D position (explained below):
 #     temperature, top-p, a per-row random generator, a stop per row at `<|im_end|>` (or
 #     `<|endoftext|>`), and the vision placeholders banned.
