@@ -68,6 +68,8 @@ with user_errors():  # every check before any work: a late error would lose the 
     data = load_examples(cfg, "eval", on_skip=say_skipped)
     if opts.judge and opts.judge_url:
         raise UsageError("--judge MODEL_PATH or --judge-url URL: one judge")
+    if opts.judge_url and not opts.judge_url.startswith(("http://", "https://")):
+        raise UsageError(f"--judge-url {opts.judge_url}: not an http:// or https:// URL")
     if opts.judge_model and not opts.judge_url:
         raise UsageError("--judge-model goes with --judge-url URL")
     if opts.judge_prompt and not (opts.judge or opts.judge_url):

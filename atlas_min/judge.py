@@ -167,7 +167,7 @@ def ask_url(url, prompts, model=None, *, max_new_tokens=50, timeout_s=300, retri
             try:
                 with urllib.request.urlopen(request, timeout=timeout_s) as reply:
                     return json.loads(reply.read())["choices"][0]["message"]["content"]
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            except Exception as e:  # any failure of the request (http.client's too) or of the reply's shape
                 if attempt == retries:
                     raise JudgeError(f"judge {endpoint}: no reply after {retries + 1} tries ({e})") from None
                 time.sleep(2 ** attempt)

@@ -91,9 +91,8 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
     (B·G, C) of that same distribution at each position (both 0 where the mask is False); truncated
     (B·G,) bool, rows that reached max_new_tokens without a stop token.
     """
-    prompt_ids = batch["input_ids"].repeat_interleave(group_size, 0)  # (N, P), N = B·G
-    prompt_mask = batch["attention_mask"].repeat_interleave(group_size, 0)
-    N, device = prompt_ids.shape[0], prompt_ids.device
+    prompt_ids, prompt_mask = (batch[k].repeat_interleave(group_size, 0) for k in ("input_ids", "attention_mask"))
+    N, device = prompt_ids.shape[0], prompt_ids.device  # (N, P) prompts, N = B·G
     stop_ids, pad_id = torch.tensor(tokenizer.convert_tokens_to_ids(STOP_TOKENS), device=device), tokenizer.pad_token_id
     if temperature > 0 and row_seeds is None:
         raise ValueError("sampling (temperature > 0) needs row_seeds: one seed per row, B·G of them")
@@ -130,7 +129,10 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
         log_z, entropy = log_partition_and_entropy(scaled, work[:len(rows)])  # (n,), the model's distribution
         scaled.index_fill_(-1, not_tokens, float("-inf"))  # the drawn token is none of them: its logit stays
         if temperature > 0:
-            token = _draw(work[:len(rows)].index_fill_(-1, not_tokens, 0.0), top_p, uniforms[rows, step])  # (n,)
+            weights = work[:len(rows)].index_fill_(-1, not_tokens, 0.0)  # relative to the largest of all logits
+            redo = weights.amax(-1) < 1  # a never-drawn token held it: the kept ones could have underflowed to 0
+            weights[redo] = torch.exp(scaled[redo] - scaled[redo].amax(-1, keepdim=True))  # (rows of redo, V)
+            token = _draw(weights, top_p, uniforms[rows, step])  # (n,)
         else:
             token = scaled.argmax(-1)
         at = rows[live]

@@ -87,3 +87,14 @@ def test_entropy_is_minus_the_sum_of_p_log_p_and_stays_finite_where_p_underflows
     torch.testing.assert_close(entropy.double(), by_hand, atol=1e-6, rtol=0)
     assert abs(entropy[1].item() - torch.log(torch.tensor(4.0)).item()) < 1e-6  # uniform: log 4
     torch.testing.assert_close(log_z.double(), torch.logsumexp(logits.double(), -1), atol=1e-5, rtol=0)
+
+
+def test_entropy_stays_float32_under_bfloat16_autocast():
+    # the sampler runs under autocast; a bf16 Σ p·x of logits near 30 is off by hundredths of a nat
+    logits = 30 + torch.randn(4, 32_000, generator=torch.Generator().manual_seed(0))  # bf16 steps there: 0.125
+    logits[:, 0] += 28.0  # one confident token: H is ~1e-4 nats
+    p = torch.softmax(logits.double(), -1)
+    by_hand = -(p * p.log()).sum(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, entropy = log_partition_and_entropy(logits, torch.empty_like(logits))
+    torch.testing.assert_close(entropy.double(), by_hand, atol=1e-5, rtol=0)

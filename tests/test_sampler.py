@@ -297,3 +297,22 @@ def test_in_lockstep_a_rank_whose_rows_are_done_steps_one_stand_in_row_until_all
     assert (out["completion_ids"][:, 0] == eos).all() and out["completion_mask"].sum(1).tolist() == [1] * 4
     assert (out["completion_ids"][:, 1:] == tokenizer.pad_token_id).all() and not out["truncated"].any()
     assert out["completion_ids"].shape == (4, 5)
+
+
+def test_a_banned_token_far_above_every_other_never_starves_the_draw(micro, toy_files):
+    # exp(x − max) over all tokens would underflow every allowed one to 0 when a never-drawn token leads by
+    # more than ~104: the draw then works from the largest allowed logit, as softmax over the allowed ones does
+    model, tokenizer, image_processor = micro
+    _lively(model)
+    batch = _prompts(tokenizer, image_processor, toy_files, n=1)
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    hook = model.lm_head.register_forward_hook(
+        lambda module, inputs, logits: logits.index_copy(-1, torch.tensor([image_pad]),
+                                                         logits.amax(-1, keepdim=True) + 200))
+    try:
+        out = sample(model, batch, tokenizer, group_size=4, max_new_tokens=6, temperature=1.0, row_seeds=range(4))
+    finally:
+        hook.remove()
+    drawn = out["completion_ids"][out["completion_mask"]]
+    assert (drawn < len(tokenizer)).all() and not (drawn == image_pad).any()
+    assert len(set(drawn.tolist())) > 1  # drawn from the allowed tokens' own distribution, not one fallback id

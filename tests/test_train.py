@@ -295,6 +295,7 @@ def test_eval_judge_writes_judge_accuracy_and_scores_a_reply_without_an_answer_0
 @pytest.mark.parametrize("extra, message", [
     (["--judge", "/nonexistent"], "--judge /nonexistent: not a model folder"),
     (["--judge-prompt", "/nonexistent.txt"], "--judge-prompt goes with --judge"),
+    (["--judge-url", "judge-host:8000"], "--judge-url judge-host:8000: not an http:// or https:// URL"),
 ])
 def test_eval_judge_input_is_checked_before_decoding(sft_run, extra, message):
     out = run("eval.py", "--ckpt", sft_run, *extra, check=False)
