@@ -7,18 +7,20 @@
         model_path=/path/to/Qwen2.5-VL-7B-Instruct train_data=rl.jsonl --out runs/rl7b
     python train_rl.py --resume runs/rl-toy                                       # latest checkpoint
 
-Each step (docs/method.md, "Stage 2: GRPO"): take `prompts_per_step` prompts (each rank its share), sample
-G outputs per prompt, score them (R), normalise rewards within each group (A), compute log π_old
-with a no-grad forward before any update and log π_ref with the frozen SFT model, then `ppo_epochs`
-passes of mini-batch updates on L_LA-GRPO. Mini- and micro-batches hold whole groups; every slice
-divides by the counts of its whole mini-batch, so the update is the one the formula gives for it.
+Each step (docs/method.md, "Stage 2: GRPO"): take `prompts_per_step` prompts, sample G outputs per prompt,
+score them (R), normalise rewards within each group (A), compute log π_old with a no-grad forward before any
+update and log π_ref with the frozen SFT model, then `ppo_epochs` passes of mini-batch updates on L_LA-GRPO.
+Mini-batch m holds the step's prompts m·M .. (m+1)·M − 1 (M = rl_mini_batch / G), their groups whole, on any
+number of processes: each rank samples and updates its slice of every mini-batch. Every micro-batch divides by
+the counts of its whole mini-batch, so the update is the one the formula gives for it.
 
-What does not depend on the number of processes: the prompts of each step, every row's random
-draws (seeded by seed, step and global row), advantages (groups never straddle ranks), and the loss
-normalisers. What does: float summation order, so logits (and rarely a sampled token) differ in
-the last bits. Departure from the textbook: none in the loss. log π_old comes from the same
-full forward as log π_θ rather than from the sampler, so r = 1 exactly before the first update
-(the sampler's cached decode agrees to 1e-4; docs/method.md, "Log-probabilities").
+So the number of processes changes nothing but float summation order: which prompts each update holds, every
+row's random draws (seeded by seed, step and global row), advantages (groups never straddle ranks) and the loss
+normalisers are the same on 1, 2 or 16 processes. The order of sums (a rank's batch of rows, the all-reduce of
+gradients) moves logits and weights in their last bits, and, rarely, a sampled token whose draw lands on a
+boundary. Departure from the textbook: none in the loss. log π_old comes from the same full forward as log π_θ
+rather than from the sampler, so r = 1 exactly before the first update (the sampler's cached decode agrees to
+1e-4; docs/method.md, "Log-probabilities").
 """
 import math
 import time
@@ -27,7 +29,8 @@ import torch
 
 from atlas_min import checkpoint
 from atlas_min.cli import Progress, UsageError, catch_interrupts, end_step, finish, say_skipped, start_run, user_errors
-from atlas_min.data import check_lengths, collate_prompts, encode_example, load_examples, stream_indices, to_device
+from atlas_min.data import (check_lengths, collate_prompts, encode_example, load_examples, rank_share, stream_indices,
+                            to_device)
 from atlas_min.dist import all_sum, autocast, gathered, print0, reshard, shard
 from atlas_min.grpo import constant_groups, functional_grad_share, group_advantages, grpo_loss
 from atlas_min.model import load_pretrained
@@ -71,7 +74,9 @@ optimizer = adamw(model, cfg, "rl")
 if resume_from:
     checkpoint.load_optimizer(resume_from, model, optimizer)  # says "resumed from ... at step N"
 functional_ids = tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS)
-prompts_per_rank = cfg.prompts_per_step // world
+# Mini-batch m holds the step's prompts m·M .. (m+1)·M − 1 (M = rl_mini_batch / G) on any number of processes;
+# each rank samples and updates its slice of each (data.rank_share), so groups never straddle ranks
+mine = rank_share(cfg.prompts_per_step, cfg.rl_mini_batch // G, rank, world)
 print0(f"RL {cfg.name} from {init}: {'LA-GRPO λ=' + str(cfg.anchor_coef) if cfg.anchor_coef else 'GRPO'}, "
        f"{total} steps × {cfg.prompts_per_step} prompts × G={G}, {world} process(es), {device}")
 
@@ -96,16 +101,16 @@ def completion_logprobs(policy, encoded, rollout, prompt_slice, cfg, pad_id, dev
                                  repeats=cfg.group_size, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
 
 
-def sample_groups(model, tokenizer, image_processor, prompts, cfg, step, first_row, device):
-    """Step 1: G completions of each prompt, drawn from π_old (the current weights, no grad)."""
+def sample_groups(model, tokenizer, image_processor, prompts, row_seeds, cfg, device):
+    """Step 1: G completions of each prompt, drawn from π_old (the current weights, no grad); row k's draws from
+    generator seed row_seeds[k]."""
     encoded = [encode_example(ex, tokenizer, image_processor, cfg) for ex in prompts]
     batch = to_device(collate_prompts(encoded, tokenizer.pad_token_id), device)
     model.eval()
     with gathered(model), autocast(device):  # one all-gather per unit for the rollout, not one per token
         rollout = sample(model, batch, tokenizer, group_size=cfg.group_size,
                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                         row_seeds=rl_row_seeds(cfg, step, first_row, len(prompts) * cfg.group_size),
-                         lockstep=False)
+                         row_seeds=row_seeds, lockstep=False)
     model.train()
     return encoded, rollout
 
@@ -227,14 +232,13 @@ with user_errors():
             val = validate(model, tokenizer, image_processor, held_out, cfg, rank, world, device)
             seconds["validation"] = time.time() - t0
         lr = set_lr(optimizer, lr_at(step, total, cfg.rl_warmup, cfg.rl_lr))
-        first_prompt = rank * prompts_per_rank
         order = stream_indices(step, cfg.prompts_per_step, len(train), seed=rl_run_seed(cfg) + cfg.rl_seed_offset,
                                epoch_seed_stride=cfg.epoch_seed_stride)
-        prompts = [train[i] for i in order[first_prompt:first_prompt + prompts_per_rank]]
+        prompts = [train[order[p]] for p in mine]  # this rank's share of each mini-batch, in update order
+        row_seeds = [seed for p in mine for seed in rl_row_seeds(cfg, step, p * G, G)]  # by global row
 
         t0 = time.time()
-        encoded, rollout = sample_groups(model, tokenizer, image_processor, prompts, cfg, step, first_prompt * G,
-                                         device)
+        encoded, rollout = sample_groups(model, tokenizer, image_processor, prompts, row_seeds, cfg, device)
         fmask = functional_mask(rollout["completion_ids"], functional_ids) & rollout["completion_mask"]  # (N, C)
         seconds["sampling"] = time.time() - t0
 

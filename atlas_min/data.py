@@ -184,6 +184,18 @@ def stream_indices(step, per_step, n, *, seed, epoch_seed_stride):
     return [shuffle(k // n)[k % n].item() for k in range(step * per_step, (step + 1) * per_step)]
 
 
+def rank_share(n, per_update, rank, world):
+    """Positions in a step's global list of `n` items that `rank` of `world` takes, when every `per_update`
+    consecutive items make one update: its slice of each update's items, the updates in order.
+
+    Update m holds items m·per_update .. (m+1)·per_update − 1 on any number of processes, so which items
+    share an update never depends on the process count. (B, the natural split, gives rank 0 the first n/world
+    items: on 2 processes RL's first update would hold items 0-3 and 8-11 where 1 process holds 0-7.)
+    """
+    share = per_update // world
+    return [m + rank * share + k for m in range(0, n, per_update) for k in range(share)]
+
+
 def open_image(path, where=""):
     try:
         with Image.open(path) as im:

@@ -678,3 +678,18 @@ def test_answers_equivalent_is_symmetric_when_the_question_lists_options(pair, q
     # with options, both sides are read the same way: a letter, a letter with its option's text, or the text
     a, b = pair
     assert rewards.answers_equivalent(a, b, question=question) == rewards.answers_equivalent(b, a, question=question)
+
+
+# --- which prompts share an update: the same on any number of processes (data.rank_share) ----------------------
+
+@given(world=st.sampled_from([1, 2, 4, 8, 16]), updates=st.integers(1, 8), per_rank=st.integers(1, 8))
+def test_each_update_holds_the_same_prompts_on_any_number_of_processes(world, updates, per_rank):
+    from atlas_min.data import rank_share
+    # the presets' range: 1-16 processes, 1-8 mini-batches a step, 1-8 prompts of a mini-batch per rank
+    per_update = world * per_rank  # rl_mini_batch / G prompts
+    n = updates * per_update  # prompts_per_step
+    shares = [rank_share(n, per_update, rank, world) for rank in range(world)]
+    assert sorted(p for share in shares for p in share) == list(range(n))  # every prompt on exactly one rank
+    for m in range(updates):  # train_rl's update m takes each rank's m-th slice of per_rank prompts
+        held = {p for share in shares for p in share[m * per_rank:(m + 1) * per_rank]}
+        assert held == set(range(m * per_update, (m + 1) * per_update))  # as on 1 process: prompts m·M .. (m+1)·M − 1
