@@ -1,5 +1,5 @@
-"""The study drivers' arithmetic (atlas_min.anchor_study): what each table column means, on records
-written by hand. The drivers themselves run whole trainings and are not part of the suite."""
+"""The study drivers' arithmetic (atlas_min.anchor_study, atlas_min.experiment): what each table column and the
+demo's check mean, on records written by hand. The drivers themselves run whole trainings and are not part of the suite."""
 import pytest
 
 from atlas_min.anchor_study import methods, summary
@@ -28,3 +28,25 @@ def test_stability_columns_are_the_largest_kl_and_the_drift_from_the_sft_policys
     assert row["token_spam"] == pytest.approx(1.0) and row["length_drift"] == pytest.approx(2.0)
     assert row["final_right_token"] == 1.0 and row["sampled_right_token"] == pytest.approx((0.5 + 0.6 + 10) / 12)
     assert row["right_token"] == 0.75 and row["gap"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("sft_line, rl_lines, verdict", [
+    (0.0, [1.0, 1.0, 0.995], "PASS"),  # SFT copied the slip, every RL run repaired it
+    (0.0, [1.0, 0.5, 1.0], "FAIL"),  # one RL run did not repair it
+    (0.6, [1.0, 1.0, 1.0], "FAIL"),  # SFT did not copy the slip: the demo shows no repair
+])
+def test_the_demos_check_passes_only_when_sft_copies_the_slip_and_every_rl_run_repairs_it(sft_line, rl_lines, verdict):
+    from atlas_min.config import get_config
+    from atlas_min.experiment import slip_check
+    results = {"SFT": {"per_task": {"puzzle_line": sft_line, "puzzle_shape": 1.0}}}
+    results |= {name: {"per_task": {"puzzle_line": acc, "puzzle_shape": 1.0}}
+                for name, acc in zip(["grpo", "grpo-lr2x", "la-grpo"], rl_lines)}
+    passed, line = slip_check(results, get_config("toy_decisive"))
+    assert passed == (verdict == "PASS") and line.startswith(f"check: {verdict}") and "puzzle_line: SFT" in line
+
+
+def test_the_demos_check_is_silent_where_the_preset_slips_no_token():
+    from atlas_min.config import get_config
+    from atlas_min.experiment import slip_check
+    results = {"SFT": {"per_task": {"line": 0.0}}, "grpo": {"per_task": {"line": 1.0}}}
+    assert slip_check(results, get_config("toy")) is None
