@@ -97,7 +97,7 @@ def _reason(error):
     """The first line of what went wrong, from an OSError or from torch.distributed.checkpoint's wrapper of the
     ranks' errors ({rank: wrapped error})."""
     if isinstance(error, CheckpointException):
-        error = next(iter(error.failures.values())).exc  # _WrappedException: (exc, traceback)
+        error = next(iter(error.failures.values()))[0]  # (exception, traceback) of the first rank that failed
     return getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
 
 
