@@ -5,7 +5,7 @@ writing its own shard.
     RUN/checkpoints/step_000200/ the same, + trainer_state.json + the AdamW state: .metadata and one
                                  __<rank>_0.distcp file per rank that saved it (torch.distributed.checkpoint)
 
-No rank ever holds the whole state. Weights: every rank writes its shard of each tensor
+A save gathers nothing: no rank ever holds the whole state. Weights: every rank writes its shard of each tensor
 (torch.distributed.checkpoint's HuggingFaceStorageWriter), then rank 0 stitches the shards into one
 model.safetensors, a tensor at a time (one full tensor in memory), and deletes them. AdamW moments: every
 rank writes its shard (`dcp.save`); `.metadata` records which file holds which slice, so `dcp.load` gives
@@ -110,7 +110,8 @@ def save(folder, model, tokenizer, image_processor, cfg, step, optimizer=None, e
     every rank: the last complete checkpoint stays as it was.
     """
     folder = Path(folder)
-    # inside the run folder: the final model's tmp inside RUN, a step's inside RUN/checkpoints (issue: never the parent)
+    # inside the run folder, where the run proved it may write: RUN/.tmp-save, RUN/checkpoints/.tmp-step_N (never
+    # RUN's parent, which may be read-only)
     tmp = folder / ".tmp-save" if folder.is_dir() else folder.parent / f".tmp-{folder.name}"
     resumable = optimizer is not None and dtype == "float32"
     failed = None
@@ -133,9 +134,6 @@ def save(folder, model, tokenizer, image_processor, cfg, step, optimizer=None, e
             failed = _reason(e)
             if is_main():
                 shutil.rmtree(tmp, ignore_errors=True)
-    if all_sum(failed is not None):  # every rank learns every rank's outcome (and waits for it, as a barrier)
-        raise CheckpointError(f"cannot save step {step} to {folder} ({failed or 'another rank failed'}): "
-                              "the last complete checkpoint is kept")
     if all_sum(failed is not None):  # every rank learns every rank's outcome (and waits for it, as a barrier)
         raise CheckpointError(f"cannot save step {step} to {folder} ({failed or 'another rank failed'}): "
                               "the last complete checkpoint is kept")
