@@ -25,7 +25,7 @@ from atlas_min.data import check_lengths, data_file, file_record, load_examples
 from atlas_min.dist import cleanup, print0, setup, shard
 from atlas_min.evaluate import chance_by_task, evaluate, intervene
 from atlas_min.judge import judge, judge_prompt, load_judge
-from atlas_min.model import load_pretrained, set_pixel_bounds
+from atlas_min.model import eval_image_processor, load_pretrained
 from atlas_min.rewards import extract_answer
 from atlas_min.run_folder import check_output
 
@@ -84,8 +84,7 @@ with user_errors():  # every check before any work: a late error would lose the 
 # 2. the model, sharded under torchrun; the judge (rank 0) loaded before the decode, so it cannot fail after it
 rank, world, device = setup(cfg.collective_timeout_s)
 model, tokenizer, image_processor = load_pretrained(ckpt, cfg, on_meta=rank > 0)  # rank 0 reads the weights
-if cfg.eval_min_pixels:  # the eval protocol's image bounds (ATLAS's harness at 7B)
-    set_pixel_bounds(image_processor, cfg.eval_min_pixels, cfg.eval_max_pixels)
+image_processor = eval_image_processor(image_processor, cfg)  # the eval protocol's image bounds, if set
 with user_errors():
     data = check_lengths(data, tokenizer, image_processor, cfg, generate=cfg.eval_max_new_tokens,
                          on_skip=say_skipped, context=model.config.get_text_config().max_position_embeddings)

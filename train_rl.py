@@ -33,7 +33,7 @@ from atlas_min.data import (check_lengths, collate_prompts, encode_example, load
                             to_device)
 from atlas_min.dist import all_sum, autocast, gathered, print0, reshard, shard
 from atlas_min.grpo import constant_groups, functional_grad_share, group_advantages, grpo_loss
-from atlas_min.model import load_pretrained
+from atlas_min.model import eval_image_processor, load_pretrained
 from atlas_min.optim import adamw, clipped_step, count_nonfinite, lr_at, set_lr
 from atlas_min.rewards import compute_reward
 from atlas_min.sampler import decode_completion, rl_row_seeds, rl_run_seed, sample, sequence_logprobs
@@ -62,9 +62,9 @@ with user_errors():
     context = model.config.get_text_config().max_position_embeddings
     train = check_lengths(train, tokenizer, image_processor, cfg, generate=cfg.max_new_tokens, on_skip=say_skipped,
                           context=context)
-    if held_out:
-        held_out = check_lengths(held_out, tokenizer, image_processor, cfg, generate=cfg.eval_max_new_tokens,
-                                 on_skip=say_skipped, context=context)
+    if held_out:  # measured as validation will see them: under the eval protocol's image bounds
+        held_out = check_lengths(held_out, tokenizer, eval_image_processor(image_processor, cfg), cfg,
+                                 generate=cfg.eval_max_new_tokens, on_skip=say_skipped, context=context)
 model = shard(model, cfg, device)
 reference = None
 if cfg.kl_coef > 0:  # frozen: on CUDA bf16 shards are enough, and half the memory
@@ -132,8 +132,11 @@ def score(tokenizer, prompts, rollout, cfg, group_size):
 
 def validate(model, tokenizer, image_processor, held_out, cfg, rank, world, device):
     """val/ metrics of the current weights: greedy replies (eval_max_new_tokens) to the held-out slice, each rank
-    its share in eval_batch_size pieces, scored by the reward's rules. The weights stay gathered for all pieces
-    (as eval.py's): no rank waits in a collective for another's decode; a rank without examples decodes one."""
+    its share in eval_batch_size pieces, scored by the reward's rules. Decoded as eval.py decodes: its prompt,
+    its image bounds (eval_min_pixels..eval_max_pixels, not training's), greedy. The weights stay gathered for
+    all pieces (as eval.py's): no rank waits in a collective for another's decode; a rank without examples
+    decodes one."""
+    image_processor = eval_image_processor(image_processor, cfg)
     mine, scores = held_out[rank::world], []
     model.eval()
     with gathered(model), autocast(device):

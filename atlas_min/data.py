@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from atlas_min.dist import from_rank0
 from atlas_min.tokens import FUNCTIONAL_TOKENS
 
 IGNORE = -100  # label of positions without loss (torch's cross_entropy default ignore_index)
@@ -117,19 +118,25 @@ def inspect_image(path):
 
 
 def check_images(examples, skip=False, on_skip=None):
-    """Every image of every example checked once, before any work: a bad file found at step 10,000 of
-    a deterministic data order would stop the run there again after every resume (`keep_good`). Each
-    example comes back with its `image_sizes` [(width, height)], which `check_lengths` counts from."""
-    bad, checked = [], []
-    for ex in examples:
-        sizes = []
-        for k, path in enumerate(ex["images"]):
-            problem, size = inspect_image(path)
-            if problem:
-                bad.append(f"{ex['where']}: field 'images[{k}]': image {path} {problem}")
-                break
-            sizes.append(size)
-        checked.append(dict(ex, image_sizes=sizes))
+    """Every image of every example checked once per job, before any work: a bad file found at step 10,000 of
+    a deterministic data order would stop the run there again after every resume (`keep_good`). Under
+    torchrun rank 0 opens the images and tells the other ranks what it found (`dist.from_rank0`), so the
+    I/O is once per job, not once per rank. Each example comes back with its `image_sizes` [(width, height)],
+    which `check_lengths` counts from."""
+    def inspect_all():
+        bad, sizes = [], []
+        for ex in examples:
+            sizes.append([])
+            for k, path in enumerate(ex["images"]):
+                problem, size = inspect_image(path)
+                if problem:
+                    bad.append(f"{ex['where']}: field 'images[{k}]': image {path} {problem}")
+                    break
+                sizes[-1].append(size)
+        return bad, sizes
+
+    bad, sizes = from_rank0(inspect_all)
+    checked = [dict(ex, image_sizes=s) for ex, s in zip(examples, sizes)]
     return keep_good(checked, bad, "with a bad image", skip, on_skip)
 
 

@@ -71,6 +71,14 @@ def all_gather_objects(obj):
     return out
 
 
+def from_rank0(compute):
+    """`compute()` run on rank 0 only, its result (any picklable object) handed to every rank."""
+    out = [compute() if is_main() else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(out, src=0)
+    return out[0]
+
+
 def fsdp_units(model):
     """The modules `shard` wraps before the root, bottom-up: each vision block, the vision tower, each decoder layer."""
     return [*model.model.visual.blocks, model.model.visual, *model.model.language_model.layers]
@@ -82,7 +90,8 @@ def shard(model, cfg, device):
     Under torchrun only rank 0 holds weights (on the CPU; the others' model is on the meta device, see
     `model.load_pretrained(on_meta=)`): every rank shards the empty structure on `device`, and rank 0's
     weights are broadcast one tensor at a time, each rank keeping its shard. So the checkpoint is read
-    once per node and no GPU ever holds the whole model. The vision tower is a unit of its own because
+    once per job, by rank 0 alone (on several nodes the other nodes receive it over the network, not
+    from their own disks), and no GPU ever holds the whole model. The vision tower is a unit of its own because
     the sampler calls it directly to encode each image once per group. On CUDA, parameters are gathered
     in bf16 and gradients reduced in fp32.
     """

@@ -3,6 +3,7 @@
 Random-init presets (`micro`, `toy`) build everything offline: a byte-level BPE trained on the toy
 world's texts, and a small Qwen2.5-VL. A `model_path` loads all three from a local folder instead.
 """
+import copy
 from pathlib import Path
 
 import torch
@@ -112,6 +113,16 @@ def set_pixel_bounds(image_processor, min_pixels, max_pixels):
     """Images are resized to between min_pixels and max_pixels (aspect kept, sides multiples of 28).
     Only `size` is set: transformers 5 reads the bounds from it (and warns about `min_pixels` attributes)."""
     image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+
+
+def eval_image_processor(image_processor, cfg):
+    """The image processor under the eval protocol's bounds (eval_min_pixels..eval_max_pixels, ATLAS's harness
+    at 7B): a copy, the training one untouched; itself when the config sets none. eval.py and RL validation."""
+    if not cfg.eval_min_pixels:
+        return image_processor
+    image_processor = copy.deepcopy(image_processor)
+    set_pixel_bounds(image_processor, cfg.eval_min_pixels, cfg.eval_max_pixels)
+    return image_processor
 
 
 def init_model(cfg, on_meta=False):

@@ -32,7 +32,7 @@ from atlas_min.config import FIELDS, MUTABLE, get_config
 from atlas_min.data import data_file, file_record
 from atlas_min.dist import print0
 
-RUN_FILES = ("trainer_state.json", "model.safetensors", "optimizer.safetensors", "report.md", "eval.json",
+RUN_FILES = ("trainer_state.json", "model.safetensors", ".metadata", "optimizer.safetensors", "report.md", "eval.json",
              "samples_rl.jsonl", "tracker.json")
 LOCK = ".lock"
 _created = set()  # run folders this process created: removed at exit if still empty
@@ -152,9 +152,9 @@ def claim(run, overwrite=False):
     atexit.register(release, run)  # an error that ends the process (cli.die) frees the folder too
     if overwrite:  # the files a run writes, and nothing else that may be there
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
-        for item in [*(run / name for name in RUN_FILES), *run.glob("metrics_*.jsonl")]:
+        for item in [*(run / name for name in RUN_FILES), *run.glob("metrics_*.jsonl"), *run.glob("__*_*.distcp")]:
             item.unlink(missing_ok=True)
-    for tmp in [*(run / "checkpoints").glob(".tmp-*"), run.parent / f".tmp-{run.name}"]:
+    for tmp in [*(run / "checkpoints").glob(".tmp-*"), *run.glob(".tmp-*")]:  # checkpoint.save's, inside the run
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -14,6 +14,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 
 from atlas_min import checkpoint, run_folder
 from atlas_min.config import CHOICES, TOY_TASKS, ConfigError, get_config, to_dict
@@ -377,7 +378,7 @@ def test_a_save_that_fails_removes_its_temporary_folder_and_keeps_the_last_check
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save", full_disk)  # where each rank's shard of the weights is written
     with pytest.raises(checkpoint.CheckpointError, match=r"cannot save step 2 .*\(No space left on device\)"):
         checkpoint.save(checkpoint.step_folder(tmp_path, 2), model, tokenizer, image_processor, micro_cfg, 2)
     assert snapshot(tmp_path) == before and not list(tmp_path.rglob(".tmp-*"))

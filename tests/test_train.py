@@ -548,7 +548,7 @@ def test_ctrl_c_saves_the_step_it_ends_and_resume_is_bit_identical(tmp_path, lea
     lines = [line for line in (out.stdout + out.stderr).splitlines() if "interrupted" in line]
     assert len(lines) == 1 and "saved" in lines[0]
     step = int(lines[0].split("after step ")[1].split()[0])
-    assert step >= at_step and (stopped / "checkpoints" / f"step_{step:06d}" / "optimizer.safetensors").is_file()
+    assert step >= at_step and (stopped / "checkpoints" / f"step_{step:06d}" / ".metadata").is_file()
     assert not (stopped / ".lock").exists()
     run(script, "--resume", stopped)
     a, b = weights(tmp_path / "straight"), weights(stopped)
@@ -593,7 +593,7 @@ def test_a_bfloat16_final_model_is_lean_and_the_run_still_resumes_exactly(tmp_pa
     run("train_sft.py", "--config", "micro", "--out", straight, "max_steps=4")
     run("train_sft.py", "--config", "micro", "--out", lean, "max_steps=2", "final_dtype=bfloat16")
     final = weights(lean)
-    assert {v.dtype for v in final.values()} == {torch.bfloat16} and not (lean / "optimizer.safetensors").exists()
+    assert {v.dtype for v in final.values()} == {torch.bfloat16} and not (lean / ".metadata").exists()
     assert Qwen2_5_VLForConditionalGeneration.from_pretrained(lean).dtype == torch.bfloat16  # as stock loads it
     exact = weights(lean / "checkpoints" / "step_000002")  # the resumable state, fp32 and AdamW beside it
     assert all(torch.equal(exact[k].to(torch.bfloat16), final[k]) for k in final)
