@@ -92,7 +92,8 @@ def rows_of(prompts, group_size):
 
 
 def completion_logprobs(policy, encoded, rollout, prompt_slice, cfg, pad_id, device, grad=False):
-    """log π(o_t) of the completions of `prompt_slice` (a slice of this rank's prompts): (rows, C)."""
+    """log π(o_t) of the completions of `prompt_slice` (a slice of this rank's prompts): (rows, C), from a forward
+    cut to these rows' own longest prompt and completion (`sequence_logprobs`), not the rollout's width."""
     rows = rows_of(prompt_slice, cfg.group_size)
     images = to_device(collate_prompts(encoded[prompt_slice], pad_id), device)
     with torch.set_grad_enabled(grad), autocast(device):

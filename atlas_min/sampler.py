@@ -160,14 +160,30 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
 
 
 def sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, completion_mask, repeats=1,
-                      temperature=1.0, chunk=0):
+                      temperature=1.0, chunk=0, trim=True):
     """log π(o_t | q, o_<t) of every completion token, (B, C), from one full forward (with grad if enabled);
-    `chunk` as in `model.token_logprobs` (the config's `logprob_chunk`)."""
+    `chunk` as in `model.token_logprobs` (the config's `logprob_chunk`).
+
+    `trim`: the forward runs on these rows' own longest prompt (columns of left padding that every row has are
+    dropped) and own longest completion, not on the width of the batch they were sampled in; the positions cut
+    off get log π = 0 (masked out of every sum). Causal attention and mask-derived positions make the kept
+    values those of the uncut forward, up to float rounding. A rank's rollout is padded to its longest row;
+    an update's micro-batch (one group of the 7B preset) is often far shorter. False: the whole block (bench).
+    """
+    B, C = completion_ids.shape
+    if trim:
+        used = prompt_mask.bool().any(0)  # (P,) columns some row's prompt uses (prompts are left-padded)
+        first = int(used.nonzero()[0]) if used.any() else 0
+        kept = completion_mask.bool().any(0).nonzero()  # completions are right-padded
+        width = int(kept[-1]) + 1 if len(kept) else 1
+        prompt_ids, prompt_mask = prompt_ids[:, first:], prompt_mask[:, first:]
+        completion_ids, completion_mask = completion_ids[:, :width], completion_mask[:, :width]
     input_ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P + C)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
-    C = completion_ids.shape[1]
-    out, _ = forward(model, batch, input_ids, attention_mask, repeats=repeats, logits_to_keep=C + 1)
-    logits = out.logits[:, :-1]  # (B, C, V): the logits at position P-1+t predict completion token t
+    width = completion_ids.shape[1]
+    out, _ = forward(model, batch, input_ids, attention_mask, repeats=repeats, logits_to_keep=width + 1)
+    logits = out.logits[:, :-1]  # (B, width, V): the logits at position P-1+t predict completion token t
     if temperature not in (0, 1):  # (a division would copy the (B, C, V) logits for nothing at T = 1)
         logits = logits / temperature
-    return token_logprobs(logits, completion_ids, chunk)
+    logp = token_logprobs(logits, completion_ids, chunk)  # (B, width)
+    return torch.nn.functional.pad(logp, (0, C - width))  # (B, C)

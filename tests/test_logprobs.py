@@ -98,3 +98,40 @@ def test_entropy_stays_float32_under_bfloat16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, entropy = log_partition_and_entropy(logits, torch.empty_like(logits))
     torch.testing.assert_close(entropy.double(), by_hand, atol=1e-5, rtol=0)
+
+
+def test_a_micro_batch_cut_to_its_own_longest_prompt_and_completion_gives_the_uncut_values_and_gradients(micro,
+                                                                                                          toy_files):
+    from atlas_min.data import collate_prompts, encode, load_jsonl
+    from atlas_min.sampler import sequence_logprobs
+    model, tokenizer, image_processor = micro
+    examples = load_jsonl(toy_files[0])[:2]
+    examples[1] = examples[1] | {"question": examples[1]["question"] + " Look closely at the picture." * 3}
+    encoded = [encode(ex, tokenizer, image_processor, "sys") for ex in examples]
+    wide = collate_prompts(encoded, tokenizer.pad_token_id)  # a rank's rollout: padded to its longest prompt
+    pad = int((wide["attention_mask"][0] == 0).sum())
+    assert pad >= 10  # prompt 0's rows carry 10+ columns of left padding that the cut drops
+    G = 4
+    prompt_ids = wide["input_ids"][:1].repeat_interleave(G, 0)  # the micro-batch: prompt 0's group
+    prompt_mask = wide["attention_mask"][:1].repeat_interleave(G, 0)
+    completion = torch.randint(7, len(tokenizer) - 5, (G, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.arange(12) < torch.tensor([[3], [7], [2], [5]])  # (G, 12): its longest reply is 7 of 12
+    images = collate_prompts(encoded[:1], tokenizer.pad_token_id)
+    weights = torch.randn(G, 12, generator=torch.Generator().manual_seed(1)) * mask  # a loss on reply tokens only
+    values, grads, widths = [], [], []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    for trim in (False, True):
+        model.zero_grad()
+        logp = sequence_logprobs(model, images, prompt_ids, prompt_mask, completion, mask, repeats=G, trim=trim)
+        (logp * weights).sum().backward()
+        values.append(logp.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    hook.remove()
+    P = wide["input_ids"].shape[1]
+    assert widths == [P + 12, P - pad + 7]  # the positions computed: uncut, then cut
+    assert values[1].shape == (G, 12) and (values[1][:, 7:] == 0).all()  # cut off: 0, masked out of every sum
+    torch.testing.assert_close(values[1][mask], values[0][mask], atol=1e-5, rtol=0)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=0, msg=name)
