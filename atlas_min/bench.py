@@ -307,24 +307,27 @@ def random_completions(tokenizer, rows, length, seed):
     return pool[torch.randint(len(pool), (rows, length), generator=torch.Generator().manual_seed(seed))]
 
 
-def update_step(model, batch, completion_ids, cfg, device):
+def update_step(model, batch, completion_ids, cfg, device, lengths=None, trim=True):
     """(one RL update step: forward + backward + clip + AdamW, the model as train_rl.py holds it on one GPU) on the
-    prompts of `batch`, each repeated G times and followed by its rows of `completion_ids`. Casts `model` to fp32
+    prompts of `batch`, each repeated G times and followed by its rows of `completion_ids` (row r's first
+    lengths[r] tokens; all of them without `lengths`); `trim` as in `sequence_logprobs`. Casts `model` to fp32
     in place."""
-    G = cfg.group_size
+    G, C = cfg.group_size, completion_ids.shape[1]
     prompt_ids = batch["input_ids"].repeat_interleave(G, 0)
     prompt_mask = batch["attention_mask"].repeat_interleave(G, 0)
-    completion_mask = torch.ones_like(completion_ids, dtype=torch.bool)
+    if lengths is None:
+        lengths = torch.full((completion_ids.shape[0],), C, device=completion_ids.device)
+    completion_mask = torch.arange(C, device=completion_ids.device) < lengths[:, None]  # (rows, C)
     model = shard(model.float(), cfg, device).train()  # one process: checkpointing as the preset says
     optimizer = adamw(model, cfg, "rl")
 
     def logprobs():
         with autocast(device):
             return sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                     repeats=G, chunk=cfg.logprob_chunk)
+                                     repeats=G, chunk=cfg.logprob_chunk, trim=trim)
 
     def step():
-        (-logprobs().mean()).backward()
+        (-(logprobs() * completion_mask).sum() / completion_mask.sum()).backward()
         clip_grad_norm(model, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -348,6 +351,24 @@ def time_update(model, batch, completion_ids, cfg, repeats, device):
              "vision": (sum(p.numel() for p in visual.parameters()) - merger, patches),  # once per prompt
              "merger": (merger, patches // visual.spatial_merge_size ** 2)}
     return seconds, parts
+
+
+def compare_cut(model, batch, completion_ids, cfg, repeats, device):
+    """The update of `update_step` on replies of varied lengths (`reply_lengths`: the log-normal of the varied
+    decode), its forward over the whole block (every row as long as the rollout's longest, `completion_ids`'
+    width) and cut to the micro-batch's own longest prompt and reply (`sequence_logprobs`' trim): seconds, real
+    tokens per second, and the share of the positions computed that are padding."""
+    rows, C = completion_ids.shape
+    lengths = reply_lengths(rows, C, cfg.seed).to(completion_ids.device)
+    prompt_mask = batch["attention_mask"].repeat_interleave(cfg.group_size, 0)
+    real = int(prompt_mask.sum() + lengths.sum())  # the positions a row truly needs: its prompt and its reply
+    kept = int(prompt_mask.bool().any(0).sum())  # the cut drops the columns of left padding every row has
+    out = {"lengths": {"mean": float(lengths.float().mean()), "max": int(lengths.max()), "width": C}}
+    for name, trim, width in (("uncut", False, prompt_mask.shape[1] + C), ("cut", True, kept + int(lengths.max()))):
+        step, _, model = update_step(model, batch, completion_ids, cfg, device, lengths, trim)
+        seconds, _ = _timed(step, repeats)
+        out[name] = {"seconds": seconds, "tokens_per_s": real / seconds, "padded_share": 1 - real / (rows * width)}
+    return out
 
 
 def _peak_reset(device):
@@ -495,7 +516,9 @@ def run(args, cfg):
             completions = random_completions(tokenizer, update_rows, C, cfg.seed).to(device)
             seconds, parts = time_update(model, batch, completions, cfg, args.repeats, device)
             flops = update_flops(parts.values())
+            cut = compare_cut(model, batch, completions, cfg, args.repeats, device)
             r["update"] = {"rows": update_rows, "tokens": update_rows * (batch["input_ids"].shape[1] + C),
+                           "varied": cut, "padded_share": cut["cut"]["padded_share"],
                            "completion_tokens": C, "activation_checkpointing": cfg.activation_checkpointing,
                            "logprob_chunk": cfg.logprob_chunk, "parts": parts, "seconds": seconds, "flops": flops,
                            "flops_per_s": flops / seconds, "mfu": share(flops / seconds, peak)}
@@ -546,6 +569,13 @@ def report_lines(r):
                      f"tokens, activation checkpointing {'on' if u['activation_checkpointing'] else 'off'}: "
                      f"{u['seconds']:.3f} s, {u['flops'] / 1e12:.3g} TFLOP = "
                      f"{u['flops_per_s'] / 1e12:.3g} TFLOP/s, {mfu}")
+        v = u["varied"]
+        lines.append(f"- the update on varied reply lengths (the log-normal above; here mean {v['lengths']['mean']:.1f}, "
+                     f"longest {v['lengths']['max']} of {v['lengths']['width']}): every row as long as the rollout's "
+                     f"width {v['uncut']['tokens_per_s']:,.1f} tokens/s ({v['uncut']['seconds']:.3f} s), padded share "
+                     f"{v['uncut']['padded_share']:.2f}; cut to the micro-batch's longest "
+                     f"{v['cut']['tokens_per_s']:,.1f} tokens/s ({v['cut']['seconds']:.3f} s), padded share "
+                     f"{v['cut']['padded_share']:.2f} (tokens/s: the prompt and reply positions the rows truly need)")
     if m := r["memory"]:
         where = "peak GPU memory allocated" if r["device"] == "cuda" else "peak resident memory of a fresh process"
         for kind, label in (("update", "one RL update"), ("logprobs", "one no-grad log-prob pass")):

@@ -178,3 +178,21 @@ def test_chunked_log_probs_lower_the_measured_peaks_by_the_predicted_bytes_withi
     for kind in ("update", "logprobs"):
         assert m["predicted_fall"][kind] > 250e6
         assert abs(m["fall"][kind] / m["predicted_fall"][kind] - 1) < 0.2, (kind, m)
+
+
+def test_the_cut_update_computes_only_the_micro_batchs_own_longest_prompt_and_reply(micro, toy_files):
+    from atlas_min.bench import compare_cut
+    from atlas_min.data import collate_prompts, encode, load_jsonl
+    model, tokenizer, image_processor = micro
+    cfg = get_config("micro")  # G = 4
+    examples = load_jsonl(toy_files[0])[:1]
+    batch = collate_prompts([encode(ex, tokenizer, image_processor, cfg.system_prompt) for ex in examples],
+                            tokenizer.pad_token_id)
+    P, C = batch["input_ids"].shape[1], 40  # one prompt, no left padding; a rollout 40 tokens wide
+    completions = torch.randint(7, len(tokenizer) - 5, (4, C), generator=torch.Generator().manual_seed(0))
+    lengths = reply_lengths(4, C, cfg.seed)  # the rows' replies, drawn as compare_cut draws them
+    out = compare_cut(model, batch, completions, cfg, 1, torch.device("cpu"))
+    real = 4 * P + int(lengths.sum())  # by hand: each row's prompt and its own reply
+    assert out["uncut"]["padded_share"] == pytest.approx(1 - real / (4 * (P + C)))
+    assert out["cut"]["padded_share"] == pytest.approx(1 - real / (4 * (P + int(lengths.max()))))
+    assert out["cut"]["padded_share"] < out["uncut"]["padded_share"] and out["lengths"]["max"] < C
