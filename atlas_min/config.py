@@ -69,6 +69,16 @@ class Config:
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     activation_checkpointing: bool = False
+    # FSDP2's sharding group (dist.shard). 0: every rank shards with every other (plain FSDP; one node). K: shard
+    # within groups of K ranks and replicate across the groups (HSDP). With K = GPUs per node the all-gathers and
+    # reduce-scatters of every micro-batch stay on a node's NVLink; across nodes only one gradient all-reduce per
+    # optimizer step travels (plan --nodes prints the bytes). The same sums, in another order.
+    fsdp_shard_size: int = 0
+    # The dtype of the gradients' reduce-scatter / all-reduce on CUDA (FSDP2's MixedPrecisionPolicy.reduce_dtype).
+    # float32: each rank's bf16-computed gradient is summed exactly over ranks. bfloat16 halves those bytes (plan),
+    # at the cost of rounding every rank's gradient to 8 mantissa bits before the sum: with RL's tiny, noisy
+    # per-token gradients the rounding is of the order of the signal, so it is an option, not the default.
+    grad_reduce_dtype: str = "float32"
     # A run stops (exit 2) after this many steps in a row whose loss or gradient norm is not finite, and never
     # saves such a step. One is survivable: its update is skipped (optim.clipped_step), a lost batch. Three in a
     # row mean the weights or AdamW's moments themselves are broken (every batch overflows): going on only burns
@@ -300,7 +310,7 @@ POSITIVE = ("text_hidden text_layers text_heads text_kv_heads text_intermediate 
             "group_size rl_mini_batch ppo_epochs max_new_tokens eval_max_new_tokens eval_batch_size eval_examples "
             "collective_timeout_s epoch_seed_stride step_seed_stride row_seed_stride sft_lr rl_lr grad_clip clip_eps "
             "rope_theta rms_norm_eps max_nonfinite_steps").split()
-NON_NEGATIVE = ("logprob_chunk seed rl_seed rl_seed_offset vocab_rows vision_fullatt_every vision_tokens_per_second "
+NON_NEGATIVE = ("fsdp_shard_size logprob_chunk seed rl_seed rl_seed_offset vocab_rows vision_fullatt_every vision_tokens_per_second "
                 "max_steps save_every eval_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer "
                 "over_threshold eval_min_pixels eval_max_pixels weight_decay temperature kl_coef anchor_coef adv_eps "
                 "w_acc w_ft w_fmt w_len w_over len_max_penalty over_slope over_max_penalty").split()
@@ -313,7 +323,7 @@ RANGES = [(POSITIVE, lambda v: v > 0, "> 0"), (NON_NEGATIVE, lambda v: v >= 0, "
           # A_i compares an output with its group: a lone output's advantage is 0, RL would do nothing
           (["group_size"], lambda v: v >= 2, ">= 2 (GRPO compares each output with the others of its group)")]
 CHOICES = {"answer_format": ("tag", "boxed"), "final_dtype": ("float32", "bfloat16"), "toy_reply": ("short", "long"),
-           "log_to": ("none", "wandb", "tensorboard")}
+           "log_to": ("none", "wandb", "tensorboard"), "grad_reduce_dtype": ("float32", "bfloat16")}
 
 
 def check(cfg):
@@ -354,6 +364,9 @@ def check(cfg):
 def check_world(cfg, world, stage):
     """ConfigError unless `world` processes can split `stage`'s global batches: SFT's batch_size examples,
     RL's prompts_per_step prompts and rl_mini_batch completions, whole groups on each rank."""
+    if cfg.fsdp_shard_size and world % cfg.fsdp_shard_size:
+        raise ConfigError(f"fsdp_shard_size={cfg.fsdp_shard_size} must divide the {world} processes (groups of "
+                          "ranks that shard, replicated across the groups)")
     if stage == "sft" and cfg.batch_size % world:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
     if stage == "rl" and (cfg.prompts_per_step % world or cfg.rl_mini_batch % (cfg.group_size * world)):

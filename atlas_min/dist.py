@@ -11,6 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
@@ -93,7 +94,8 @@ def shard(model, cfg, device):
     once per job, by rank 0 alone (on several nodes the other nodes receive it over the network, not
     from their own disks), and no GPU ever holds the whole model. The vision tower is a unit of its own because
     the sampler calls it directly to encode each image once per group. On CUDA, parameters are gathered
-    in bf16 and gradients reduced in fp32.
+    in bf16 and gradients reduced in `grad_reduce_dtype` (fp32 by default). `fsdp_shard_size` = K < world: HSDP
+    on a (world/K, K) mesh, each unit sharded within its group of K ranks and replicated across the groups.
     """
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -104,10 +106,15 @@ def shard(model, cfg, device):
     buffers = [buffer.to(device) if is_main() else None for _, buffer in model.named_buffers()]
     model.to("meta")
     model.tie_weights()  # the move to meta made lm_head a parameter of its own again (a tied model's)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=getattr(torch, cfg.grad_reduce_dtype))
+          if device.type == "cuda" else MixedPrecisionPolicy())
+    mesh = None  # plain FSDP over every rank
+    if cfg.fsdp_shard_size and cfg.fsdp_shard_size != world_size():  # HSDP: shard within groups, replicate across
+        mesh = init_device_mesh(device.type, (world_size() // cfg.fsdp_shard_size, cfg.fsdp_shard_size),
+                                mesh_dim_names=("replicate", "shard"))
     for unit in fsdp_units(model):
-        fully_shard(unit, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)  # the root: embeddings, lm_head, final norm
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embeddings, lm_head, final norm
     model.to_empty(device=device)
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for (_, buffer), value in zip(model.named_buffers(), buffers):

@@ -198,6 +198,19 @@ def test_rl_on_one_and_two_processes_updates_on_the_same_groups_and_ends_at_the_
     assert max_diff(weights(tmp_path / "one"), weights(rl_two_procs)) < 1e-5
 
 
+def test_four_processes_as_two_replicas_of_two_shards_reach_the_weights_of_one_process(tmp_path, sft_run, micro_init,
+                                                                                      learning_sft):
+    layout = json.loads(run("tests/hsdp_layout.py", procs=4).stdout.strip().splitlines()[-1])
+    assert layout == {"mesh": [2, 2], "names": ["replicate", "shard"], "placements": ["R", "S(0)"]}  # replicated, dim 0 sharded
+    run("train_sft.py", "--config", "micro", "--out", tmp_path / "sft", "max_steps=3", "fsdp_shard_size=2", procs=4)
+    assert_trained(sft_run, micro_init)
+    assert max_diff(weights(sft_run), weights(tmp_path / "sft")) < 1e-5
+    rl = [*RL, "prompts_per_step=8", "rl_mini_batch=16", "max_steps=2", "--init", learning_sft]  # 1 prompt a rank
+    run("train_rl.py", *rl, "--out", tmp_path / "one")  # each asserted to have learned (`run`)
+    run("train_rl.py", *rl, "--out", tmp_path / "hsdp", "fsdp_shard_size=2", procs=4)
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "hsdp")) < 1e-5
+
+
 def _two_nodes(*args):
     """README's two-node command, run as two launchers of one process each on this machine (c10d rendezvous on
     the loopback address; the port is one the system picked as free)."""
