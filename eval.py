@@ -25,7 +25,7 @@ from atlas_min.data import check_lengths, data_file, file_record, load_examples
 from atlas_min.dist import cleanup, print0, setup, shard
 from atlas_min.evaluate import chance_by_task, evaluate, intervene
 from atlas_min.judge import judge, judge_prompt, load_judge
-from atlas_min.model import load_pretrained, set_pixel_bounds
+from atlas_min.model import adopt_shape, load_pretrained, set_pixel_bounds
 from atlas_min.rewards import extract_answer
 from atlas_min.run_folder import check_output
 
@@ -59,7 +59,12 @@ with user_errors():  # every check before any work: a late error would lose the 
     if base is None:
         raise UsageError(f"--ckpt {ckpt} has no {checkpoint.STATE}: pass --config NAME")
     cfg = get_config(overrides=opts.overrides + ([f"eval_data={opts.data}"] if opts.data else []), base=base)
-    differ = [f.name for f in fields(base) if saved and getattr(base, f.name) != getattr(saved, f.name)]
+    cfg, reshaped = adopt_shape(cfg, ckpt)  # the checkpoint brings its own shape (as train_rl.py's --init, bench)
+    if reshaped:
+        print0(f"note: --ckpt {ckpt} has its own shape, which the eval takes and records: "
+               + ", ".join(f"{name} {was!r} -> {now!r}" for name, (was, now) in reshaped.items()))
+    differ = [f.name for f in fields(base) if saved and getattr(base, f.name) != getattr(saved, f.name)
+              and f.name not in reshaped]
     if differ:  # the prompt, the answer format, the toy's eval split may then not be the ones it was trained on
         print0(f"note: --config {opts.config} differs from the settings {ckpt} was trained with in {len(differ)} "
                f"field(s): {', '.join(differ[:8])}{', ...' if len(differ) > 8 else ''}")
@@ -111,7 +116,8 @@ if opts.judge or opts.judge_url:  # a missing, unclosed or empty final answer is
                "judge_asked": sum(reply is not None for reply in verdicts.replies), "judge_unparsed": verdicts.unparsed}
 chance = chance_by_task(data)
 result["chance"] = sum(chance.values()) / len(chance)
-result |= {"config": cfg.name, "checkpoint": str(ckpt.resolve()), "data": file_record(data_path),
+result |= {"config": cfg.name, "shape_from_checkpoint": reshaped, "checkpoint": str(ckpt.resolve()),
+           "data": file_record(data_path),
            "protocol": {**{k: getattr(cfg, k) for k in PROTOCOL}, "image_size_bounds": dict(image_processor.size)}}
 
 # 4. the table, eval.json
