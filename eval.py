@@ -24,7 +24,7 @@ from atlas_min.config import get_config
 from atlas_min.data import check_lengths, data_file, file_record, load_examples
 from atlas_min.dist import cleanup, print0, setup, shard
 from atlas_min.evaluate import chance_by_task, evaluate, intervene
-from atlas_min.judge import judge, judge_prompt, load_judge
+from atlas_min.judge import JudgeError, judge, judge_prompt, load_judge, probe_url
 from atlas_min.model import adopt_shape, load_pretrained, set_pixel_bounds
 from atlas_min.rewards import extract_answer
 from atlas_min.run_folder import check_output
@@ -85,6 +85,14 @@ with user_errors():  # every check before any work: a late error would lose the 
     judge_prompt("q", "g", "a", template)  # a template missing a placeholder fails here, before decoding
     if opts.judge and not (Path(opts.judge) / "config.json").is_file():
         raise UsageError(f"--judge {opts.judge}: not a model folder (no config.json)")
+    if opts.judge_url:  # a dead, wrong or silent server is named now, not after the decode
+        probe_url(opts.judge_url, opts.judge_model)
+
+def write_json(path, result):
+    tmp = path.with_name(path.name + ".tmp")  # in out's folder, which check_output made
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)  # a killed eval leaves the previous eval.json, never half of one
+
 
 # 2. the model, sharded under torchrun; the judge (rank 0) loaded before the decode, so it cannot fail after it
 rank, world, device = setup(cfg.collective_timeout_s)
@@ -106,19 +114,27 @@ if opts.intervene:
 outputs = result.pop("outputs")
 if rank > 0:  # every collective is done: the other ranks leave now, so none waits in one while rank 0 judges
     cleanup(together=False)
-if opts.judge or opts.judge_url:  # a missing, unclosed or empty final answer is 0 without asking, as the harness
-    items = [{"question": r["question"], "gold": r["answer"],
-              "answer": extract_answer(r["output"], cfg.answer_format)} for r in outputs]
-    with user_errors():
-        verdicts = judge(judge_model or opts.judge_url, items, template=template, device=str(device),
-                         url_model=opts.judge_model)
-    result |= {"judge_accuracy": sum(verdicts) / len(verdicts),
-               "judge_asked": sum(reply is not None for reply in verdicts.replies), "judge_unparsed": verdicts.unparsed}
 chance = chance_by_task(data)
 result["chance"] = sum(chance.values()) / len(chance)
 result |= {"config": cfg.name, "shape_from_checkpoint": reshaped, "checkpoint": str(ckpt.resolve()),
            "data": file_record(data_path),
            "protocol": {**{k: getattr(cfg, k) for k in PROTOCOL}, "image_size_bounds": dict(image_processor.size)}}
+write_json(out, result)  # the decode's metrics, kept whatever the judge does
+if opts.judge or opts.judge_url:  # a missing, unclosed or empty final answer is 0 without asking, as the harness
+    rows = out.with_name(f"{out.stem}.outputs.jsonl")  # every reply, to judge again later if the judge fails
+    rows.write_text("".join(json.dumps(r) + "\n" for r in outputs))
+    items = [{"question": r["question"], "gold": r["answer"],
+              "answer": extract_answer(r["output"], cfg.answer_format)} for r in outputs]
+    print0(f"judging {len(items)} answers with {opts.judge or opts.judge_url} ...")
+    with user_errors():
+        try:
+            verdicts = judge(judge_model or opts.judge_url, items, template=template, device=str(device),
+                             url_model=opts.judge_model)
+        except JudgeError as e:
+            raise JudgeError(f"{e} (the decode is kept: {out} without judge_accuracy, the replies in {rows})") from None
+    result |= {"judge_accuracy": sum(verdicts) / len(verdicts),
+               "judge_asked": sum(reply is not None for reply in verdicts.replies), "judge_unparsed": verdicts.unparsed}
+    write_json(out, result)
 
 # 4. the table, eval.json
 print0(f"\n{'task':<14}{'accuracy':>10}{'chance':>8}  functional tokens used")
@@ -145,8 +161,5 @@ elif opts.intervene:
 print0("\nsample outputs:")
 for s in result["samples"][:4]:
     print0(f"  [{s['task']}] answer={s['answer']!r} correct={bool(s['accuracy'])}: {s['output']!r}")
-tmp = out.with_name(out.name + ".tmp")  # in out's folder, which check_output made
-tmp.write_text(json.dumps(result, indent=1))
-tmp.replace(out)  # a killed eval leaves the previous eval.json, never half of one
 print0(f"wrote {out}")
 cleanup(together=False)  # the other ranks have left

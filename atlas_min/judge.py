@@ -176,6 +176,13 @@ def ask_url(url, prompts, model=None, *, max_new_tokens=50, timeout_s=300, retri
         return list(pool.map(ask, prompts))
 
 
+def probe_url(url, model=None, timeout_s=60):
+    """JudgeError naming the URL unless the served judge answers one request of one token within `timeout_s`
+    (asked once, no retry): eval.py asks it before the decode, so a dead, wrong or silent server costs a minute
+    at most, not the decode; with nothing to ask later, a dead judge is still an error, never an accuracy of 0."""
+    ask_url(url, ["Reply with one word: ready"], model, max_new_tokens=1, timeout_s=timeout_s, retries=0, parallel=1)
+
+
 def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, device="cpu", url_model=None):
     """Verdicts (a list of bools, one per item) of the local model in `model_path` (or a (tokenizer, model)
     pair from `load_judge`, or the URL of a served one: `ask_url`, with `url_model` its "model") on `items`,

@@ -106,3 +106,53 @@ def test_a_model_folder_gives_any_preset_its_exact_shape(tmp_path):
     cfg, changed = adopt_shape(get_config("toy"), init)
     assert changed["text_hidden"] == [128, 64] and changed["vision_hidden"] == [64, 32]
     assert adopt_shape(cfg, init)[1] == {}  # the adopted config describes the folder exactly
+
+
+# --- 5. the unclear cases: one line each, before the work where the input is known before it ---------------
+
+def test_a_full_disk_on_a_metrics_append_is_one_error_and_leaves_no_half_line_or_empty_file(tmp_path, monkeypatch):
+    import errno
+
+    from atlas_min import cli
+    progress = cli.Progress(tmp_path, "sft", 0, 3, get_config("micro"))
+    progress.log(0, loss=1.0)
+    before = (tmp_path / "metrics_sft.jsonl").read_bytes()
+    real_open = open
+
+    class Full:  # the disk fills after a few bytes of the line
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:5])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
+    with pytest.raises(RunFolderError, match=r"metrics_sft.jsonl: cannot append step 2's record \(No space left"):
+        progress.log(1, loss=0.5)
+    assert (tmp_path / "metrics_sft.jsonl").read_bytes() == before  # no half line
+    with pytest.raises(RunFolderError, match=r"samples_sft.jsonl: cannot append"):
+        progress.samples(1, [{"text": "a"}])
+    assert not (tmp_path / "samples_sft.jsonl").exists()  # no empty file
+
+
+def test_a_dead_judge_url_is_refused_in_one_line_before_the_decode(sft_and_rl, tmp_path):
+    out = run("eval.py", "--ckpt", sft_and_rl["sft"], "--out", tmp_path / "eval.json", "--judge-url",
+              "http://127.0.0.1:9", check=False)  # port 9 (discard): nothing listens
+    refused(out, "judge http://127.0.0.1:9/v1/chat/completions: no reply after 1 tries")
+    assert "accuracy" not in out.stdout and not (tmp_path / "eval.json").exists()
+
+
+def test_torchrun_with_an_indivisible_batch_says_so_once_before_the_run_folder_is_made(tmp_path):
+    out = run("train_sft.py", "--config", "micro", "--out", tmp_path / "run", "batch_size=5", procs=2, check=False)
+    ours = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert out.returncode != 0 and ours == ["error: batch_size=5 must be divisible by the 2 processes"]
+    assert out.stderr.lstrip().startswith(ours[0])  # before torchrun's own report of the failed workers
+    assert not (tmp_path / "run").exists()

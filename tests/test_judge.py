@@ -1,11 +1,12 @@
 """atlas_min.judge: the prompt, the verdict parser and the judge loop, on a tiny causal LM built offline."""
 import shutil
+import time
 
 import pytest
 import torch
 
 from atlas_min import judge as judge_module
-from atlas_min.judge import DEFAULT_TEMPLATE, JudgeError, judge, judge_prompt, parse_verdict
+from atlas_min.judge import DEFAULT_TEMPLATE, JudgeError, judge, judge_prompt, parse_verdict, probe_url
 
 QUESTION = "What is the color of the woman's bag?\n(A) black\n(B) white"
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -247,3 +248,16 @@ def test_a_served_judge_that_never_answers_is_an_error_naming_it(monkeypatch):
     url, bodies = serve_judge(["Correct"], fail_first=10)
     with pytest.raises(JudgeError, match=f"judge {url}/v1/chat/completions: no reply after 4 tries"):
         judge(url, ITEMS[:1])
+
+
+def test_a_judge_that_accepts_and_never_answers_is_named_within_the_probes_timeout():
+    url, bodies = serve_judge(["Correct"], delay_s=5)
+    t0 = time.time()
+    with pytest.raises(JudgeError, match=f"judge {url}/v1/chat/completions: no reply after 1 tries .*timed out"):
+        probe_url(url, timeout_s=0.5)
+    assert time.time() - t0 < 3 and bodies[0]["max_tokens"] == 1
+
+
+def test_a_dead_judge_url_is_named_by_the_probe():
+    with pytest.raises(JudgeError, match="judge http://127.0.0.1:9/v1/chat/completions: no reply after 1 tries"):
+        probe_url("http://127.0.0.1:9", timeout_s=5)

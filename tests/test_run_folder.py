@@ -264,11 +264,18 @@ def test_an_rl_policy_that_is_not_finite_stops_the_run_in_one_line_unsaved(sft4,
     ("anchor_coef=-0.5", "anchor_coef=-0.5: must be >= 0"),
     ("sft_beta2=1", "sft_beta2=1.0: must be in [0, 1)"),
     ("answer_format=json", "answer_format='json': must be one of tag, boxed"),
+    ("eval_min_pixels=3136", "eval_max_pixels=0: must be set with eval_min_pixels"),
+    ("eval_max_pixels=3136", "eval_min_pixels=0: must be set with eval_max_pixels"),
 ])
 def test_a_config_that_cannot_build_or_train_is_refused_naming_the_field(knob, named):
     with pytest.raises(ConfigError) as e:
         get_config("micro", [knob])
     assert named in str(e.value)
+
+
+def test_eval_pixel_bounds_with_min_above_max_are_refused_naming_both():
+    with pytest.raises(ConfigError, match="eval_min_pixels=5000: must be <= eval_max_pixels=4000"):
+        get_config("micro", ["eval_min_pixels=5000", "eval_max_pixels=4000"])
 
 
 def test_every_preset_passes_its_own_checks_and_the_toy_lists_match_the_toy_world():
