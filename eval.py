@@ -15,6 +15,7 @@ eval.json's keys are listed in docs/method.md, "Evaluation". `accuracy` is the r
 """
 import argparse
 import json
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -85,8 +86,11 @@ with user_errors():  # every check before any work: a late error would lose the 
     judge_prompt("q", "g", "a", template)  # a template missing a placeholder fails here, before decoding
     if opts.judge and not (Path(opts.judge) / "config.json").is_file():
         raise UsageError(f"--judge {opts.judge}: not a model folder (no config.json)")
-    if opts.judge_url:  # a dead, wrong or silent server is named now, not after the decode
-        probe_url(opts.judge_url, opts.judge_model)
+    if opts.judge or opts.judge_url:  # the replies are written beside --out before judging
+        check_output(out.with_name(f"{out.stem}.outputs.jsonl"), [ckpt, data_path, opts.judge, opts.judge_prompt])
+    if opts.judge_url and not int(os.environ.get("RANK", "0")):  # a dead or silent server: named now, not after
+        probe_url(opts.judge_url, opts.judge_model)  # the decode (rank 0 asks; the others wait in dist.setup)
+
 
 def write_json(path, result):
     tmp = path.with_name(path.name + ".tmp")  # in out's folder, which check_output made

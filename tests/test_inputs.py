@@ -146,7 +146,7 @@ def test_a_full_disk_on_a_metrics_append_is_one_error_and_leaves_no_half_line_or
 def test_a_dead_judge_url_is_refused_in_one_line_before_the_decode(sft_and_rl, tmp_path):
     out = run("eval.py", "--ckpt", sft_and_rl["sft"], "--out", tmp_path / "eval.json", "--judge-url",
               "http://127.0.0.1:9", check=False)  # port 9 (discard): nothing listens
-    refused(out, "judge http://127.0.0.1:9/v1/chat/completions: no reply after 1 tries")
+    refused(out, "judge http://127.0.0.1:9: no answer to GET http://127.0.0.1:9/v1/models")
     assert "accuracy" not in out.stdout and not (tmp_path / "eval.json").exists()
 
 

@@ -366,12 +366,17 @@ def test_plan_refuses_a_gpu_count_the_trainers_refuse(monkeypatch, capsys):
     assert e.value.code == 2 and "must be divisible by the 3 processes" in capsys.readouterr().err
 
 
-def test_two_ranks_errors_come_on_lines_of_their_own(tmp_path):
-    out = run("train_sft.py", "--config", "micro", "--out", tmp_path / "run", "batch_size=3", "micro_batch_size=3",
-              procs=2, check=False)
-    ours = [line for line in out.stderr.splitlines() if "batch_size=3 must be divisible" in line]
-    assert sorted(ours) == ["error: batch_size=3 must be divisible by the 2 processes",
-                            "rank 1: error: batch_size=3 must be divisible by the 2 processes"], out.stderr[-2000:]
+def test_two_ranks_errors_come_on_lines_of_their_own(tmp_path, micro_cfg):
+    from atlas_min.model import build_model, build_tokenizer
+    from atlas_min.toy import corpus
+    tokenizer = build_tokenizer(corpus(micro_cfg), micro_cfg.tokenizer_vocab)  # an init without functional tokens:
+    build_model(micro_cfg, tokenizer).save_pretrained(tmp_path / "init")     # every rank finds it, after dist.setup
+    tokenizer.save_pretrained(tmp_path / "init")
+    out = run("train_rl.py", "--config", "micro", "--init", tmp_path / "init", "--out", tmp_path / "run", procs=2,
+              check=False)
+    ours = [line for line in out.stderr.splitlines() if "has no functional tokens" in line]
+    said = f"error: {tmp_path / 'init'} has no functional tokens: pass a checkpoint made by train_sft.py"
+    assert sorted(ours) == [said, "rank 1: " + said], out.stderr[-2000:]
 
 
 # --- finished work is never lost to a late error ------------------------------------------------------------
