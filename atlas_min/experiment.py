@@ -62,13 +62,13 @@ def launcher(procs):
 
 def stage_config(train_cmd):
     """The config a stage's command line trains with (its --config and field=value arguments), paths resolved
-    as the run resolves them (run_folder.absolute_paths)."""
+    as the run resolves them (run_folder.absolute_paths) from the folder the stages run in."""
     args = [str(c) for c in train_cmd]
     args = args[next(k for k, a in enumerate(args) if a.endswith(".py")) + 1:]
     valued = ("--config", "--out", "--init", "--resume")
     flags = {a: args[k + 1] for k, a in enumerate(args[:-1]) if a in valued}
     overrides = [a for k, a in enumerate(args) if "=" in a and not (k and args[k - 1] in valued)]
-    return absolute_paths(get_config(flags.get("--config", "micro"), overrides))
+    return absolute_paths(get_config(flags.get("--config", "micro"), overrides), ROOT)  # the stages' folder
 
 
 def check_reuse(stages):
@@ -81,8 +81,9 @@ def check_reuse(stages):
             if not state.is_file():
                 continue
             saved = json.loads(state.read_text())
-            differ = [f"{k} {v!r}, not {getattr(want, k)!r}" for k, v in saved["config"].items()
-                      if k in FIELDS and v != getattr(want, k)]
+            had = absolute_paths(from_dict(saved["config"]), ROOT)
+            differ = [f"{k} {getattr(had, k)!r}, not {getattr(want, k)!r}" for k in FIELDS
+                      if getattr(had, k) != getattr(want, k)]
             init = saved.get("run", {}).get("init")
             problem = f"settings {'; '.join(differ)}" if differ else init and changed_input("--init", init)
             if problem:

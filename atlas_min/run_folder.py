@@ -109,11 +109,11 @@ def _adopt(cfg, folder, what):
     return cfg
 
 
-def absolute_paths(cfg):
-    """`cfg` with its input paths (model_path, train_data, eval_data) resolved: what the run records is what it
-    read, and a resume from another working folder reads the same files."""
-    return replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve()) for k in ("model_path", "train_data", "eval_data")
-                           if getattr(cfg, k)})
+def absolute_paths(cfg, cwd="."):
+    """`cfg` with its input paths (model_path, train_data, eval_data) resolved from `cwd`: what the run records is
+    what it read, and a resume from another working folder reads the same files."""
+    return replace(cfg, **{k: str((Path(cwd) / getattr(cfg, k)).resolve())
+                           for k in ("model_path", "train_data", "eval_data") if getattr(cfg, k)})
 
 
 def weights_fingerprint(folder):
