@@ -2,7 +2,8 @@
 shape, drivers that never reuse a stage trained otherwise, and the one-line refusals of unclear inputs.
 
 Script-level rules; the in-process ones call the functions the scripts call (run_folder.resolve, experiment's
-check_reuse). Cost: ~40 s on 2 cores (one 2-step micro SFT, one 2-step RL, a few one-line refusals).
+check_reuse). Cost: ~45 s on 2 shared cores (one 2-step micro SFT and RL 13 s, the torchrun refusal 18 s, the
+eval refusal 10 s; the rest under 4 s).
 """
 import json
 import shutil
