@@ -15,6 +15,7 @@ eval.json's keys are listed in docs/method.md, "Evaluation". `accuracy` is the r
 """
 import argparse
 import json
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from atlas_min.config import get_config
 from atlas_min.data import check_lengths, data_file, file_record, load_examples
 from atlas_min.dist import cleanup, print0, setup, shard
 from atlas_min.evaluate import chance_by_task, evaluate, intervene
-from atlas_min.judge import judge, judge_prompt, load_judge
-from atlas_min.model import eval_image_processor, load_pretrained
+from atlas_min.judge import JudgeError, judge, judge_prompt, load_judge, probe_url
+from atlas_min.model import adopt_shape, eval_image_processor, load_pretrained
 from atlas_min.rewards import extract_answer
 from atlas_min.run_folder import check_output
 
@@ -59,7 +60,12 @@ with user_errors():  # every check before any work: a late error would lose the 
     if base is None:
         raise UsageError(f"--ckpt {ckpt} has no {checkpoint.STATE}: pass --config NAME")
     cfg = get_config(overrides=opts.overrides + ([f"eval_data={opts.data}"] if opts.data else []), base=base)
-    differ = [f.name for f in fields(base) if saved and getattr(base, f.name) != getattr(saved, f.name)]
+    cfg, reshaped = adopt_shape(cfg, ckpt)  # the checkpoint brings its own shape (as train_rl.py's --init, bench)
+    if reshaped:
+        print0(f"note: --ckpt {ckpt} has its own shape, which the eval takes and records: "
+               + ", ".join(f"{name} {was!r} -> {now!r}" for name, (was, now) in reshaped.items()))
+    differ = [f.name for f in fields(base) if saved and getattr(base, f.name) != getattr(saved, f.name)
+              and f.name not in reshaped]
     if differ:  # the prompt, the answer format, the toy's eval split may then not be the ones it was trained on
         print0(f"note: --config {opts.config} differs from the settings {ckpt} was trained with in {len(differ)} "
                f"field(s): {', '.join(differ[:8])}{', ...' if len(differ) > 8 else ''}")
@@ -80,6 +86,17 @@ with user_errors():  # every check before any work: a late error would lose the 
     judge_prompt("q", "g", "a", template)  # a template missing a placeholder fails here, before decoding
     if opts.judge and not (Path(opts.judge) / "config.json").is_file():
         raise UsageError(f"--judge {opts.judge}: not a model folder (no config.json)")
+    if opts.judge or opts.judge_url:  # the replies are written beside --out before judging
+        check_output(out.with_name(f"{out.stem}.outputs.jsonl"), [ckpt, data_path, opts.judge, opts.judge_prompt])
+    if opts.judge_url and not int(os.environ.get("RANK", "0")):  # a dead or silent server: named now, not after
+        probe_url(opts.judge_url, opts.judge_model)  # the decode (rank 0 asks; the others wait in dist.setup)
+
+
+def write_json(path, result):
+    tmp = path.with_name(path.name + ".tmp")  # in out's folder, which check_output made
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)  # a killed eval leaves the previous eval.json, never half of one
+
 
 # 2. the model, sharded under torchrun; the judge (rank 0) loaded before the decode, so it cannot fail after it
 rank, world, device = setup(cfg.collective_timeout_s)
@@ -100,18 +117,27 @@ if opts.intervene:
 outputs = result.pop("outputs")
 if rank > 0:  # every collective is done: the other ranks leave now, so none waits in one while rank 0 judges
     cleanup(together=False)
-if opts.judge or opts.judge_url:  # a missing, unclosed or empty final answer is 0 without asking, as the harness
-    items = [{"question": r["question"], "gold": r["answer"],
-              "answer": extract_answer(r["output"], cfg.answer_format)} for r in outputs]
-    with user_errors():
-        verdicts = judge(judge_model or opts.judge_url, items, template=template, device=str(device),
-                         url_model=opts.judge_model)
-    result |= {"judge_accuracy": sum(verdicts) / len(verdicts),
-               "judge_asked": sum(reply is not None for reply in verdicts.replies), "judge_unparsed": verdicts.unparsed}
 chance = chance_by_task(data)
 result["chance"] = sum(chance.values()) / len(chance)
-result |= {"config": cfg.name, "checkpoint": str(ckpt.resolve()), "data": file_record(data_path),
+result |= {"config": cfg.name, "shape_from_checkpoint": reshaped, "checkpoint": str(ckpt.resolve()),
+           "data": file_record(data_path),
            "protocol": {**{k: getattr(cfg, k) for k in PROTOCOL}, "image_size_bounds": dict(image_processor.size)}}
+write_json(out, result)  # the decode's metrics, kept whatever the judge does
+if opts.judge or opts.judge_url:  # a missing, unclosed or empty final answer is 0 without asking, as the harness
+    rows = out.with_name(f"{out.stem}.outputs.jsonl")  # every reply, to judge again later if the judge fails
+    rows.write_text("".join(json.dumps(r) + "\n" for r in outputs))
+    items = [{"question": r["question"], "gold": r["answer"],
+              "answer": extract_answer(r["output"], cfg.answer_format)} for r in outputs]
+    print0(f"judging {len(items)} answers with {opts.judge or opts.judge_url} ...")
+    with user_errors():
+        try:
+            verdicts = judge(judge_model or opts.judge_url, items, template=template, device=str(device),
+                             url_model=opts.judge_model)
+        except JudgeError as e:
+            raise JudgeError(f"{e} (the decode is kept: {out} without judge_accuracy, the replies in {rows})") from None
+    result |= {"judge_accuracy": sum(verdicts) / len(verdicts),
+               "judge_asked": sum(reply is not None for reply in verdicts.replies), "judge_unparsed": verdicts.unparsed}
+    write_json(out, result)
 
 # 4. the table, eval.json
 print0(f"\n{'task':<14}{'accuracy':>10}{'chance':>8}  functional tokens used")
@@ -138,8 +164,5 @@ elif opts.intervene:
 print0("\nsample outputs:")
 for s in result["samples"][:4]:
     print0(f"  [{s['task']}] answer={s['answer']!r} correct={bool(s['accuracy'])}: {s['output']!r}")
-tmp = out.with_name(out.name + ".tmp")  # in out's folder, which check_output made
-tmp.write_text(json.dumps(result, indent=1))
-tmp.replace(out)  # a killed eval leaves the previous eval.json, never half of one
 print0(f"wrote {out}")
 cleanup(together=False)  # the other ranks have left

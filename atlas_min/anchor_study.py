@@ -29,7 +29,7 @@ from pathlib import Path
 
 from atlas_min.cli import user_errors
 from atlas_min.config import get_config
-from atlas_min.experiment import ROOT, driver_parser, launcher, run_stage, update_readme
+from atlas_min.experiment import ROOT, check_reuse, driver_parser, launcher, recorded_config, run_stage, update_readme
 
 LENGTHS = ("short", "long")
 TAIL = 10  # "final" values average the RL run's last TAIL steps (one step's 128 samples are noisy)
@@ -184,8 +184,11 @@ def main():
         base = ["--config", args.config, *args.overrides, f"toy_reply={length}"]
         sft_dir = out / length / "sft"
         stages = _stages(out, base, length, runs, args.procs)
+        sft_cmd = [sys.executable, "train_sft.py", *base, "--out", sft_dir]
         if not args.plot_only:
-            run_stage(sft_dir, [sys.executable, "train_sft.py", *base, "--out", sft_dir], ["--intervene"])
+            with user_errors():
+                check_reuse([(sft_dir, sft_cmd), *stages])
+            run_stage(sft_dir, sft_cmd, ["--intervene"])
             log = None if args.jobs == 1 else "stage.log"
             with ThreadPoolExecutor(args.jobs) as pool:  # each stage is a subprocess: threads only wait
                 list(pool.map(lambda s: run_stage(s[0], s[1], ["--intervene"], log and s[0] / log), stages))
@@ -193,6 +196,7 @@ def main():
         results[length] |= {run: summary(_result(folder), _metrics(folder)) for (folder, _), run in zip(stages, runs)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
+    cfg = recorded_config(stages[0][0])  # the table states what the runs recorded, not what this command asked
     shown = [a for a in sys.argv[1:] if a not in ("--readme", "--plot-only")]
     command = " ".join(["python -m atlas_min.anchor_study", *shown])
     settings = (f"(preset {args.config}: {cfg.max_steps or cfg.rl_steps} RL steps × {cfg.prompts_per_step} prompts × "

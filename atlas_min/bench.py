@@ -61,7 +61,7 @@ from atlas_min.run_folder import check_output
 from atlas_min.config import get_config, to_dict
 from atlas_min.data import collate_prompts, encode_example, load_examples, prompt_text, to_device
 from atlas_min.dist import autocast, clip_grad_norm, shard
-from atlas_min.model import build_model, image_order, image_processor_for, init_model, load_pretrained
+from atlas_min.model import adopt_shape, build_model, image_order, image_processor_for, init_model, load_pretrained
 from atlas_min.optim import adamw
 from atlas_min.plan import PROMPT_TEXT, qwen_vocab_standin
 from atlas_min.sampler import STOP_TOKENS, sample, sequence_logprobs
@@ -614,6 +614,12 @@ def main():
     quiet_libraries()
     with user_errors():
         cfg = get_config(args.config, args.overrides)
+        if args.ckpt:  # the checkpoint brings its own shape, recorded in the result's config (as train_rl.py's --init)
+            checkpoint.require_model(args.ckpt, "--ckpt")
+            cfg, reshaped = adopt_shape(cfg, args.ckpt)
+            if reshaped and not args.probe:
+                print(f"note: --ckpt {args.ckpt} has its own shape, which the bench takes: "
+                      + ", ".join(f"{name} {was!r} -> {now!r}" for name, (was, now) in reshaped.items()))
         if args.update_rows is None:  # train_rl.py's micro-batch: whole groups
             args.update_rows = max(1, cfg.micro_batch_size // cfg.group_size) * cfg.group_size
         check_args(args, cfg)

@@ -125,8 +125,8 @@ def end_step(run, step, total, streak, script, model, tokenizer, image_processor
 
 def start_run(description, stage):
     """(opts, cfg, resume_from, record, (rank, world, device)) from `--config NAME [--init DIR] [--out DIR]
-    [--resume X] [--overwrite] [field=value ...]`: every rule of atlas_min.run_folder checked, the run folder
-    claimed (rank 0), then the processes set up (`dist.setup`) and the world size checked (config.check_world).
+    [--resume X] [--overwrite] [field=value ...]`: every rule of atlas_min.run_folder checked, torchrun's world size
+    checked (config.check_world), the run folder claimed (rank 0), then the processes set up (`dist.setup`).
 
     `stage` is "sft" or "rl" (which adds --init). With --resume the checkpoint's own config is the base and
     `resume_from` is that checkpoint folder, else None; `record` is what every checkpoint records of the run.
@@ -146,11 +146,17 @@ def start_run(description, stage):
     if stage == "rl" and cfg.temperature <= 0:
         raise UsageError("temperature=0 samples greedily: a group's G outputs are then equal, every advantage "
                          "is 0 and no step changes a weight; RL needs temperature > 0 (the presets use 1)")
+    try:  # torchrun's WORLD_SIZE, before the lock and the process group: nothing to undo, and rank 0 says it once
+        check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")), stage)
+    except ConfigError:
+        if int(os.environ.get("RANK", "0")):  # torchrun ends this rank once rank 0 has said it and exited
+            time.sleep(60)
+            sys.exit(2)
+        raise
     catch_interrupts(opts.out, defer=False)  # before the lock exists: a Ctrl-C never leaves it behind
     if not int(os.environ.get("RANK", "0")):  # before the process group exists
         run_folder.claim(opts.out, opts.overwrite)
     rank, world, device = setup(cfg.collective_timeout_s)
-    check_world(cfg, world, stage)
     return opts, cfg, resume_from, record, (rank, world, device)
 
 
@@ -167,9 +173,21 @@ class Progress:
         tracking.start(cfg, run, start)
 
     def _append(self, kind, records):
-        if is_main():
-            with open(self.run / f"{kind}_{self.stage}.jsonl", "a") as f:
+        """Rank 0 appends whole lines; a write that fails (a full disk) leaves the file as it was (no half line,
+        no empty file) and ends the run in one line: the last checkpoint is kept, --resume goes on from it."""
+        if not is_main():
+            return
+        path = self.run / f"{kind}_{self.stage}.jsonl"
+        size = path.stat().st_size if path.exists() else None
+        try:
+            with open(path, "a") as f:
                 f.write("".join(json.dumps(record) + "\n" for record in records))
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                path.unlink() if size is None else os.truncate(path, size)
+            raise run_folder.RunFolderError(f"{path}: cannot append step {records[0]['step'] + 1}'s record "
+                                            f"({e.strerror}): the run stops; --resume {self.run} goes on from its "
+                                            "last checkpoint") from None
 
     def log(self, step, **metrics):
         elapsed = time.time() - self.t0

@@ -355,6 +355,11 @@ def check(cfg):
         raise bad("mrope_section", f"three counts t,h,w summing to half the text head size ({text_head / 2:g})")
     if cfg.min_pixels > cfg.max_pixels:
         raise bad("min_pixels", f"<= max_pixels={cfg.max_pixels}")
+    if bool(cfg.eval_min_pixels) != bool(cfg.eval_max_pixels):  # the eval's bounds replace both training bounds
+        raise bad("eval_max_pixels" if cfg.eval_min_pixels else "eval_min_pixels",
+                  f"set with {'eval_min_pixels' if cfg.eval_min_pixels else 'eval_max_pixels'} (both 0: the training bounds)")
+    if cfg.eval_min_pixels > cfg.eval_max_pixels:
+        raise bad("eval_min_pixels", f"<= eval_max_pixels={cfg.eval_max_pixels}")
     if cfg.rl_mini_batch % cfg.group_size or (cfg.prompts_per_step * cfg.group_size) % cfg.rl_mini_batch:
         raise bad("rl_mini_batch", f"a multiple of group_size={cfg.group_size} that divides prompts_per_step x "
                                    f"group_size={cfg.prompts_per_step * cfg.group_size} (updates hold whole groups)")

@@ -339,14 +339,27 @@ def convert_harness(rec, where):
 CONVERTERS = {"conversations": convert_conversation, "choice": convert_choice, "harness": convert_harness}
 
 
+def refuse_output_on_input(out_path, inputs):
+    """ConvertError if OUT (or its summary beside it) is one of `inputs` or lies inside an input folder, by
+    resolved path (symbolic links followed): the output would replace an input, or land among the files read."""
+    out = Path(out_path).resolve()
+    written = [out, out.with_name(f"{out.stem}.summary.json")]
+    for given in filter(None, inputs):
+        source = Path(given).resolve()
+        if source in written:
+            raise ConvertError(f"OUT {out_path} is the input file {given}: writing it would replace the data it converts")
+        if source.is_dir() and out.is_relative_to(source):
+            raise ConvertError(f"OUT {out_path} lies inside the input folder {given}: its files would join the data "
+                               "it converts; write OUT elsewhere")
+
+
 def convert_file(kind, in_path, out_path, image_root=None, task=None):
     """Convert IN to OUT (kind: a key of CONVERTERS); OUT is written only if every record converts."""
     in_path, out_path = Path(in_path), Path(out_path)
     root = Path(image_root) if image_root else in_path.parent
     if not root.is_dir():
         raise ConvertError(f"--image-root {root}: no such folder")
-    if out_path.resolve() == in_path.resolve():
-        raise ConvertError(f"{out_path} is the input file: writing it would replace the data it converts")
+    refuse_output_on_input(out_path, [in_path])
     out_dir = out_path.parent.resolve()
     examples = []
     for index, (where, rec) in enumerate(read_records(in_path)):
@@ -376,9 +389,11 @@ CROP_SLICE = "img[y0:y1, x0:x1]"  # the name under which a 2-D slice of an image
 # §2.2 step 1 (line drawing, text annotation, shape drawing, cropping). A call matches a row by the name it
 # calls: `draw.line(...)`, `cv2.line(...)` and `line(...)` all call "line", so one name covers PIL's
 # ImageDraw method, the cv2 function and matplotlib's function, method or patch class alike. A row with a
-# condition matches only when it holds: "arrowprops", the call passes that keyword; "region", what is resized
-# is a crop, a 2-D slice or a name assigned one in the same block (resizing a whole image zooms nothing).
-# A call matching two rows gives both tokens in table order: annotate() with an arrow is <|Arrow|> <|Text|>.
+# condition matches only when it holds: "arrowprops", the call passes that keyword; "label", its text (first
+# argument, or text=) is not a literal empty string; "region", what is resized is a crop, a 2-D slice or a
+# name assigned one in the same block (resizing a whole image zooms nothing). A call matching two rows gives
+# both tokens in table order: annotate('A', ..., arrowprops=...) is <|Arrow|> <|Text|>, annotate('', ...,
+# arrowprops=...) (matplotlib's idiom for an arrow without a label) is <|Arrow|> alone.
 OPERATIONS = (  # (token, condition, names called, what they draw: libraries)
     (ZOOM, None, {"crop", "getRectSubPix"}, "cut a region out: PIL, cv2"),
     (ZOOM, None, {CROP_SLICE}, "a region of an image array: numpy"),
@@ -395,7 +410,8 @@ OPERATIONS = (  # (token, condition, names called, what they draw: libraries)
     (ARROW, None, {"arrowedLine", "arrow", "Arrow", "FancyArrow", "FancyArrowPatch", "quiver"},
      "an arrow: cv2, matplotlib"),
     (ARROW, "arrowprops", {"annotate"}, "an annotation's arrow: matplotlib"),
-    (TEXT, None, {"text", "multiline_text", "putText", "annotate", "figtext"}, "a text label: PIL, cv2, matplotlib"),
+    (TEXT, None, {"text", "multiline_text", "putText", "figtext"}, "a text label: PIL, cv2, matplotlib"),
+    (TEXT, "label", {"annotate"}, "an annotation's text, unless empty (an arrow alone): matplotlib"),
 )
 
 # The transition sentence before a block's tokens (§2.2 step 2, "a predefined transition template"), ours:
@@ -468,7 +484,10 @@ def block_tokens(code):
     for node in nodes:
         if isinstance(node, ast.Call):
             operands = [getattr(node.func, "value", None)] + node.args[:1]  # `x.resize(...)`, `cv2.resize(x)`
+            label = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg in ("text", "s")), None)
             name, met = _called(node), {"arrowprops": any(k.arg == "arrowprops" for k in node.keywords),
+                                        "label": not (label is None or isinstance(label, ast.Constant)
+                                                      and not str(label.value).strip()),
                                         "region": any(_is_region(x, regions) for x in operands if x)}
         elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and _is_crop_slice(node):
             name, met = CROP_SLICE, {}
@@ -691,6 +710,7 @@ def convert_vinteraction(inputs, out_path, *, image_dir=None, seed=0, answer_for
     the paper concatenates V-Perception-40K; the trainers reshuffle every epoch anyway). Returns the
     summary, also written to OUT-STEM.summary.json. Bad input raises ConvertError and leaves OUT, its
     images and summary unwritten."""
+    refuse_output_on_input(out_path, [*inputs, tokenizer, polish_model])
     files = parquet_files(inputs)
     out_path = Path(out_path)
     out_dir = out_path.parent.resolve()

@@ -23,8 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from atlas_min.checkpoint import STATE
 from atlas_min.cli import UsageError, user_errors
-from atlas_min.config import get_config
+from atlas_min.config import FIELDS, from_dict, get_config
+from atlas_min.run_folder import absolute_paths, changed_input
 from atlas_min.toy import TOKEN_SLIPS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +59,42 @@ def commit():
 
 def launcher(procs):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
+
+
+def stage_config(train_cmd):
+    """The config a stage's command line trains with (its --config and field=value arguments), paths resolved
+    as the run resolves them (run_folder.absolute_paths) from the folder the stages run in."""
+    args = [str(c) for c in train_cmd]
+    args = args[next(k for k, a in enumerate(args) if a.endswith(".py")) + 1:]
+    valued = ("--config", "--out", "--init", "--resume")
+    flags = {a: args[k + 1] for k, a in enumerate(args[:-1]) if a in valued}
+    overrides = [a for k, a in enumerate(args) if "=" in a and not (k and args[k - 1] in valued)]
+    return absolute_paths(get_config(flags.get("--config", "micro"), overrides), ROOT)  # the stages' folder
+
+
+def check_reuse(stages):
+    """UsageError, before any stage runs, if a folder of `stages` ([(folder, train command)]) holds a stage (its
+    final model or a checkpoint to resume) trained with other settings than its command gives, or from an --init
+    whose weights have changed since: an experiment never reports an old run under new settings."""
+    for folder, train_cmd in stages:
+        want = stage_config(train_cmd)
+        for state in [folder / STATE, *sorted(folder.glob(f"checkpoints/step_*/{STATE}"))]:
+            if not state.is_file():
+                continue
+            saved = json.loads(state.read_text())
+            had = absolute_paths(from_dict(saved["config"]), ROOT)
+            differ = [f"{k} {getattr(had, k)!r}, not {getattr(want, k)!r}" for k in FIELDS
+                      if getattr(had, k) != getattr(want, k)]
+            init = saved.get("run", {}).get("init")
+            problem = f"settings {'; '.join(differ)}" if differ else init and changed_input("--init", init)
+            if problem:
+                raise UsageError(f"{folder} holds a stage trained with other inputs ({problem}): pass another --out, "
+                                 "or delete that folder to train it again")
+
+
+def recorded_config(folder):
+    """The config a finished stage recorded in its trainer state: what a table states about it."""
+    return from_dict(json.loads((folder / STATE).read_text())["config"])
 
 
 def run_stage(folder, train_cmd, eval_args, log=None):
@@ -179,15 +217,18 @@ def main():
         return plot(out, runs)
 
     base = ["--config", args.config, *args.overrides]
-    sft = run_stage(out / "sft", [sys.executable, "train_sft.py", *base, "--out", out / "sft"],
-                    ["--blind", "--intervene", *args.overrides])
+    stages = {"sft": [sys.executable, "train_sft.py", *base, "--out", out / "sft"]}
+    stages |= {name: [*launcher(args.procs), "train_rl.py", *base, "--init", out / "sft", "--out", out / name,
+                      f"anchor_coef={anchor}", f"rl_lr={lr:g}"] for name, (anchor, lr) in runs.items()}
+    with user_errors():
+        check_reuse([(out / name, cmd) for name, cmd in stages.items()])
+    sft = run_stage(out / "sft", stages["sft"], ["--blind", "--intervene", *args.overrides])
     results = {"SFT": sft}
-    for name, (anchor, lr) in runs.items():
-        results[name] = run_stage(out / name, [*launcher(args.procs), "train_rl.py", *base, "--init", out / "sft",
-                                               "--out", out / name, f"anchor_coef={anchor}", f"rl_lr={lr:g}"],
-                                  ["--intervene", *args.overrides])
+    for name in runs:
+        results[name] = run_stage(out / name, stages[name], ["--intervene", *args.overrides])
         metrics = [json.loads(line) for line in (out / name / "metrics_rl.jsonl").read_text().splitlines()]
         results[name]["kl"] = sum(m["kl"] for m in metrics[-10:]) / len(metrics[-10:])
+    cfg = recorded_config(out / "grpo")  # the table states what the runs recorded, not what this command asked
     tasks = list(sft["per_task"])
     defaults = {"--config": "toy_decisive", "--procs": "2", "--anchor": "0.5", "--lr-scale": "2",
                 "--out": "runs/experiment"}

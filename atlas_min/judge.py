@@ -16,6 +16,7 @@ import json
 import re
 import string
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -174,6 +175,26 @@ def ask_url(url, prompts, model=None, *, max_new_tokens=50, timeout_s=300, retri
 
     with ThreadPoolExecutor(parallel) as pool:
         return list(pool.map(ask, prompts))
+
+
+def probe_url(url, model=None, timeout_s=60):
+    """JudgeError naming the URL unless a server answers GET URL/v1/models (the model list an OpenAI-compatible
+    server such as vLLM serves) within `timeout_s`, and, when it lists its models, lists `model` if given.
+    eval.py asks it before the decode, so a dead or silent server costs a minute at most, not the decode, and a
+    dead one with nothing to ask later is an error, never an accuracy of 0. Any HTTP status counts as an
+    answer (a server without that list still judges); no chat request is spent."""
+    endpoint = url.rstrip("/") + "/v1/models"
+    try:
+        with urllib.request.urlopen(endpoint, timeout=timeout_s) as reply:
+            served = [m.get("id") for m in json.loads(reply.read()).get("data", [])]
+    except urllib.error.HTTPError:
+        return
+    except (ValueError, AttributeError, TypeError):  # an answer, but not a model list
+        return
+    except Exception as e:  # refused, unreachable, timed out (socket and http.client errors alike)
+        raise JudgeError(f"judge {url}: no answer to GET {endpoint} within {timeout_s} s ({e})") from None
+    if model and served and model not in served:
+        raise JudgeError(f"judge {url} serves {', '.join(map(str, served))}, not --judge-model {model}")
 
 
 def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, device="cpu", url_model=None):

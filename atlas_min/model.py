@@ -4,13 +4,14 @@ Random-init presets (`micro`, `toy`) build everything offline: a byte-level BPE 
 world's texts, and a small Qwen2.5-VL. A `model_path` loads all three from a local folder instead.
 """
 import copy
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil)
 
-from atlas_min.checkpoint import require_model
+from atlas_min.checkpoint import CheckpointError, require_model
 from atlas_min.tokens import add_functional_tokens
 
 # Qwen's special tokens, in Qwen's order (ids differ from Qwen's own: this vocabulary is tiny).
@@ -55,7 +56,6 @@ def model_config(cfg, tokenizer=None):
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         rows = max(cfg.vocab_rows, len(tokenizer))
     head_dim = cfg.text_hidden // cfg.text_heads
-    every = cfg.vision_fullatt_every
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=rows, hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers,
@@ -68,7 +68,7 @@ def model_config(cfg, tokenizer=None):
         vision_config=dict(
             depth=cfg.vision_depth, hidden_size=cfg.vision_hidden, num_heads=cfg.vision_heads,
             intermediate_size=cfg.vision_intermediate, out_hidden_size=cfg.text_hidden,
-            fullatt_block_indexes=list(range(every - 1, cfg.vision_depth, every)) if every else [cfg.vision_depth - 1],
+            fullatt_block_indexes=_full_attention(cfg),
             window_size=112, tokens_per_second=cfg.vision_tokens_per_second),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -107,6 +107,45 @@ def load_pretrained(path, cfg=None, on_meta=False):
     if cfg is not None and cfg.model_path:  # the preset's pixel bounds win over the folder's
         set_pixel_bounds(image_processor, cfg.min_pixels, cfg.max_pixels)
     return model, tokenizer, image_processor
+
+
+# The Config's architecture fields and where a model folder's config holds them (`adopt_shape`)
+SHAPE_FIELDS = {"text_hidden": ("text", "hidden_size"), "text_layers": ("text", "num_hidden_layers"),
+                "text_heads": ("text", "num_attention_heads"), "text_kv_heads": ("text", "num_key_value_heads"),
+                "text_intermediate": ("text", "intermediate_size"), "max_positions": ("text", "max_position_embeddings"),
+                "rms_norm_eps": ("text", "rms_norm_eps"), "tie_embeddings": ("top", "tie_word_embeddings"),
+                "vision_hidden": ("vision", "hidden_size"), "vision_depth": ("vision", "depth"),
+                "vision_heads": ("vision", "num_heads"), "vision_intermediate": ("vision", "intermediate_size"),
+                "vision_tokens_per_second": ("vision", "tokens_per_second")}
+
+
+def adopt_shape(cfg, folder):
+    """(cfg with the architecture of the model folder `folder`, {field: [was, now]} for each field that changed).
+
+    One rule for every script that reads a model folder (model_path, --init, --ckpt): the folder's weights have
+    the shape its config.json says, whatever the preset says, so the run takes that shape and its recorded config
+    says the truth. The preset's sizes only shape a random-init model. Fields that only fix the vocabulary
+    (`vocab_rows`, `tokenizer_vocab`) come with the folder's tokenizer and are left as they are."""
+    hf = Qwen2_5_VLConfig.from_pretrained(folder)  # either layout: the download's flat one, or nested
+    parts = {"top": hf, "text": hf.get_text_config(), "vision": hf.vision_config}
+    new = replace(cfg, **{f: type(getattr(cfg, f))(getattr(parts[p], a)) for f, (p, a) in SHAPE_FIELDS.items()},
+                  rope_theta=float(parts["text"].rope_parameters["rope_theta"]))
+    section = list(parts["text"].rope_parameters.get("mrope_section") or [])
+    if section and _mrope_section(new, new.text_hidden // new.text_heads) != section:
+        new = replace(new, mrope_section=",".join(map(str, section)))
+    full = list(hf.vision_config.fullatt_block_indexes)
+    if _full_attention(new) != full:  # every k-th block, or only the last (0)
+        new = replace(new, vision_fullatt_every=full[1] - full[0] if len(full) > 1 else full[0] + 1)
+    if _full_attention(new) != full:
+        raise CheckpointError(f"{folder}: vision fullatt_block_indexes {full} are not every k-th block")
+    changed = {f.name: [getattr(cfg, f.name), getattr(new, f.name)] for f in fields(cfg)
+               if getattr(cfg, f.name) != getattr(new, f.name)}
+    return new, changed
+
+
+def _full_attention(cfg):
+    every = cfg.vision_fullatt_every
+    return list(range(every - 1, cfg.vision_depth, every)) if every else [cfg.vision_depth - 1]
 
 
 def set_pixel_bounds(image_processor, min_pixels, max_pixels):

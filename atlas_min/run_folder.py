@@ -9,7 +9,9 @@ The rules (README, "Runs and safety"), in the order `resolve` and `claim` check 
 1. A run's settings are fixed at its start. Every checkpoint's trainer state holds the full resolved config
    and `run`: the code's commit, the train data file (path, bytes, sha256) and one entry per resume (its
    step, the checkpoint it left from, the fields it changed). A resume may change only config.MUTABLE
-   fields, and only while the train data file is byte for byte the one the run started with.
+   fields, and only while the train data file is byte for byte the one the run started with. Input paths are
+   resolved at the start; an RL run records its --init's weights (`weights_record`), and a resume refuses an
+   init that is gone or changed: it is read again as the KL reference. A model folder brings its own shape.
 2. History is linear. Resuming a checkpoint older than its run's newest one into that run is refused:
    a later plain --resume would take the newer, abandoned one. `--resume A --out B` branches A into B,
    a folder that holds no run, and B's record names A.
@@ -20,11 +22,13 @@ The rules (README, "Runs and safety"), in the order `resolve` and `claim` check 
    At exit (an error included) the lock goes, and a folder the run created and left empty goes too.
 """
 import atexit
+import hashlib
 import json
 import os
 import shutil
 import socket
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 from atlas_min import checkpoint
@@ -64,10 +68,12 @@ def resolve(opts, stage):
     if opts.resume:
         cfg, resume_from, record = _resume(opts, stage)
     else:
-        cfg, resume_from, record = get_config(opts.config or "micro", opts.overrides), None, None
+        cfg, resume_from, record = absolute_paths(get_config(opts.config or "micro", opts.overrides)), None, None
         opts.out = opts.out or f"runs/{stage}-{cfg.name}"
         if stage == "rl" and not opts.init:
             raise RunFolderError("--init DIR is required: the SFT checkpoint to start from (train_sft.py's --out)")
+        if stage == "rl":  # recorded as read, so a resume from another working folder reads the same one
+            opts.init = str(Path(opts.init).resolve())
     init = getattr(opts, "init", None) or resume_from and checkpoint.read_state(resume_from)[0].get("init")
     for what, path in {"--init": init, "model_path": cfg.model_path, "train_data": cfg.train_data}.items():
         if path and Path(path).resolve().is_relative_to(Path(opts.out).resolve()):
@@ -76,12 +82,70 @@ def resolve(opts, stage):
     if not resume_from and holds_run(opts.out) and not opts.overwrite:
         raise RunFolderError(f"--out {opts.out} already holds a run: --resume {opts.out} continues it, "
                              "--overwrite starts again")
-    if init:
+    if init and resume_from:
         checkpoint.require_model(init, "--init")
-    if cfg.model_path and stage == "sft" and not resume_from:  # read by a new SFT run only
-        checkpoint.require_model(cfg.model_path, "model_path")
-    record = record or {"commit": code_commit(), "data": file_record(data_file(cfg, "train")), "resumes": []}
+    what, base = ("model_path", cfg.model_path) if stage == "sft" else ("--init", init)  # a new run's start
+    if base and not resume_from:  # model_path is read by a new SFT run only (a resume reads its checkpoint)
+        checkpoint.require_model(base, what)
+        cfg = _adopt(cfg, base, what)
+    if not record:
+        record = {"commit": code_commit(), "data": file_record(data_file(cfg, "train")), "resumes": []}
+        if base and _first_rank():  # RL: its --init, read again as the KL reference by every resume (`_resume`)
+            record[what.lstrip("-")] = weights_record(base)  # rank 0 writes the record: only it reads the weights
     return cfg, resume_from, record
+
+
+def _first_rank():
+    return not int(os.environ.get("RANK", "0"))
+
+
+def _adopt(cfg, folder, what):
+    """The run takes the model folder's own shape (model.adopt_shape) and says which fields it changed."""
+    from atlas_min.model import adopt_shape  # here: the other commands of this module need no transformers
+    cfg, changed = adopt_shape(cfg, folder)
+    if changed:
+        print0(f"note: {what} {folder} has its own shape, which the run takes and records: "
+               + ", ".join(f"{name} {was!r} -> {now!r}" for name, (was, now) in changed.items()))
+    return cfg
+
+
+def absolute_paths(cfg, cwd="."):
+    """`cfg` with its input paths (model_path, train_data, eval_data) resolved from `cwd`: what the run records is
+    what it read, and a resume from another working folder reads the same files."""
+    return replace(cfg, **{k: str((Path(cwd) / getattr(cfg, k)).resolve())
+                           for k in ("model_path", "train_data", "eval_data") if getattr(cfg, k)})
+
+
+def weights_fingerprint(folder):
+    """sha256 over a model folder's config.json and weight files (model.safetensors, or the index and its
+    shards), names and full contents. Contents, not the safetensors headers and sizes: a checkpoint retrained
+    with another seed has the same headers and sizes, only its bytes differ. It costs one read of the weights
+    (sha256 ran at ~690 MiB/s on one core here: ~25 s for a 7B's 16.6 GB bf16 checkpoint, once at the start
+    and once per resume, on rank 0 only)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+    digest = hashlib.sha256()
+    for name in ["config.json", *([index.name, *shards] if shards else ["model.safetensors"])]:
+        digest.update(name.encode() + b"\0")
+        with open(folder / name, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_record(folder):
+    """{"path" (resolved), "sha256" (`weights_fingerprint`)} of a model folder a run reads."""
+    return {"path": str(Path(folder).resolve()), "sha256": weights_fingerprint(folder)}
+
+
+def changed_input(what, seen):
+    """Why the model folder a run recorded as `seen` ({"path", "sha256"}) is not what it read, or None."""
+    try:
+        now = weights_fingerprint(seen["path"])
+    except (OSError, ValueError, KeyError):
+        return f"{what} {seen['path']} is missing or unreadable"
+    return None if now == seen["sha256"] else f"{what} {seen['path']} is not the folder the run read (its weights' sha256 differs)"
 
 
 def _resume(opts, stage):
@@ -121,6 +185,12 @@ def _resume(opts, stage):
         raise RunFolderError(f"{resume_from} is already at step {start} of {total}: "
                              f"pass max_steps=N (N > {start}) to go on")
     old = state.get("run") or {}  # a checkpoint written before runs were recorded has none
+    if old.get("init") and _first_rank():  # RL reads its SFT checkpoint again on every resume: the KL reference
+        # (rank 0 alone: under torchrun the others wait for it in dist.setup, and torchrun ends them if it stops)
+        problem = changed_input("--init", old["init"])
+        if problem:
+            raise RunFolderError(f"--resume {opts.resume}: {problem}; it is this run's KL reference, and going on "
+                                 "against another would mix two runs: restore it, or start a new run")
     data = file_record(data_file(cfg, "train"))
     if old.get("data") and old["data"]["sha256"] != data["sha256"]:
         raise RunFolderError(f"train data {data['path']} is not the file this run started with (its sha256 differs): "

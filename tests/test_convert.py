@@ -1,6 +1,7 @@
 """atlas_min.convert: public layouts (LLaVA/ms-swift conversations, multiple-choice benchmarks) → our JSONL."""
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -187,6 +188,17 @@ def test_image_paths_are_relative_to_out_and_may_not_leave_its_folder(folder, tm
     convert_file("choice", raw, folder / "out.jsonl", image_root=folder / "img")
     assert [ex["images"] for ex in read(folder / "out.jsonl")] == [["img/a.png"], ["img/b.png"]]
     assert load_jsonl(folder / "out.jsonl")[1]["images"] == [(folder / "img" / "b.png").resolve()]
+
+
+@pytest.mark.parametrize("kind", ["conversations", "choice", "harness"])
+def test_every_kind_refuses_an_out_that_is_its_input_by_resolved_path(folder, kind):
+    raw = folder / "raw.jsonl"
+    write(raw, [LLAVA])
+    (folder / "alias.jsonl").symlink_to(raw)
+    for out in (raw, folder / "img" / ".." / "raw.jsonl", folder / "alias.jsonl"):
+        with pytest.raises(ConvertError, match=f"OUT {re.escape(str(out))} is the input file "):
+            convert_file(kind, raw, out)
+    assert read(raw) == [LLAVA]
 
 
 def test_cli_prints_one_line_error_and_exits_2(folder):

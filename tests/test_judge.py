@@ -1,11 +1,12 @@
 """atlas_min.judge: the prompt, the verdict parser and the judge loop, on a tiny causal LM built offline."""
 import shutil
+import time
 
 import pytest
 import torch
 
 from atlas_min import judge as judge_module
-from atlas_min.judge import DEFAULT_TEMPLATE, JudgeError, judge, judge_prompt, parse_verdict
+from atlas_min.judge import DEFAULT_TEMPLATE, JudgeError, judge, judge_prompt, parse_verdict, probe_url
 
 QUESTION = "What is the color of the woman's bag?\n(A) black\n(B) white"
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -247,3 +248,47 @@ def test_a_served_judge_that_never_answers_is_an_error_naming_it(monkeypatch):
     url, bodies = serve_judge(["Correct"], fail_first=10)
     with pytest.raises(JudgeError, match=f"judge {url}/v1/chat/completions: no reply after 4 tries"):
         judge(url, ITEMS[:1])
+
+
+def serve_models(models=None, delay_s=0.0):
+    """A server whose GET /v1/models lists `models` (None: no such route, 404) after `delay_s`; its URL."""
+    import http.server
+    import json
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(delay_s)
+            body = json.dumps({"object": "list", "data": [{"id": m} for m in models or []]}).encode()
+            self.send_response(404 if models is None else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_a_judge_that_accepts_and_never_answers_is_named_within_the_probes_timeout():
+    url = serve_models(["judge"], delay_s=5)
+    t0 = time.time()
+    with pytest.raises(JudgeError, match=f"judge {url}: no answer to GET {url}/v1/models within 0.5 s .*timed out"):
+        probe_url(url, timeout_s=0.5)
+    assert time.time() - t0 < 3
+
+
+def test_a_dead_judge_url_is_named_by_the_probe():
+    with pytest.raises(JudgeError, match="judge http://127.0.0.1:9: no answer to GET"):
+        probe_url("http://127.0.0.1:9", timeout_s=5)
+
+
+def test_the_probe_accepts_any_answering_server_and_names_a_model_it_does_not_serve():
+    probe_url(serve_models(None))  # no model list (404): a server is there
+    probe_url(serve_models(["judge-235b"]), "judge-235b")
+    url = serve_models(["judge-235b"])
+    with pytest.raises(JudgeError, match=f"judge {url} serves judge-235b, not --judge-model judge-7b"):
+        probe_url(url, "judge-7b")

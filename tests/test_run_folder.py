@@ -265,11 +265,18 @@ def test_an_rl_policy_that_is_not_finite_stops_the_run_in_one_line_unsaved(sft4,
     ("anchor_coef=-0.5", "anchor_coef=-0.5: must be >= 0"),
     ("sft_beta2=1", "sft_beta2=1.0: must be in [0, 1)"),
     ("answer_format=json", "answer_format='json': must be one of tag, boxed"),
+    ("eval_min_pixels=3136", "eval_max_pixels=0: must be set with eval_min_pixels"),
+    ("eval_max_pixels=3136", "eval_min_pixels=0: must be set with eval_max_pixels"),
 ])
 def test_a_config_that_cannot_build_or_train_is_refused_naming_the_field(knob, named):
     with pytest.raises(ConfigError) as e:
         get_config("micro", [knob])
     assert named in str(e.value)
+
+
+def test_eval_pixel_bounds_with_min_above_max_are_refused_naming_both():
+    with pytest.raises(ConfigError, match="eval_min_pixels=5000: must be <= eval_max_pixels=4000"):
+        get_config("micro", ["eval_min_pixels=5000", "eval_max_pixels=4000"])
 
 
 def test_every_preset_passes_its_own_checks_and_the_toy_lists_match_the_toy_world():
@@ -360,12 +367,17 @@ def test_plan_refuses_a_gpu_count_the_trainers_refuse(monkeypatch, capsys):
     assert e.value.code == 2 and "must be divisible by the 3 processes" in capsys.readouterr().err
 
 
-def test_two_ranks_errors_come_on_lines_of_their_own(tmp_path):
-    out = run("train_sft.py", "--config", "micro", "--out", tmp_path / "run", "batch_size=3", "micro_batch_size=3",
-              procs=2, check=False)
-    ours = [line for line in out.stderr.splitlines() if "batch_size=3 must be divisible" in line]
-    assert sorted(ours) == ["error: batch_size=3 must be divisible by the 2 processes",
-                            "rank 1: error: batch_size=3 must be divisible by the 2 processes"], out.stderr[-2000:]
+def test_two_ranks_errors_come_on_lines_of_their_own(tmp_path, micro_cfg):
+    from atlas_min.model import build_model, build_tokenizer
+    from atlas_min.toy import corpus
+    tokenizer = build_tokenizer(corpus(micro_cfg), micro_cfg.tokenizer_vocab)  # an init without functional tokens:
+    build_model(micro_cfg, tokenizer).save_pretrained(tmp_path / "init")     # every rank finds it, after dist.setup
+    tokenizer.save_pretrained(tmp_path / "init")
+    out = run("train_rl.py", "--config", "micro", "--init", tmp_path / "init", "--out", tmp_path / "run", procs=2,
+              check=False)
+    ours = [line for line in out.stderr.splitlines() if "has no functional tokens" in line]
+    said = f"error: {tmp_path / 'init'} has no functional tokens: pass a checkpoint made by train_sft.py"
+    assert sorted(ours) == [said, "rank 1: " + said], out.stderr[-2000:]
 
 
 # --- finished work is never lost to a late error ------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The study drivers' arithmetic (atlas_min.anchor_study, atlas_min.experiment): what each table column and the
 demo's check mean, on records written by hand. The drivers themselves run whole trainings and are not part of the suite."""
+import json
+
 import pytest
 
 from atlas_min.anchor_study import methods, summary
@@ -50,3 +52,45 @@ def test_the_demos_check_is_silent_where_the_preset_slips_no_token():
     from atlas_min.experiment import slip_check
     results = {"SFT": {"per_task": {"line": 0.0}}, "grpo": {"per_task": {"line": 1.0}}}
     assert slip_check(results, get_config("toy")) is None
+
+
+def _stage(folder, cfg, init=None):
+    """A stage folder as a finished run leaves it, written by hand: its trainer state and a model file."""
+    from atlas_min.checkpoint import STATE
+    from atlas_min.config import to_dict
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / STATE).write_text(json.dumps({"step": 2, "config": to_dict(cfg), "run": {"init": init} if init else {}}))
+    return folder
+
+
+def test_a_driver_refuses_a_stage_folder_trained_with_other_settings_before_any_stage_runs(tmp_path):
+    from atlas_min.cli import UsageError
+    from atlas_min.config import get_config
+    from atlas_min.experiment import check_reuse
+    sft = _stage(tmp_path / "sft", get_config("micro", ["max_steps=3"]))
+    cmd = ["python", "train_sft.py", "--config", "micro", "--out", sft, "max_steps=3"]
+    check_reuse([(sft, cmd)])  # the same settings: reused
+    with pytest.raises(UsageError, match=r"sft holds a stage trained with other inputs \(settings seed 0, not 1\)"):
+        check_reuse([(sft, [*cmd, "seed=1"])])
+
+
+def test_a_driver_refuses_an_rl_stage_whose_init_has_changed_since(tmp_path):
+    from atlas_min.cli import UsageError
+    from atlas_min.config import get_config
+    from atlas_min.experiment import check_reuse
+    from atlas_min.run_folder import weights_record
+    sft = _stage(tmp_path / "sft", get_config("micro"))
+    (sft / "config.json").write_text("{}")
+    rl = _stage(tmp_path / "rl", get_config("micro"), init=weights_record(sft))
+    cmd = ["torchrun", "train_rl.py", "--config", "micro", "--init", sft, "--out", rl]
+    check_reuse([(rl, cmd)])
+    (sft / "model.safetensors").write_bytes(b"retrained")
+    with pytest.raises(UsageError, match=r"rl holds a stage trained with other inputs \(--init .*sft is not the folder"):
+        check_reuse([(rl, cmd)])
+
+
+def test_a_tables_settings_come_from_the_runs_record(tmp_path):
+    from atlas_min.config import get_config
+    from atlas_min.experiment import recorded_config
+    assert recorded_config(_stage(tmp_path / "grpo", get_config("micro", ["seed=3"]))).seed == 3

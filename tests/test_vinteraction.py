@@ -63,6 +63,9 @@ def read(path):
     ("ax.arrow(0, 0, 1, 1)", [A]),
     ("ax.annotate('A', xy=(1, 1))", [T]),
     ("ax.annotate('A', xy=(1, 1), xytext=(5, 5), arrowprops=dict(arrowstyle='->'))", [A, T]),
+    ("ax.annotate('', xy=(1, 1), xytext=(5, 5), arrowprops=dict(arrowstyle='->'))", [A]),  # no label: no text
+    ("plt.annotate(text=' ', xy=(1, 1), arrowprops={})", [A]),
+    ("ax.annotate(name, xy=(1, 1), arrowprops={})", [A, T]),  # a label held in a variable is text
     ("plt.text(1, 1, 'A')", [T]),
     ("img.crop((0, 0, 9, 9))", [Z]),
     ("roi = arr[10:30, 5:25]", [Z]),
@@ -115,7 +118,7 @@ def test_code_that_does_not_parse_raises_syntax_error():
 def test_every_rule_names_one_of_the_five_tokens_and_a_name_maps_to_one_token_but_annotate():
     owners = {}
     for token, condition, names, _ in OPERATIONS:
-        assert token in (Z, L, S, A, T) and condition in (None, "region", "arrowprops")
+        assert token in (Z, L, S, A, T) and condition in (None, "region", "arrowprops", "label")
         for name in names:
             owners.setdefault(name, set()).add(token)
     assert {name for name, tokens in owners.items() if len(tokens) > 1} == {"annotate"}
@@ -437,3 +440,19 @@ def test_micro_sft_on_the_conversion_learns_to_emit_functional_tokens(synth):
     run("eval.py", "--ckpt", tmp / "run", "--data", data, "--out", tmp / "eval.json", "eval_max_new_tokens=64")
     result = json.loads((tmp / "eval.json").read_text())
     assert result["n"] == 9 and result["mean_functional_tokens"] > 0
+
+
+@pytest.mark.parametrize("where", ["an-input-file", "inside-an-input-folder", "a-link-to-an-input"])
+def test_an_out_that_is_an_input_or_lies_in_an_input_folder_is_refused_and_nothing_changes(synth, capsys, where):
+    vi, vp, folder = synth
+    before = {p: p.read_bytes() for p in (vi, vp)}
+    if where == "a-link-to-an-input":
+        (folder / "link.parquet").symlink_to(vp)
+    out = {"an-input-file": vp, "inside-an-input-folder": vi.parent / "new" / "out.jsonl",
+           "a-link-to-an-input": folder / "link.parquet"}[where]
+    inputs = [str(vi.parent)] if where == "inside-an-input-folder" else [str(vi), str(vp)]
+    assert main(["vinteraction", *inputs, str(out)]) == 2
+    err = capsys.readouterr().err
+    said = "lies inside the input folder" if where == "inside-an-input-folder" else "is the input file"
+    assert err.startswith(f"error: OUT {out} {said} ") and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in (vi, vp)} == before and not (vi.parent / "new").exists()
