@@ -95,10 +95,7 @@ def shard(model, cfg, device):
     buffers = [buffer.to(device) if is_main() else None for _, buffer in model.named_buffers()]
     model.to("meta")
     model.tie_weights()  # the move to meta made lm_head a parameter of its own again (a tied model's)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
-    for unit in fsdp_units(model):
-        fully_shard(unit, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)  # the root: embeddings, lm_head, final norm
+    wrap(model, bf16=device.type == "cuda")
     model.to_empty(device=device)
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for (_, buffer), value in zip(model.named_buffers(), buffers):
@@ -110,6 +107,14 @@ def shard(model, cfg, device):
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
     model.reshard()  # the root keeps its parameters gathered after forward; the optimizer needs the shards
     return model
+
+
+def wrap(model, bf16, mesh=None):
+    """fully_shard on `fsdp_units`, then the root (embeddings, lm_head, final norm); `bf16`: parameters gathered
+    in bf16, gradients reduced in fp32 (CUDA's policy). `mesh`: all ranks unless given (`atlas_min.rehearse`)."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for unit in [*fsdp_units(model), model]:
+        fully_shard(unit, mp_policy=mp, mesh=mesh)
 
 
 @contextlib.contextmanager
