@@ -164,6 +164,13 @@ def build(cfg, mesh, bf16_frozen=False):
     return model
 
 
+def step(model, optimizer, max_norm):
+    """`optim.clipped_step` without its finiteness test (it reads the norm's value)."""
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def peak_by_category(tracker):
     snap = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     return {str(getattr(k, "value", k)): v for k, v in snap.items()}
@@ -187,11 +194,14 @@ def rehearse(cfg, world):
         model = build(cfg, mesh)
         reference = build(cfg, mesh, bf16_frozen=True) if cfg.kl_coef > 0 else None
         P = sum(p.numel() for p in model.parameters())
+        frozen = sum(p.to_local().nbytes for p in reference.parameters()) if reference is not None else 0
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-        for p in model.parameters():  # AdamW's moments, as from the second step on
+        # A first step outside the tracker: AdamW's moments exist from then on, and DTensor has cached the sharding
+        # of clip_grad_norm_'s ops (the first call runs them on global-shape fake tensors, which the tracker would
+        # count as a full fp32 copy of the gradients)
+        for p in model.parameters():
             p.grad = torch.zeros_like(p)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step(model, optimizer, cfg.grad_clip)
         with unset_fake_temporarily():
             sft = Inputs(model, cfg, cfg.micro_batch_size, cfg.micro_batch_size, C)
             per_rank = max(1, cfg.prompts_per_step // world)
@@ -207,10 +217,12 @@ def rehearse(cfg, world):
         def phase(name, run):
             tracker = FSDPMemTracker(model, optimizer)
             trackers.append(tracker)
-            tracker.track_external(*[m for m in (model, optimizer, reference) if m is not None])
             with tracker:
                 extra = run() or {}
             cats = peak_by_category(tracker)
+            if name != "sft_step":  # an RL run's: the tracker follows `model` and `optimizer`, the reference is added
+                cats["Reference Shards"] = frozen
+                cats["Total"] += frozen
             results[name] = {"peak_gb": cats.pop("Total") / GB - extra.get("host_gb", 0),
                              "by_category": {k: v / GB for k, v in cats.items() if v}, **extra}
 
@@ -220,12 +232,7 @@ def rehearse(cfg, world):
             with autocast:
                 logits = forward(model, batch_of(sft, fake), sft.ids, torch.ones_like(sft.ids))[0].logits
             reply_nll(logits, labels, IGNORE, cfg.logprob_chunk).sum().backward()
-            step()
-
-        def step():
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step(model, optimizer, cfg.grad_clip)
 
         def rl_rollout():
             N, mask = len(roll.ids) * G, torch.ones_like(roll.prompt_ids)
@@ -272,7 +279,7 @@ def rehearse(cfg, world):
                                     clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, anchor_coef=cfg.anchor_coef)
                 (grad,) = torch.autograd.grad(loss * world, x)
             logp.backward(grad)
-            step()
+            step(model, optimizer, cfg.grad_clip)
 
         def save():
             state = full_model_state(model)
