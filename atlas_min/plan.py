@@ -95,15 +95,16 @@ def layer_bytes(tokens, h, f, kv):
 
 
 def activations(cfg, rows, images, seq, checkpointing):
+    """(bytes kept for backward, bytes of the one layer recomputed at a time in backward; 0 without checkpointing)."""
     text = rows * seq
     patches = images * 4 * (cfg.max_pixels // 784)
     kv = cfg.text_kv_heads * cfg.text_hidden // cfg.text_heads
     lm = layer_bytes(text, cfg.text_hidden, cfg.text_intermediate, kv)
     vis = layer_bytes(patches, cfg.vision_hidden, cfg.vision_intermediate, cfg.vision_hidden)
     if not checkpointing:
-        return cfg.text_layers * lm + cfg.vision_depth * vis
+        return cfg.text_layers * lm + cfg.vision_depth * vis, 0
     kept = cfg.text_layers * text * cfg.text_hidden + cfg.vision_depth * patches * cfg.vision_hidden  # layer inputs
-    return 2 * kept + max(lm, vis)
+    return 2 * kept, max(lm, vis)
 
 
 def plan(cfg, gpus, gpu_mem_gb=80.0):
@@ -119,27 +120,38 @@ def plan(cfg, gpus, gpu_mem_gb=80.0):
     V, G, image = embed.shape[0], cfg.group_size, cfg.max_pixels // 784  # one token per 28×28 pixels
     prompt = image + PROMPT_TEXT
     T = prompt + cfg.max_new_tokens
-    sft_rows, rl_prompts = cfg.micro_batch_size, max(1, cfg.micro_batch_size // G)
     sample_rows = cfg.prompts_per_step // gpus * G
+    sft_rows, rl_prompts = cfg.micro_batch_size, max(1, cfg.micro_batch_size // G)
+    sample_prompts = cfg.prompts_per_step // gpus
     kv_token = cfg.text_layers * 2 * (cfg.text_kv_heads * cfg.text_hidden // cfg.text_heads) * 2  # bf16 k and v
-    # bf16 logits (2) + fp32 log-softmax kept for backward (4) + two fp32 grads in backward (2 × 4); chunked: bf16
-    # logits (2) + their bf16 grad (2), and one piece's fp32 copy and log-softmax (8 bytes per entry)
-    logit_bytes, piece = (4, 8 * cfg.logprob_chunk * V) if cfg.logprob_chunk else (14, 0)
+    # all at once: bf16 logits (2) + fp32 log-softmax kept for backward (4) + two fp32 grads in backward (2 × 4);
+    # chunked: bf16 logits (2) + the bf16 grad of logits[:, :-1] (2) + that grad padded back to the logits' shape by
+    # the slice's backward (2), and one piece's fp32 copy and log-softmax (8 bytes per entry)
+    logit_bytes, piece = (6, 8 * cfg.logprob_chunk * V) if cfg.logprob_chunk else (14, 0)
     ref = {"reference (bf16 shards)": 2 * P / gpus if cfg.kl_coef > 0 else 0}
+    persistent = {"fp32 params (sharded)": 4 * P / gpus, "AdamW m, v (fp32, sharded)": 8 * P / gpus}
+
+    def train(rows, images, scored, ckpt, frozen):
+        """The larger of a training step's two peaks: backward's start (the logits' buffers beside the activations
+        kept) or its end (all grads, and the root's: unsharded bf16, then an fp32 copy for its reduce-scatter)."""
+        kept, layer = activations(cfg, rows, images, T, ckpt)
+        start = {"gathered bf16 params (root + 2 units)": 2 * root + 2 * 2 * unit, "activations (kept)": kept,
+                 "logits (or one layer recomputed, the larger)": max(rows * scored * V * logit_bytes + piece, layer)}
+        end = {"fp32 grads (sharded)": 4 * P / gpus, "root's grads (bf16, fp32 for reduce-scatter)": 6 * root}
+        return {**persistent, **frozen, **max(start, end, key=lambda d: sum(d.values()))}
 
     def phases(ckpt):
-        persistent = {"fp32 params (sharded)": 4 * P / gpus, "AdamW m, v (fp32, sharded)": 8 * P / gpus}
-        common = {**persistent, "gathered bf16 params (root + 2 units)": 2 * root + 2 * 2 * unit}
-        train = {**common, "fp32 grads (sharded)": 4 * P / gpus, "unsharded bf16 grads of the root": 2 * root}
-        return {"SFT": {**train, "activations": activations(cfg, sft_rows, sft_rows, T, ckpt),
-                        "logits": sft_rows * T * V * logit_bytes + piece},
-                "RL update": {**train, **ref, "activations": activations(cfg, rl_prompts * G, rl_prompts, T, ckpt),
-                              "logits": rl_prompts * G * (cfg.max_new_tokens + 1) * V * logit_bytes + piece},
+        return {"SFT": train(sft_rows, sft_rows, T, ckpt, {}),
+                "RL update": train(rl_prompts * G, rl_prompts, cfg.max_new_tokens + 1, ckpt, ref),
                 # dist.gathered keeps every unit gathered for the rollout: all bf16 weights at once. The KV cache
-                # of all rows, or during the prefill a shorter cache + one layer's MLP (6f bytes per token)
+                # of all rows, or during the prefill of the distinct prompts their cache + one layer's MLP (6f
+                # bytes per token)
                 "RL sampling": {**persistent, "gathered bf16 params (all, for the rollout)": 2 * P, **ref,
                                 "KV cache / prefill": max(
-                    sample_rows * T * kv_token, sample_rows * prompt * (kv_token + 6 * cfg.text_intermediate))}}
+                    sample_rows * T * kv_token, sample_prompts * prompt * (kv_token + 6 * cfg.text_intermediate))},
+                # checkpoint.save gathers one tensor at a time into rank 0's host RAM (`host`): on the GPU, the
+                # shards (an RL run's, the reference's too)
+                "save": {**persistent, **ref}}
 
     budget, rows_after = phases(cfg.activation_checkpointing), embed.shape[0]
     totals = {k: sum(v.values()) for k, v in budget.items()}
@@ -215,6 +227,16 @@ def report(p):
     print(f"checkpoints: resumable {h['resumable_checkpoint'] / GB:.1f} GB (fp32 weights + AdamW m, v), "
           f"{h['save_s']:.0f} s per save at {SAVE_GBPS:g} GB/s; final model {h['final_model'] / GB:.1f} GB "
           f"({h['final_save_s']:.0f} s); save_every={p['save_every']}")
+    if "rehearsal" in p:
+        r = p["rehearsal"]
+        print(f"\nrehearsed on fake tensors ({r['world_size']} ranks, {r['parameters']:,} parameters, {r['seconds']:.0f} s): "
+              "rank 0's peak (GB)")
+        print(f"  {'phase':<12}{'rehearsed':>10}{'planned':>9}{'ratio':>7}  largest parts of the rehearsed peak")
+        for name, ph in r["phases"].items():
+            parts = sorted(ph["by_category"].items(), key=lambda kv: -kv[1])[:4]
+            print(f"  {name:<12}{ph['peak_gb']:10.2f}{ph['planned_gb']:9.2f}{ph['peak_gb'] / ph['planned_gb']:7.2f}  "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in parts if k != "Activation" or name != "save"))
+        print(f"  save also gathers {r['phases']['save']['host_gb']:.1f} GB into rank 0's host RAM (not in its peak)")
     if "measured" in p:
         m, whole = p["measured"], p["measured"]["units"][""]
         print(f"measured under torchrun ({m['world']} ranks, meta, FSDP2): local shards "
@@ -229,6 +251,8 @@ def main():
     ap.add_argument("--gpu-mem-gb", type=float, default=80.0)
     ap.add_argument("--json", default=None, help="also write the plan here")
     ap.add_argument("--readme", action="store_true", help="also write the printed plan into README.md")
+    ap.add_argument("--rehearse", action="store_true",
+                    help="also run each phase on fake tensors and a fake process group (atlas_min.rehearse)")
     ap.add_argument("overrides", nargs="*", help="field=value")
     args = ap.parse_intermixed_args()
     if args.gpus < 1 or args.gpu_mem_gb <= 0:
@@ -239,9 +263,17 @@ def main():
             check_world(cfg, args.gpus, stage)
     except ConfigError as e:
         die(str(e))
-    measured = measure_sharding(cfg) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torchrun and args.rehearse:
+        die("--rehearse fakes its own process group of --gpus ranks: run it without torchrun")
+    measured = measure_sharding(cfg) if torchrun else None
     if not int(os.environ.get("RANK", "0")):
         result = plan(cfg, args.gpus, args.gpu_mem_gb) | ({"measured": measured} if measured else {})
+        if args.rehearse:
+            from atlas_min.rehearse import PLANNED, rehearse
+            result["rehearsal"] = rehearse(cfg, args.gpus)
+            for name, column in PLANNED.items():
+                result["rehearsal"]["phases"][name]["planned_gb"] = result["total"][column] / GB
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             report(result)

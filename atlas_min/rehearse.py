@@ -44,6 +44,7 @@ import torch.distributed as dist
 GB = 1e9
 DECODE_STEPS = 3
 PHASES = ("sft_step", "rl_rollout", "rl_update", "save")
+PLANNED = dict(zip(PHASES, ("SFT", "RL sampling", "RL update", "save")))  # plan's column for each phase
 
 
 def fake_world(world):
