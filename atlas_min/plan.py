@@ -1,6 +1,7 @@
 """Size a preset and its FSDP plan before renting GPUs: no GPU, no download, nothing allocated.
 
     python -m atlas_min.plan --config qwen2_5_vl_7b --gpus 8 [--gpu-mem-gb 80] [--json FILE] [field=value ...]
+    python -m atlas_min.plan --config qwen2_5_vl_7b --gpus 8 --rehearse   # + every phase on fake tensors (~2.5 min)
     torchrun --nproc_per_node 2 -m atlas_min.plan --config qwen2_5_vl_7b --gpus 2   # also shards it, on meta
 
 The preset's model is built on the `meta` device (shapes only; `model_path` is ignored: the preset's sizes are
@@ -12,26 +13,30 @@ meta model and the measured local shard sizes are reported.
 
 The per-GPU budget (N GPUs, P parameters, GB = 1e9 bytes) of the plan `dist.shard` applies to policy and reference:
 fully_shard on each vision block, the vision tower, each decoder layer, then the root (embeddings, lm_head, norm),
-bf16 compute, fp32 reduce. Assumptions:
-- Persistent: fp32 params 4P/N; fp32 grads 4P/N (freed between steps, so not while sampling); AdamW m and v 8P/N.
-  RL with kl_coef > 0 adds the reference as train_rl.py holds it on GPUs: bf16 shards 2P/N (resharded after use).
-- Gathered bf16 params: the root stays gathered from forward to the end of backward, and after a no-grad forward
-  (FSDP2 never reshards the root after forward), plus two of the largest other unit (current + prefetched).
-  The root's unsharded bf16 grads live through backward (lm_head's grad is made first, reduced last).
+bf16 compute, fp32 reduce. `--rehearse` checks it: each phase run on fake tensors (atlas_min.rehearse), its peak
+printed beside the plan's. Assumptions:
+- Persistent: fp32 params 4P/N; AdamW m and v 8P/N. RL with kl_coef > 0 adds the reference as train_rl.py holds it
+  on GPUs: bf16 shards 2P/N (resharded after use).
+- A training step (SFT micro-step, RL update micro-batch) peaks at the larger of two moments. Backward's start: the
+  root gathered in bf16 (FSDP2 keeps it from forward to the end of backward) plus two of the largest other unit
+  (current + prefetched), the activations kept for backward, and the logits' buffers (or, if larger, the one layer
+  that activation checkpointing recomputes at a time, after those are freed). Backward's end: the fp32 grads 4P/N
+  and the root's grads, unsharded in bf16 and copied to fp32 for their reduce-scatter (6 bytes per root parameter).
 - Sequence: one image per prompt at max_pixels (max_pixels/28² tokens, 4× as many vision patches) + PROMPT_TEXT
   text tokens; the reply (SFT) or completion (RL) is max_new_tokens. SFT forwards micro_batch_size rows; an RL
   update forwards whole groups (max(1, micro_batch_size // G) prompts × G rows, images encoded once per prompt);
-  the sampler decodes all of a rank's prompts × G rows at once.
+  the sampler prefills a rank's distinct prompts, then decodes all their prompts × G rows at once.
 - Activations: `layer_bytes` (20h + 8f + 4kv bytes per token and layer; 2h with activation checkpointing).
   Attention is a fused kernel (SDPA flash / memory-efficient, or flash_attention_2): no T² scores. No dropout.
 - Logits, per row, position and vocabulary entry: 14 bytes all at once (bf16 logits, the fp32 log-softmax kept for
-  backward, two fp32 gradients in backward); 4 with `logprob_chunk` (bf16 logits kept for backward, their bf16
-  gradient; the fp32 copy and log-softmax, 8 bytes per entry, exist for one piece of logprob_chunk positions at a
-  time, in forward and again in backward). SFT scores every position, RL the
-  completion's max_new_tokens + 1.
+  backward, two fp32 gradients in backward); 6 with `logprob_chunk` (bf16 logits kept for backward, the bf16
+  gradient of logits[:, :-1], and that gradient padded back to the logits' shape by the slice's backward; the fp32
+  copy and log-softmax, 8 bytes per entry, exist for one piece of logprob_chunk positions at a time, in forward and
+  again in backward). SFT scores every position, RL the completion's max_new_tokens + 1.
   KV cache: 2 (k, v) × kv width × 2 bytes per token and layer.
-- Not counted: CUDA context and NCCL buffers (~1-3 GB), allocator fragmentation, the fp32 copy of the root's grads
-  for its reduce-scatter (made after the activations are freed). Hence "fits" = peak ≤ (1 - HEADROOM) × GPU memory.
+- Save: `checkpoint.save` gathers one tensor at a time into rank 0's host RAM (`host`); the GPUs hold their shards.
+- Not counted: CUDA context and NCCL buffers (~1-3 GB), allocator fragmentation, one unit's all-gather and fp32
+  reduce-scatter buffers in flight (1.4 GB at 7B in the rehearsal). Hence "fits" = peak <= (1 - HEADROOM) × GPU memory.
 """
 import argparse
 import contextlib
@@ -143,12 +148,13 @@ def plan(cfg, gpus, gpu_mem_gb=80.0):
     def phases(ckpt):
         return {"SFT": train(sft_rows, sft_rows, T, ckpt, {}),
                 "RL update": train(rl_prompts * G, rl_prompts, cfg.max_new_tokens + 1, ckpt, ref),
-                # dist.gathered keeps every unit gathered for the rollout: all bf16 weights at once. The KV cache
-                # of all rows, or during the prefill of the distinct prompts their cache + one layer's MLP (6f
-                # bytes per token)
+                # dist.gathered keeps every unit gathered for the rollout: all bf16 weights at once. The largest of:
+                # the KV cache of all rows; during the prefill of the distinct prompts their cache + one layer's MLP
+                # (6f bytes per token); the root's all-gather buffer beside its gathered copy (a small model's peak)
                 "RL sampling": {**persistent, "gathered bf16 params (all, for the rollout)": 2 * P, **ref,
-                                "KV cache / prefill": max(
-                    sample_rows * T * kv_token, sample_prompts * prompt * (kv_token + 6 * cfg.text_intermediate))},
+                                "KV cache, prefill or all-gather (the largest)": max(
+                    sample_rows * T * kv_token, sample_prompts * prompt * (kv_token + 6 * cfg.text_intermediate),
+                    2 * root)},
                 # checkpoint.save gathers one tensor at a time into rank 0's host RAM (`host`): on the GPU, the
                 # shards (an RL run's, the reference's too)
                 "save": {**persistent, **ref}}
