@@ -113,8 +113,8 @@ def main():
     phases.append(run("resume 1 step", "train_sft.py", ["--resume", str(sft), "max_steps=3"], args.nproc))
     phases.append(run("RL 1 step", "train_rl.py", ["--config", name, "--init", str(sft), "--out", str(rl),
                                                    "max_steps=1", "max_new_tokens=64", *overrides], args.nproc))
-    phases.append(run("eval 8 examples", "eval.py", ["--ckpt", str(rl), "--config", name, "--out",
-                                                     str(out / "eval.json"), *overrides], args.nproc))
+    # eval reads the RL checkpoint's own config: the overrides above (8 examples, 64 new tokens) included
+    phases.append(run("eval 8 examples", "eval.py", ["--ckpt", str(rl), "--out", str(out / "eval.json")], args.nproc))
 
     checks = []  # (what, value shown, threshold shown, passed or None when not applicable)
     for ph in phases:
