@@ -16,8 +16,9 @@ PROMPT_TEXT text tokens + max_new_tokens), while `FSDPMemTracker` records rank 0
 - rl_update: the policy's no-grad forward (log pi_old), the bf16 reference's (log pi_ref, then resharded), one
   micro-batch of whole groups through `sampler.sequence_logprobs` with grad, L_LA-GRPO, backward, clip, AdamW;
 - save: the state-dict calls of `checkpoint.save` (`dist.full_model_state`, `get_optimizer_state_dict` with
-  `dist.FULL`). Here the CPU stands for GPU and host at once: the gathered copies rank 0 keeps (its host RAM)
-  are counted apart, as `host_gb`, and the phase's peak is the rest.
+  `dist.FULL`), as in an RL run. Here the CPU stands for GPU and host at once: the gathered copies rank 0 keeps
+  (its host RAM) are counted apart, as `host_gb`; the phase's peak is the rest plus the largest of them
+  (`in_flight_gb`), which a GPU holds before its copy to the host.
 
 AdamW's moments exist before any phase (as from a run's second step on). The four phases run in this order.
 
@@ -72,7 +73,8 @@ def fused_attention(module, query, key, value, attention_mask=None, scaling=None
 
 
 class Inputs:
-    """Real token ids, masks and positions of one phase's batch, made before the fake mode sees them."""
+    """One phase's batch as real tensors (token ids, image grid, the vision tower's values), made outside the fake
+    mode: every row the same prompt (one image at max_pixels, PROMPT_TEXT tokens in all) and completion."""
 
     def __init__(self, model, cfg, rows, prompts, completion):
         from atlas_min.plan import PROMPT_TEXT
@@ -137,9 +139,9 @@ def value_oracles(models, cases):
             TRANSFORMERS_DISABLE_TORCH_CHECK=before)
 
 
-def batch_of(case, fake):
-    """The `batch` dict `model.forward` reads: fake pixels, real grid."""
-    return {"pixel_values": fake.from_tensor(torch.empty(case.patches, case.pixels)), "image_grid_thw": case.grid,
+def batch_of(case):
+    """The `batch` dict `model.forward` reads: fake pixels (made inside the fake mode), the real grid."""
+    return {"pixel_values": torch.empty(case.patches, case.pixels), "image_grid_thw": case.grid,
             "images_per_row": [1] * len(case.grid)}
 
 
@@ -191,7 +193,7 @@ def rehearse(cfg, world):
     mesh = fake_world(world)
     G, C = cfg.group_size, cfg.max_new_tokens
     results = {}
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+    with FakeTensorMode(allow_non_fake_inputs=True):
         model = build(cfg, mesh)
         reference = build(cfg, mesh, bf16_frozen=True) if cfg.kl_coef > 0 else None
         P = sum(p.numel() for p in model.parameters())
@@ -220,18 +222,20 @@ def rehearse(cfg, world):
             trackers.append(tracker)
             with tracker:
                 extra = run() or {}
-            cats = peak_by_category(tracker)
+            cats, host = peak_by_category(tracker), extra.get("host_gb", 0) * GB
+            cats["Activation"] -= host  # the save's gathered state: rank 0's host RAM, counted apart
+            cats["Total"] += extra.get("in_flight_gb", 0) * GB - host
             if name != "sft_step":  # an RL run's: the tracker follows `model` and `optimizer`, the reference is added
                 cats["Reference Shards"] = frozen
                 cats["Total"] += frozen
-            results[name] = {"peak_gb": cats.pop("Total") / GB - extra.get("host_gb", 0),
-                             "by_category": {k: v / GB for k, v in cats.items() if v}, **extra}
+            results[name] = {"peak_gb": cats.pop("Total") / GB, "by_category": {k: v / GB for k, v in cats.items() if v},
+                             **extra}
 
         def sft_step():
             labels = sft.ids.clone()
             labels[:, :sft.prompt_ids.shape[1]] = IGNORE  # the prompt carries no loss
             with autocast:
-                logits = forward(model, batch_of(sft, fake), sft.ids, torch.ones_like(sft.ids))[0].logits
+                logits = forward(model, batch_of(sft), sft.ids, torch.ones_like(sft.ids))[0].logits
             reply_nll(logits, labels, IGNORE, cfg.logprob_chunk).sum().backward()
             step(model, optimizer, cfg.grad_clip)
 
@@ -239,7 +243,7 @@ def rehearse(cfg, world):
             N, mask = len(roll.ids) * G, torch.ones_like(roll.prompt_ids)
             model.eval()
             with gathered(model), autocast, torch.no_grad():
-                out = forward(model, batch_of(roll, fake), roll.prompt_ids, mask, logits_to_keep=1, use_cache=True)[0]
+                out = forward(model, batch_of(roll), roll.prompt_ids, mask, logits_to_keep=1, use_cache=True)[0]
                 out.cache.batch_repeat_interleave(G)
                 logits = out.logits.repeat_interleave(G, 0)  # (N, 1, V)
                 for layer in out.cache.layers:  # the cache as long as at the rollout's last steps
@@ -266,7 +270,7 @@ def rehearse(cfg, world):
             def logprobs(policy, grad):
                 again()
                 with torch.set_grad_enabled(grad), autocast:
-                    return sequence_logprobs(policy, batch_of(upd, fake), upd.prompt_ids, pmask, upd.completion_ids,
+                    return sequence_logprobs(policy, batch_of(upd), upd.prompt_ids, pmask, upd.completion_ids,
                                              mask, repeats=G, chunk=cfg.logprob_chunk)  # (rows, C)
             logprobs(model, False)  # log pi_old
             if reference is not None:
@@ -285,8 +289,10 @@ def rehearse(cfg, world):
         def save():
             state = full_model_state(model)
             optim = get_optimizer_state_dict(model, optimizer, options=FULL)
-            kept = [*state.values(), *(t for per in optim["state"].values() for t in per.values())]
-            return {"host_gb": sum(t.nbytes for t in kept if torch.is_tensor(t)) / GB}
+            kept = [t for t in (*state.values(), *(t for per in optim["state"].values() for t in per.values()))
+                    if torch.is_tensor(t)]
+            # On GPUs each tensor is gathered there, then copied to rank 0's host: the largest is in flight at once
+            return {"host_gb": sum(t.nbytes for t in kept) / GB, "in_flight_gb": max(t.nbytes for t in kept) / GB}
 
         with value_oracles([m for m in (model, reference) if m is not None], [sft, roll, upd]):
             for name, run in zip(PHASES, (sft_step, rl_rollout, rl_update, save)):
