@@ -31,9 +31,12 @@ What cannot run on fake tensors, and how it is covered (each reads tensor values
 - the sampler's draw (top-p, stop tests, dropping finished rows): the rollout decodes a fixed token per row, all
   rows to the end (a real rollout's batch only shrinks);
 - `grpo_loss` (its statistics are Python floats): computed on real (rows, C) tensors, its gradient w.r.t. log pi
-  fed to the fake backward; `optim.clipped_step` (reads the norm): `clip_grad_norm_` then `step`, no check.
-Not counted (as in `plan`): the CUDA context, NCCL's buffers, allocator fragmentation, the CPU autocast's cast
-policy standing in for CUDA's.
+  fed to the fake backward; `optim.clipped_step` (reads the norm): `clip_grad_norm_` then `step`, no check;
+- transformers' check that image tokens and image features match in number: off (TRANSFORMERS_DISABLE_TORCH_CHECK)
+  while the phases run; they match by construction.
+The tracker follows the policy and its optimizer: the reference's shards (there all along) are added to each RL
+phase from their measured sizes. Fake tensors run on the CPU: bf16 autocast is the CPU's, standing in for CUDA's.
+Not counted (as in `plan`): the CUDA context, NCCL's buffers, allocator fragmentation.
 """
 import contextlib
 import os
