@@ -8,8 +8,8 @@ The preset's model is built on the `meta` device (shapes only; `model_path` is i
 Qwen2.5-VL-7B's). Its vocabulary is stood in by a tokenizer with Qwen's size and special-token ids (151,643
 ordinary + 22 special = 151,665 entries, no merges): the five functional tokens get ids 151,665..151,669, inside
 the 152,064 rows, so nothing is resized. Small presets use their own tokenizer and grow by five rows.
-Under torchrun, every rank also applies the trainers' FSDP2 wrapping (`dist.fsdp_units`, then the root) to the
-meta model and the measured local shard sizes are reported.
+Under torchrun, every rank also applies the trainers' FSDP2 wrapping (`dist.wrap`: `dist.fsdp_units`, then the
+root) to the meta model and the measured local shard sizes are reported.
 
 The per-GPU budget (N GPUs, P parameters, GB = 1e9 bytes) of the plan `dist.shard` applies to policy and reference:
 fully_shard on each vision block, the vision tower, each decoder layer, then the root (embeddings, lm_head, norm),
@@ -189,14 +189,12 @@ def host(cfg, P):
 def measure_sharding(cfg):
     """Under torchrun: the trainers' FSDP2 wrapping on the meta model; per unit, its size and each rank's shard."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
-    from atlas_min.dist import all_gather_objects, fsdp_units
+    from atlas_min.dist import all_gather_objects, fsdp_units, wrap
     dist.init_process_group("gloo")
     model = meta_model(cfg)[0]
+    wrap(model, bf16=False)  # as dist.shard: bottom-up, the root last
     units = [*fsdp_units(model), model]
-    for unit in units:  # bottom-up as dist.shard; the root last
-        fully_shard(unit)
     names = {id(m): n for n, m in model.named_modules()}
     mine = {names[id(u)]: (sum(p.numel() for p in u.parameters()), sum(p.to_local().numel() for p in u.parameters()),
                            all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in u.parameters()))
