@@ -234,19 +234,18 @@ def report(p):
           f"{h['save_s']:.0f} s per save at {SAVE_GBPS:g} GB/s; final model {h['final_model'] / GB:.1f} GB "
           f"({h['final_save_s']:.0f} s); save_every={p['save_every']}")
     if "rehearsal" in p:
-        r = p["rehearsal"]
-        print(f"\nrehearsed on fake tensors ({r['world_size']} ranks, {r['parameters']:,} parameters, {r['seconds']:.0f} s): "
-              "rank 0's peak (GB)")
+        r, phases = p["rehearsal"], p["rehearsal"]["phases"]
+        print(f"\nrehearsed on fake tensors ({r['world_size']} ranks, {r['parameters']:,} parameters, "
+              f"{r['seconds']:.0f} s): rank 0's peak (GB)")
         print(f"  {'phase':<12}{'rehearsed':>10}{'planned':>9}{'ratio':>7}  largest parts of the rehearsed peak")
-        for name, ph in r["phases"].items():
+        apart = {name: abs(ph["peak_gb"] / ph["planned_gb"] - 1) > 0.15 for name, ph in phases.items()}
+        for name, ph in phases.items():
             parts = sorted(ph["by_category"].items(), key=lambda kv: -kv[1])[:4]
-            ratio = ph["peak_gb"] / ph["planned_gb"]
-            print(f"  {name:<12}{ph['peak_gb']:10.2f}{ph['planned_gb']:9.2f}{ratio:7.2f}{'*' if abs(ratio - 1) > 0.15 else ' '} "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in parts))
-        print("  * more than 15% apart" if any(abs(ph["peak_gb"] / ph["planned_gb"] - 1) > 0.15
-                                             for ph in r["phases"].values()) else "  every phase within 15% of the plan")
-        print(f"  save: rank 0 also gathers {r['phases']['save']['host_gb']:.1f} GB into its host RAM, "
-              f"{r['phases']['save']['in_flight_gb']:.2f} GB of it on the GPU at once (in the peak)")
+            print(f"  {name:<12}{ph['peak_gb']:10.2f}{ph['planned_gb']:9.2f}{ph['peak_gb'] / ph['planned_gb']:7.2f}"
+                  f"{'*' if apart[name] else ' '} " + ", ".join(f"{k} {v:.2f}" for k, v in parts))
+        print("  * more than 15% apart" if any(apart.values()) else "  every phase within 15% of the plan")
+        print(f"  save: rank 0 also gathers {phases['save']['host_gb']:.1f} GB into its host RAM, "
+              f"{phases['save']['in_flight_gb']:.2f} GB of it on the GPU at once (in the peak)")
     if "measured" in p:
         m, whole = p["measured"], p["measured"]["units"][""]
         print(f"measured under torchrun ({m['world']} ranks, meta, FSDP2): local shards "

@@ -73,7 +73,8 @@ def test_plan_counts_and_budget_for_7b_on_8_gpus(plan7b):
     # SFT (1 row) peaks at backward's end: all fp32 grads, and the root's (embeddings + lm_head + norm) in bf16
     # and their fp32 copy for the reduce-scatter
     root = 2 * ROWS_7B * 3584 + 3584
-    assert sft["fp32 grads (sharded)"] == 4 * N_7B / 8 and sft["root's grads (bf16, fp32 for reduce-scatter)"] == 6 * root
+    assert sft["fp32 grads (sharded)"] == 4 * N_7B / 8
+    assert sft["root's grads (bf16, fp32 for reduce-scatter)"] == 6 * root
     # an RL micro-batch (one whole group, 8 rows) peaks at backward's start: chunked log-probs keep 6 bytes per logit
     # (bf16 logits, the grad of logits[:, :-1], its copy padded back by the slice) + one piece of 256 positions at 8
     assert rl["logits (or one layer recomputed, the larger)"] == 8 * 1025 * ROWS_7B * 6 + 256 * ROWS_7B * 8
