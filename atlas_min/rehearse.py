@@ -90,7 +90,8 @@ class Inputs:
         self.completion_ids = torch.full((rows, completion), 2)  # (rows, C)
         self.ids = torch.cat([self.prompt_ids, self.completion_ids], 1)  # (rows, P + C)
         self.patches = int(self.grid.prod(-1).sum())
-        self.pixels = c.vision_config.in_channels * c.vision_config.temporal_patch_size * c.vision_config.patch_size ** 2
+        v = c.vision_config
+        self.pixels = v.in_channels * v.temporal_patch_size * v.patch_size ** 2  # values per patch
         self.vision = vision_values(model, self.grid)
 
 
@@ -226,13 +227,14 @@ def rehearse(cfg, world):
             with tracker:
                 extra = run() or {}
             cats, host = peak_by_category(tracker), extra.get("host_gb", 0) * GB
-            cats["Activation"] -= host  # the save's gathered state: rank 0's host RAM, counted apart
+            # the save's gathered state is rank 0's host RAM: counted apart
+            cats["Activation"] = cats.get("Activation", 0) - host
             cats["Total"] += extra.get("in_flight_gb", 0) * GB - host
             if name != "sft_step":  # an RL run's: the tracker follows `model` and `optimizer`, the reference is added
                 cats["Reference Shards"] = frozen
                 cats["Total"] += frozen
-            results[name] = {"peak_gb": cats.pop("Total") / GB, "by_category": {k: v / GB for k, v in cats.items() if v},
-                             **extra}
+            total = cats.pop("Total")
+            results[name] = {"peak_gb": total / GB, "by_category": {k: v / GB for k, v in cats.items() if v}, **extra}
 
         def sft_step():
             labels = sft.ids.clone()

@@ -59,7 +59,8 @@ def run(name, script, args, nproc):
         print("   " + line, end="", flush=True)
     rc = proc.wait()
     memory = [int(line.split()[-1]) for _, line in lines if line.startswith("smoke: max_memory_allocated")]
-    return {"name": name, "rc": rc, "seconds": time.time() - t0, "lines": lines, "memory": memory[-1] if memory else None}
+    return {"name": name, "rc": rc, "seconds": time.time() - t0, "lines": lines,
+            "memory": memory[-1] if memory else None}
 
 
 def final_save_seconds(phase):
@@ -82,7 +83,8 @@ def update_tokens(rl_dir, cfg):
     if cfg.model_path:  # as model.load_pretrained: the preset's pixel bounds win
         set_pixel_bounds(image_processor, cfg.min_pixels, cfg.max_pixels)
     prompts = load_examples(cfg, "train")[:cfg.prompts_per_step]
-    prompt = sum(len(encode_example(ex, tokenizer, image_processor, cfg)["prompt_ids"]) for ex in prompts) / len(prompts)
+    lengths = [len(encode_example(ex, tokenizer, image_processor, cfg)["prompt_ids"]) for ex in prompts]
+    prompt = sum(lengths) / len(lengths)
     last = metrics(Path(rl_dir) / "metrics_rl.jsonl")[-1]
     return cfg.prompts_per_step * cfg.group_size * (prompt + last["completion_length"])
 
@@ -138,7 +140,8 @@ def main():
         checks.append(("RL finite loss terms", {k: round(last[k], 4) for k in ("pg_loss", "kl", "anchor")}, "finite",
                        all(math.isfinite(last[k]) for k in ("pg_loss", "kl", "anchor"))))
         checks.append((f"RL sampling ms per decode step ({steps} steps, prefill included)", f"{decode_ms:.1f}",
-                       f"<= {MAX_DECODE_MS:g}" if cuda else "(CUDA only)", decode_ms <= MAX_DECODE_MS if cuda else None))
+                       f"<= {MAX_DECODE_MS:g}" if cuda else "(CUDA only)",
+                       decode_ms <= MAX_DECODE_MS if cuda else None))
         from atlas_min.bench import hardware_peaks
         peak = hardware_peaks(torch.cuda.get_device_name(0))[0] if cuda else None
         flops = 6 * sum(p.numel() for p in _meta_model(rl).parameters()) * update_tokens(rl, cfg)
