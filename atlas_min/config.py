@@ -87,8 +87,9 @@ class Config:
     # Log-probs of given tokens (SFT's loss, RL's log π) `logprob_chunk` positions of a row at a time, 0: all at
     # once (model.token_logprobs). At once keeps a float32 log-softmax of all the logits for backward: with
     # Qwen's 152,064-row vocabulary, 14 bytes per entry, 17.5 GB of an RL micro-batch at 7B; chunked, the logits
-    # and their gradient only (4 bytes, bf16). Off in the small presets: their logits are a few MB, and the
-    # Python loop over pieces made the toy's update 1-4% slower on a CPU (0.51 against 0.50 s, min of 15).
+    # and their gradient only (6 bytes, bf16: the slice logits[:, :-1] adds a padded copy of the gradient; `plan
+    # --rehearse` measured it). Off in the small presets: their logits are a few MB, and the Python loop over
+    # pieces made the toy's update 1-4% slower on a CPU (0.51 against 0.50 s, min of 15).
     logprob_chunk: int = 0
     # Every random draw derives from (seed, step, row) through these strides, so a resumed run and any
     # number of processes draw the same. They are primes larger than any count they multiply past (epochs,
@@ -201,7 +202,7 @@ PRESETS = {
                       "within \\boxed{}.",
         question_suffix="\n\nPlease think step by step, and put your final answer within \\boxed{}.",
         activation_checkpointing=True,  # as verl's 7B recipe; `plan` shows the budget without it
-        logprob_chunk=256,  # 12.2 GB less per GPU in an RL update (`plan`); a piece's fp32 copies: 0.3 GB
+        logprob_chunk=256,  # 9.7 GB less per GPU in an RL update (`plan`); a piece's fp32 copies: 0.3 GB
         # SFT, ours: the usual full fine-tuning lr for a 7B VLM; 2000 × 128 ≈ 1.4 epochs of ATLAS-178K
         sft_steps=2000, sft_lr=1e-5, sft_warmup=100, batch_size=128, micro_batch_size=1,
         # RL: lr as verl's Qwen2.5-VL-7B GRPO recipe. G=8 (ours; verl uses 5): with a 0/1 accuracy reward,

@@ -106,15 +106,11 @@ def shard(model, cfg, device):
     buffers = [buffer.to(device) if is_main() else None for _, buffer in model.named_buffers()]
     model.to("meta")
     model.tie_weights()  # the move to meta made lm_head a parameter of its own again (a tied model's)
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=getattr(torch, cfg.grad_reduce_dtype))
-          if device.type == "cuda" else MixedPrecisionPolicy())
     mesh = None  # plain FSDP over every rank
     if cfg.fsdp_shard_size and cfg.fsdp_shard_size != world_size():  # HSDP: shard within groups, replicate across
         mesh = init_device_mesh(device.type, (world_size() // cfg.fsdp_shard_size, cfg.fsdp_shard_size),
                                 mesh_dim_names=("replicate", "shard"))
-    for unit in fsdp_units(model):
-        fully_shard(unit, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embeddings, lm_head, final norm
+    wrap(model, bf16=device.type == "cuda", mesh=mesh, reduce_dtype=getattr(torch, cfg.grad_reduce_dtype))
     model.to_empty(device=device)
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for (_, buffer), value in zip(model.named_buffers(), buffers):
@@ -126,6 +122,15 @@ def shard(model, cfg, device):
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
     model.reshard()  # the root keeps its parameters gathered after forward; the optimizer needs the shards
     return model
+
+
+def wrap(model, bf16, mesh=None, reduce_dtype=torch.float32):
+    """fully_shard on `fsdp_units`, then the root (embeddings, lm_head, final norm); `bf16`: parameters gathered
+    in bf16, gradients reduced in `reduce_dtype` (CUDA's policy). `mesh`: all ranks unless given (a 2-D one: HSDP;
+    `atlas_min.rehearse` passes its fake one)."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype) if bf16 else MixedPrecisionPolicy()
+    for unit in [*fsdp_units(model), model]:
+        fully_shard(unit, mp_policy=mp, mesh=mesh)
 
 
 @contextlib.contextmanager

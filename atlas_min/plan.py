@@ -1,37 +1,43 @@
 """Size a preset and its FSDP plan before renting GPUs: no GPU, no download, nothing allocated.
 
     python -m atlas_min.plan --config qwen2_5_vl_7b --gpus 8 [--gpu-mem-gb 80] [--json FILE] [field=value ...]
+    python -m atlas_min.plan --config qwen2_5_vl_7b --gpus 8 --rehearse   # + every phase on fake tensors (~2.5 min)
     torchrun --nproc_per_node 2 -m atlas_min.plan --config qwen2_5_vl_7b --gpus 2   # also shards it, on meta
 
 The preset's model is built on the `meta` device (shapes only; `model_path` is ignored: the preset's sizes are
 Qwen2.5-VL-7B's). Its vocabulary is stood in by a tokenizer with Qwen's size and special-token ids (151,643
 ordinary + 22 special = 151,665 entries, no merges): the five functional tokens get ids 151,665..151,669, inside
 the 152,064 rows, so nothing is resized. Small presets use their own tokenizer and grow by five rows.
-Under torchrun, every rank also applies the trainers' FSDP2 wrapping (`dist.fsdp_units`, then the root) to the
-meta model and the measured local shard sizes are reported.
+Under torchrun, every rank also applies the trainers' FSDP2 wrapping (`dist.wrap`: `dist.fsdp_units`, then the
+root) to the meta model and the measured local shard sizes are reported.
 
 The per-GPU budget (N GPUs, P parameters, GB = 1e9 bytes) of the plan `dist.shard` applies to policy and reference:
 fully_shard on each vision block, the vision tower, each decoder layer, then the root (embeddings, lm_head, norm),
-bf16 compute, fp32 reduce. Assumptions:
-- Persistent: fp32 params 4P/N; fp32 grads 4P/N (freed between steps, so not while sampling); AdamW m and v 8P/N.
-  RL with kl_coef > 0 adds the reference as train_rl.py holds it on GPUs: bf16 shards 2P/N (resharded after use).
-- Gathered bf16 params: the root stays gathered from forward to the end of backward, and after a no-grad forward
-  (FSDP2 never reshards the root after forward), plus two of the largest other unit (current + prefetched).
-  The root's unsharded bf16 grads live through backward (lm_head's grad is made first, reduced last).
+bf16 compute, fp32 reduce. `--rehearse` checks it: each phase run on fake tensors (atlas_min.rehearse), its peak
+printed beside the plan's. Assumptions:
+- Persistent: fp32 params 4P/N; AdamW m and v 8P/N. RL with kl_coef > 0 adds the reference as train_rl.py holds it
+  on GPUs: bf16 shards 2P/N (resharded after use).
+- A training step (SFT micro-step, RL update micro-batch) peaks at the larger of two moments. Backward's start: the
+  root gathered in bf16 (FSDP2 keeps it from forward to the end of backward) plus two of the largest other unit
+  (current + prefetched), the activations kept for backward, and the logits' buffers (or, if larger, the one layer
+  that activation checkpointing recomputes at a time, after those are freed). Backward's end: the fp32 grads 4P/N
+  and the root's grads, unsharded in bf16 and copied to fp32 for their reduce-scatter (6 bytes per root parameter).
 - Sequence: one image per prompt at max_pixels (max_pixels/28² tokens, 4× as many vision patches) + PROMPT_TEXT
   text tokens; the reply (SFT) or completion (RL) is max_new_tokens. SFT forwards micro_batch_size rows; an RL
   update forwards whole groups (max(1, micro_batch_size // G) prompts × G rows, images encoded once per prompt);
-  the sampler decodes all of a rank's prompts × G rows at once.
+  the sampler prefills a rank's distinct prompts, then decodes all their prompts × G rows at once.
 - Activations: `layer_bytes` (20h + 8f + 4kv bytes per token and layer; 2h with activation checkpointing).
   Attention is a fused kernel (SDPA flash / memory-efficient, or flash_attention_2): no T² scores. No dropout.
 - Logits, per row, position and vocabulary entry: 14 bytes all at once (bf16 logits, the fp32 log-softmax kept for
-  backward, two fp32 gradients in backward); 4 with `logprob_chunk` (bf16 logits kept for backward, their bf16
-  gradient; the fp32 copy and log-softmax, 8 bytes per entry, exist for one piece of logprob_chunk positions at a
-  time, in forward and again in backward). SFT scores every position, RL the
-  completion's max_new_tokens + 1.
+  backward, two fp32 gradients in backward); 6 with `logprob_chunk` (bf16 logits kept for backward, the bf16
+  gradient of logits[:, :-1], and that gradient padded back to the logits' shape by the slice's backward; the fp32
+  copy and log-softmax, 8 bytes per entry, exist for one piece of logprob_chunk positions at a time, in forward and
+  again in backward). SFT scores every position, RL the completion's max_new_tokens + 1.
   KV cache: 2 (k, v) × kv width × 2 bytes per token and layer.
-- Not counted: CUDA context and NCCL buffers (~1-3 GB), allocator fragmentation, the fp32 copy of the root's grads
-  for its reduce-scatter (made after the activations are freed). Hence "fits" = peak ≤ (1 - HEADROOM) × GPU memory.
+- Save: `checkpoint.save` gathers one tensor at a time into rank 0's host RAM (`host`); the GPUs hold their shards
+  and the tensor on its way (the largest: 2.2 GB at 7B, an embedding matrix in fp32).
+- Not counted: CUDA context and NCCL buffers (~1-3 GB), allocator fragmentation, one unit's all-gather and fp32
+  reduce-scatter buffers in flight (1.4 GB at 7B in the rehearsal). Hence "fits" = peak <= (1 - HEADROOM) × GPU memory.
 """
 import argparse
 import contextlib
@@ -95,15 +101,16 @@ def layer_bytes(tokens, h, f, kv):
 
 
 def activations(cfg, rows, images, seq, checkpointing):
+    """(bytes kept for backward, bytes of the one layer recomputed at a time in backward; 0 without checkpointing)."""
     text = rows * seq
     patches = images * 4 * (cfg.max_pixels // 784)
     kv = cfg.text_kv_heads * cfg.text_hidden // cfg.text_heads
     lm = layer_bytes(text, cfg.text_hidden, cfg.text_intermediate, kv)
     vis = layer_bytes(patches, cfg.vision_hidden, cfg.vision_intermediate, cfg.vision_hidden)
     if not checkpointing:
-        return cfg.text_layers * lm + cfg.vision_depth * vis
+        return cfg.text_layers * lm + cfg.vision_depth * vis, 0
     kept = cfg.text_layers * text * cfg.text_hidden + cfg.vision_depth * patches * cfg.vision_hidden  # layer inputs
-    return 2 * kept + max(lm, vis)
+    return 2 * kept, max(lm, vis)
 
 
 def plan(cfg, gpus, gpu_mem_gb=80.0):
@@ -116,30 +123,43 @@ def plan(cfg, gpus, gpu_mem_gb=80.0):
     blocks = [count(m) for m in model.model.visual.blocks]
     unit = max(*blocks, vision - sum(blocks), *(count(m) for m in model.model.language_model.layers))
     root = P - vision - sum(count(m) for m in model.model.language_model.layers)
+    largest = max(p.numel() for p in model.parameters())
     V, G, image = embed.shape[0], cfg.group_size, cfg.max_pixels // 784  # one token per 28×28 pixels
     prompt = image + PROMPT_TEXT
     T = prompt + cfg.max_new_tokens
-    sft_rows, rl_prompts = cfg.micro_batch_size, max(1, cfg.micro_batch_size // G)
     sample_rows = cfg.prompts_per_step // gpus * G
+    sft_rows, rl_prompts = cfg.micro_batch_size, max(1, cfg.micro_batch_size // G)
+    sample_prompts = cfg.prompts_per_step // gpus
     kv_token = cfg.text_layers * 2 * (cfg.text_kv_heads * cfg.text_hidden // cfg.text_heads) * 2  # bf16 k and v
-    # bf16 logits (2) + fp32 log-softmax kept for backward (4) + two fp32 grads in backward (2 × 4); chunked: bf16
-    # logits (2) + their bf16 grad (2), and one piece's fp32 copy and log-softmax (8 bytes per entry)
-    logit_bytes, piece = (4, 8 * cfg.logprob_chunk * V) if cfg.logprob_chunk else (14, 0)
+    # all at once: bf16 logits (2) + fp32 log-softmax kept for backward (4) + two fp32 grads in backward (2 × 4);
+    # chunked: bf16 logits (2) + the bf16 grad of logits[:, :-1] (2) + that grad padded back to the logits' shape by
+    # the slice's backward (2), and one piece's fp32 copy and log-softmax (8 bytes per entry)
+    logit_bytes, piece = (6, 8 * cfg.logprob_chunk * V) if cfg.logprob_chunk else (14, 0)
     ref = {"reference (bf16 shards)": 2 * P / gpus if cfg.kl_coef > 0 else 0}
+    persistent = {"fp32 params (sharded)": 4 * P / gpus, "AdamW m, v (fp32, sharded)": 8 * P / gpus}
+
+    def train(rows, images, scored, ckpt, frozen):
+        """The larger of a training step's two peaks: backward's start (the logits' buffers beside the activations
+        kept) or its end (all grads, and the root's: unsharded bf16, then an fp32 copy for its reduce-scatter)."""
+        kept, layer = activations(cfg, rows, images, T, ckpt)
+        start = {"gathered bf16 params (root + 2 units)": 2 * root + 2 * 2 * unit, "activations (kept)": kept,
+                 "logits (or one layer recomputed, the larger)": max(rows * scored * V * logit_bytes + piece, layer)}
+        end = {"fp32 grads (sharded)": 4 * P / gpus, "root's grads (bf16, fp32 for reduce-scatter)": 6 * root}
+        return {**persistent, **frozen, **max(start, end, key=lambda d: sum(d.values()))}
 
     def phases(ckpt):
-        persistent = {"fp32 params (sharded)": 4 * P / gpus, "AdamW m, v (fp32, sharded)": 8 * P / gpus}
-        common = {**persistent, "gathered bf16 params (root + 2 units)": 2 * root + 2 * 2 * unit}
-        train = {**common, "fp32 grads (sharded)": 4 * P / gpus, "unsharded bf16 grads of the root": 2 * root}
-        return {"SFT": {**train, "activations": activations(cfg, sft_rows, sft_rows, T, ckpt),
-                        "logits": sft_rows * T * V * logit_bytes + piece},
-                "RL update": {**train, **ref, "activations": activations(cfg, rl_prompts * G, rl_prompts, T, ckpt),
-                              "logits": rl_prompts * G * (cfg.max_new_tokens + 1) * V * logit_bytes + piece},
-                # dist.gathered keeps every unit gathered for the rollout: all bf16 weights at once. The KV cache
-                # of all rows, or during the prefill a shorter cache + one layer's MLP (6f bytes per token)
+        return {"SFT": train(sft_rows, sft_rows, T, ckpt, {}),
+                "RL update": train(rl_prompts * G, rl_prompts, cfg.max_new_tokens + 1, ckpt, ref),
+                # dist.gathered keeps every unit gathered for the rollout: all bf16 weights at once. The largest of:
+                # the KV cache of all rows; during the prefill of the distinct prompts their cache + one layer's MLP
+                # (6f bytes per token); the root's all-gather buffer beside its gathered copy (a small model's peak)
                 "RL sampling": {**persistent, "gathered bf16 params (all, for the rollout)": 2 * P, **ref,
-                                "KV cache / prefill": max(
-                    sample_rows * T * kv_token, sample_rows * prompt * (kv_token + 6 * cfg.text_intermediate))}}
+                                "KV cache, prefill or all-gather (the largest)": max(
+                    sample_rows * T * kv_token, sample_prompts * prompt * (kv_token + 6 * cfg.text_intermediate),
+                    2 * root)},
+                # checkpoint.save gathers one tensor at a time into rank 0's host RAM (`host`): on the GPU, the
+                # shards (an RL run's, the reference's too) and the largest tensor in fp32 on its way
+                "save": {**persistent, **ref, "one tensor gathered in fp32 (the largest)": 4 * largest}}
 
     budget, rows_after = phases(cfg.activation_checkpointing), embed.shape[0]
     totals = {k: sum(v.values()) for k, v in budget.items()}
@@ -169,14 +189,12 @@ def host(cfg, P):
 def measure_sharding(cfg):
     """Under torchrun: the trainers' FSDP2 wrapping on the meta model; per unit, its size and each rank's shard."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
-    from atlas_min.dist import all_gather_objects, fsdp_units
+    from atlas_min.dist import all_gather_objects, fsdp_units, wrap
     dist.init_process_group("gloo")
     model = meta_model(cfg)[0]
+    wrap(model, bf16=False)  # as dist.shard: bottom-up, the root last
     units = [*fsdp_units(model), model]
-    for unit in units:  # bottom-up as dist.shard; the root last
-        fully_shard(unit)
     names = {id(m): n for n, m in model.named_modules()}
     mine = {names[id(u)]: (sum(p.numel() for p in u.parameters()), sum(p.to_local().numel() for p in u.parameters()),
                            all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in u.parameters()))
@@ -215,6 +233,19 @@ def report(p):
     print(f"checkpoints: resumable {h['resumable_checkpoint'] / GB:.1f} GB (fp32 weights + AdamW m, v), "
           f"{h['save_s']:.0f} s per save at {SAVE_GBPS:g} GB/s; final model {h['final_model'] / GB:.1f} GB "
           f"({h['final_save_s']:.0f} s); save_every={p['save_every']}")
+    if "rehearsal" in p:
+        r, phases = p["rehearsal"], p["rehearsal"]["phases"]
+        print(f"\nrehearsed on fake tensors ({r['world_size']} ranks, {r['parameters']:,} parameters, "
+              f"{r['seconds']:.0f} s): rank 0's peak (GB)")
+        print(f"  {'phase':<12}{'rehearsed':>10}{'planned':>9}{'ratio':>7}  largest parts of the rehearsed peak")
+        apart = {name: abs(ph["peak_gb"] / ph["planned_gb"] - 1) > 0.15 for name, ph in phases.items()}
+        for name, ph in phases.items():
+            parts = sorted(ph["by_category"].items(), key=lambda kv: -kv[1])[:4]
+            print(f"  {name:<12}{ph['peak_gb']:10.2f}{ph['planned_gb']:9.2f}{ph['peak_gb'] / ph['planned_gb']:7.2f}"
+                  f"{'*' if apart[name] else ' '} " + ", ".join(f"{k} {v:.2f}" for k, v in parts))
+        print("  * more than 15% apart" if any(apart.values()) else "  every phase within 15% of the plan")
+        print(f"  save: rank 0 also gathers {phases['save']['host_gb']:.1f} GB into its host RAM, "
+              f"{phases['save']['in_flight_gb']:.2f} GB of it on the GPU at once (in the peak)")
     if "measured" in p:
         m, whole = p["measured"], p["measured"]["units"][""]
         print(f"measured under torchrun ({m['world']} ranks, meta, FSDP2): local shards "
@@ -229,6 +260,8 @@ def main():
     ap.add_argument("--gpu-mem-gb", type=float, default=80.0)
     ap.add_argument("--json", default=None, help="also write the plan here")
     ap.add_argument("--readme", action="store_true", help="also write the printed plan into README.md")
+    ap.add_argument("--rehearse", action="store_true",
+                    help="also run each phase on fake tensors and a fake process group (atlas_min.rehearse)")
     ap.add_argument("overrides", nargs="*", help="field=value")
     args = ap.parse_intermixed_args()
     if args.gpus < 1 or args.gpu_mem_gb <= 0:
@@ -239,9 +272,17 @@ def main():
             check_world(cfg, args.gpus, stage)
     except ConfigError as e:
         die(str(e))
-    measured = measure_sharding(cfg) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torchrun and args.rehearse:
+        die("--rehearse fakes its own process group of --gpus ranks: run it without torchrun")
+    measured = measure_sharding(cfg) if torchrun else None
     if not int(os.environ.get("RANK", "0")):
         result = plan(cfg, args.gpus, args.gpu_mem_gb) | ({"measured": measured} if measured else {})
+        if args.rehearse:
+            from atlas_min.rehearse import PLANNED, rehearse
+            result["rehearsal"] = rehearse(cfg, args.gpus)
+            for name, column in PLANNED.items():
+                result["rehearsal"]["phases"][name]["planned_gb"] = result["total"][column] / GB
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             report(result)
