@@ -2,7 +2,7 @@
 demo's check mean, on records written by hand. The drivers themselves run whole trainings and are not part of the suite."""
 import pytest
 
-from atlas_min.anchor_study import methods, summary
+from atlas_min.anchor_study import methods, summary, table
 
 
 def _step(step, kl, rate, n_f, length):
@@ -28,6 +28,20 @@ def test_stability_columns_are_the_largest_kl_and_the_drift_from_the_sft_policys
     assert row["token_spam"] == pytest.approx(1.0) and row["length_drift"] == pytest.approx(2.0)
     assert row["final_right_token"] == 1.0 and row["sampled_right_token"] == pytest.approx((0.5 + 0.6 + 10) / 12)
     assert row["right_token"] == 0.75 and row["gap"] == pytest.approx(0.3)
+
+
+def test_the_trained_swap_gap_column_is_the_mean_over_tasks_and_blank_where_eval_json_lacks_it():
+    result = {"accuracy": 1.0, "mean_length": 40.0, "mean_functional_tokens": 1.0,
+              "intervention_gap": {"puzzle_line": 0.5, "puzzle_shape": 0.7},
+              "intervention_gap_trained": {"puzzle_line": 0.25, "puzzle_shape": 1.0}}
+    new, old = summary(result, []), summary({k: v for k, v in result.items() if k != "intervention_gap_trained"}, [])
+    assert new["gap_trained"] == pytest.approx((0.25 + 1.0) / 2) and new["gap"] == pytest.approx(0.6)
+    assert old["gap_trained"] is None
+    rows = table({"long": {"sft": new | {"commit": "abc"}}, "short": {"sft": old | {"commit": "abc"}}}, "cmd", "")
+    lines = rows.splitlines()  # the command, a blank line, the settings, a blank line, then the table
+    header, long_row, short_row = (lines[i].split(" | ") for i in (4, 6, 7))
+    column = header.index("intervention gap, against the trained swap only (Shape ↔ Line)")
+    assert long_row[column] == "0.625 [0.625, 0.625]" and short_row[column] == "-"  # one run: min = max = mean
 
 
 @pytest.mark.parametrize("sft_line, rl_lines, verdict", [
