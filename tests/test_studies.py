@@ -1,5 +1,8 @@
 """The study drivers' arithmetic (atlas_min.anchor_study, atlas_min.experiment): what each table column and the
 demo's check mean, on records written by hand. The drivers themselves run whole trainings and are not part of the suite."""
+import re
+from pathlib import Path
+
 import pytest
 
 from atlas_min.anchor_study import methods, summary, table
@@ -64,3 +67,23 @@ def test_the_demos_check_is_silent_where_the_preset_slips_no_token():
     from atlas_min.experiment import slip_check
     results = {"SFT": {"per_task": {"line": 0.0}}, "grpo": {"per_task": {"line": 1.0}}}
     assert slip_check(results, get_config("toy")) is None
+
+
+# a number standing alone: not the digits in "k3", "G=8" counts, nor the "-" of "la-grpo-0.5"; − and + are signs
+NUMBER = re.compile(r"(?<![\w.])[-−+]?\d+(?:\.\d+)?")
+
+
+def _numbers(text):
+    return {n.replace("−", "-").lstrip("+") for n in NUMBER.findall(text)}
+
+
+def test_every_number_in_readmes_study_reading_is_in_the_studys_table_block():
+    # the table block is what the study wrote (the command, its settings, the table, the commits); the reading is
+    # README's "How to read it" bullets. Costs milliseconds.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- anchor-study -->")[1].split("<!-- /anchor-study -->")[0]
+    reading = readme.split("\nHow to read it")[1].split("\n\n")[0]
+    assert reading.count("\n- ") >= 5  # the bullets were found
+    assert _numbers("0.850 [0.838, 0.861], −0.030 to +0.001, la-grpo-0.5, k3") == {
+        "0.850", "0.838", "0.861", "-0.030", "0.001", "0.5"}
+    assert sorted(_numbers(reading) - _numbers(block)) == []
