@@ -96,7 +96,8 @@ def _spread(values):
 # "|" in a header: it would split the Markdown cell, so the trained swap's tokens go by their names.
 COLUMNS = [("accuracy", "held-out accuracy"), ("right_token", "held-out right-token rate"),
            ("sampled_right_token", "right-token rate of RL samples, mean over all steps"),
-           ("final_right_token", f"… mean over the last {TAIL} steps"), ("gap", "intervention gap, against the other four tokens"),
+           ("final_right_token", f"… mean over the last {TAIL} steps"),
+           ("gap", "intervention gap, against the other four tokens"),
            ("gap_trained", "intervention gap, against the trained swap only (Shape ↔ Line)"),
            ("kl", f"KL from SFT, mean over the last {TAIL} steps"), ("max_kl", "KL from SFT, largest of a step"),
            ("token_spam", "functional tokens per reply, change"), ("length_drift", "reply length, change"),

@@ -49,7 +49,7 @@ class Config:
     toy_tasks: str = "shape,line,arrow,zoom,text"
     toy_teacher_slip: float = 0.0  # share of train replies where the SFT teacher misreads (toy.TEACHER_SLIPS)
     toy_token_slip: float = 0.0  # share of train replies where the teacher's token is wrong (toy.TOKEN_SLIPS)
-    toy_reply: str = "short"  # puzzle replies: "short" (~11 tokens) or "long" (~38, varied; toy.reply)
+    toy_reply: str = "short"  # puzzle replies: "short" (12 generated tokens) or "long" (~38, varied; toy.reply)
 
     # --- shared by both trainers ---
     max_steps: int = 0  # > 0 overrides sft_steps / rl_steps for whichever script runs

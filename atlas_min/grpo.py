@@ -150,7 +150,7 @@ def functional_grad_share(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | Non
 
     The share of the policy-gradient "mass" that reaches functional-token positions. With
     anchor_coef = 0 and ratios near 1, every token of output i gets |g| = |A_i| / (B |o_i|), so the
-    share is roughly the functional share of tokens (~2% in the paper); the anchor adds
+    share is roughly the functional share of tokens (2.4% in the paper); the anchor adds
     lambda |A_i| / (|I_F| |F_i|) at functional positions only and lifts it. Computed on a detached
     copy of `logp`, so the model's graph and .grad are never touched. Returns 0.0 if sum |g| is 0.
     `num_outputs` / `num_anchor_outputs` as in `grpo_loss` (the counts of the whole batch).
