@@ -71,7 +71,7 @@ def summary(result, metrics):
     row = {"accuracy": result["accuracy"], "right_token": statistics.mean(right.values()) if right else None,
            "gap": statistics.mean(gap.values()) if gap else None,
            "gap_trained": statistics.mean(trained.values()) if trained else None, "length": result["mean_length"],
-           "functional_per_output": result["mean_functional_tokens"], "commit": result.get("commit", "unknown")}
+           "mean_functional_tokens": result["mean_functional_tokens"], "commit": result.get("commit", "unknown")}
     if metrics:
         last = metrics[-TAIL:]
         row |= {"sampled_right_token": _mean(metrics, "right_token_rate"),
@@ -100,7 +100,7 @@ COLUMNS = [("accuracy", "held-out accuracy"), ("right_token", "held-out right-to
            ("gap", "intervention gap, against the other four tokens"),
            ("gap_trained", "intervention gap, against the trained swap only (Shape ↔ Line)"),
            ("kl", f"KL from SFT, mean over the last {TAIL} steps"), ("max_kl", "KL from SFT, largest of a step"),
-           ("token_spam", "functional tokens per reply, change"), ("length_drift", "reply length, change"),
+           ("token_spam", "functional tokens / output, change"), ("length_drift", "reply length, change"),
            ("entropy", f"entropy (nats/token), mean over the last {TAIL} steps"),
            ("constant_groups", "constant-group share, mean over all steps")]
 

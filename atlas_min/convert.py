@@ -430,7 +430,8 @@ KIND_COLUMNS = {"v_interaction": ("question", "image", "answer", "CoT_with_code"
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
 # The paper's trajectories, for the summary: 4.8 functional tokens in 203.7 tokens on average (§2.3); their
 # share computed, 0.0236 (the paper rounds it to 2.3%).
-PAPER = {"functional_per_trajectory": 4.8, "length_per_trajectory": 203.7, "functional_share": round(4.8 / 203.7, 4)}
+PAPER = {"functional_per_trajectory": 4.8, "length_per_trajectory": 203.7,
+         "functional_token_share": round(4.8 / 203.7, 4)}
 
 
 def _called(node):
@@ -759,7 +760,7 @@ def convert_vinteraction(inputs, out_path, *, image_dir=None, seed=0, answer_for
         stats.update(images=len(written), trajectories=n, length_unit=unit,
                      functional_per_trajectory=round(n_f / max(1, n), 2),
                      length_per_trajectory=round(n_all / max(1, n), 1),
-                     functional_share=round(n_f / max(1, n_all), 4), paper=PAPER)
+                     functional_token_share=round(n_f / max(1, n_all), 4), paper=PAPER)
         (work / "summary.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
         image_dir.mkdir(parents=True, exist_ok=True)
         for image in (work / "images").iterdir():
