@@ -158,9 +158,10 @@ if opts.intervene and not result["intervention"]:
 elif opts.intervene:
     print0("\nintervention: accuracy with each functional token forced at the output's first one")
     for task, per_token in result["intervention"].items():
-        gap = result["intervention_gap"].get(task)
+        gap, trained = result["intervention_gap"].get(task), result["intervention_gap_trained"].get(task)
         print0(f"  {task:<14}" + "  ".join(f"{tok} {a:.2f}" for tok, a in per_token.items())
-               + (f"  | gap {gap:+.2f}" if gap is not None else ""))
+               + (f"  | gap {gap:+.2f}" if gap is not None else "")
+               + (f" | against the trained swaps {trained:+.2f}" if trained is not None else ""))
 print0("\nsample outputs:")
 for s in result["samples"][:4]:
     print0(f"  [{s['task']}] answer={s['answer']!r} correct={bool(s['accuracy'])}: {s['output']!r}")

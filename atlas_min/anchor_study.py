@@ -64,12 +64,14 @@ def _mean(rows, key):
 def summary(result, metrics):
     """The numbers of one run: held-out greedy eval, and from its RL samples the mean over steps, the final
     (last TAIL steps) values, the largest KL, and the drift of functional tokens and length per reply from
-    the SFT policy's own samples (the first RL step samples from the SFT weights)."""
-    gap = result.get("intervention_gap", {})
+    the SFT policy's own samples (the first RL step samples from the SFT weights). Each intervention gap is
+    its eval.json's mean over tasks; an eval.json from before the trained-swap gap leaves that one None."""
+    gap, trained = result.get("intervention_gap", {}), result.get("intervention_gap_trained", {})
     right = result.get("right_token_rate", {})
     row = {"accuracy": result["accuracy"], "right_token": statistics.mean(right.values()) if right else None,
-           "gap": statistics.mean(gap.values()) if gap else None, "length": result["mean_length"],
-           "functional_per_output": result["mean_functional_tokens"], "commit": result.get("commit", "unknown")}
+           "gap": statistics.mean(gap.values()) if gap else None,
+           "gap_trained": statistics.mean(trained.values()) if trained else None, "length": result["mean_length"],
+           "mean_functional_tokens": result["mean_functional_tokens"], "commit": result.get("commit", "unknown")}
     if metrics:
         last = metrics[-TAIL:]
         row |= {"sampled_right_token": _mean(metrics, "right_token_rate"),
@@ -89,12 +91,18 @@ def _spread(values):
     return f"{statistics.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
+# Each header says what it averages: the held-out columns one greedy eval, the others the RL samples of
+# all steps or of the last TAIL; the gaps are means over tasks (docs/method.md, "Token interventions"). No
+# "|" in a header: it would split the Markdown cell, so the trained swap's tokens go by their names.
 COLUMNS = [("accuracy", "held-out accuracy"), ("right_token", "held-out right-token rate"),
-           ("sampled_right_token", "right-token rate of RL samples, mean over steps"),
-           ("final_right_token", f"… of the last {TAIL} steps"), ("gap", "intervention gap"),
-           ("kl", f"KL from SFT (last {TAIL} steps)"), ("max_kl", "largest KL of a step"),
-           ("token_spam", "functional tokens per reply, change"), ("length_drift", "reply length, change"),
-           ("entropy", "entropy (nats/token)"), ("constant_groups", "constant-group share")]
+           ("sampled_right_token", "right-token rate of RL samples, mean over all steps"),
+           ("final_right_token", f"… mean over the last {TAIL} steps"),
+           ("gap", "intervention gap, against the other four tokens"),
+           ("gap_trained", "intervention gap, against the trained swap only (Shape ↔ Line)"),
+           ("kl", f"KL from SFT, mean over the last {TAIL} steps"), ("max_kl", "KL from SFT, largest of a step"),
+           ("token_spam", "functional tokens / output, change"), ("length_drift", "reply length, change"),
+           ("entropy", f"entropy (nats/token), mean over the last {TAIL} steps"),
+           ("constant_groups", "constant-group share, mean over all steps")]
 
 
 def table(results, command, settings):

@@ -49,7 +49,7 @@ class Config:
     toy_tasks: str = "shape,line,arrow,zoom,text"
     toy_teacher_slip: float = 0.0  # share of train replies where the SFT teacher misreads (toy.TEACHER_SLIPS)
     toy_token_slip: float = 0.0  # share of train replies where the teacher's token is wrong (toy.TOKEN_SLIPS)
-    toy_reply: str = "short"  # puzzle replies: "short" (~11 tokens) or "long" (~38, varied; toy.reply)
+    toy_reply: str = "short"  # puzzle replies: "short" (12 generated tokens) or "long" (~38, varied; toy.reply)
 
     # --- shared by both trainers ---
     max_steps: int = 0  # > 0 overrides sft_steps / rl_steps for whichever script runs
@@ -211,9 +211,10 @@ PRESETS = {
         rl_steps=500, rl_lr=1e-6, prompts_per_step=64, group_size=8, rl_mini_batch=128,
         temperature=1.0, top_p=1.0,  # sample the policy itself: the PPO ratio starts at exactly 1
         clip_eps=0.2, kl_coef=0.01,  # PPO's and GRPO's usual ε; β as verl's recipe
-        # λ, ours: L_anchor and L_GRPO are both means of the same clipped terms, so λ is the anchor's size
-        # relative to GRPO. At the paper's sparsity (4.8 functional of 203.7 tokens) and r = 1, λ = 0.5 weighs
-        # each functional token 1 + λ·203.7/4.8 ≈ 22× a text token, and gives functional positions
+        # λ, ours: L_anchor and L_GRPO are both means of the same clipped terms, so their gradients are on
+        # one scale (not their values: docs/method.md, "LA-GRPO") and λ is the anchor's gradient relative
+        # to GRPO's. At the paper's sparsity (4.8 functional of 203.7 tokens, 2.4%) and r = 1, λ = 0.5
+        # weighs each functional token 1 + λ·203.7/4.8 ≈ 22× a text token, and gives functional positions
         # (0.024 + λ)/(1 + λ) ≈ 0.35 of Σ|∂L/∂log π| (the functional gradient share): GRPO's sequence-level
         # objective stays the larger part.
         anchor_coef=0.5,

@@ -102,6 +102,26 @@ def usual_tokens(examples):
     return {t: c.most_common(1)[0][0] for t, c in sorted(used.items())}
 
 
+def trained_swaps(examples):
+    """Per task with a usual token (`usual_tokens`): the usual tokens of the other tasks whose examples ask
+    the same question. Those are the swaps the training data teaches after this very prompt, where only the
+    image says which token fits (on toy_decisive: `<|Line|>` for puzzle_shape, `<|Shape|>` for puzzle_line);
+    a task whose question is its own has none and is left out. docs/method.md, "Token interventions"."""
+    usual, questions = usual_tokens(examples), defaultdict(set)
+    for ex in examples:
+        questions[ex["task"]].add(ex["question"])
+    swaps = {t: sorted({usual[o] for o in usual if o != t and questions[o] & questions[t]} - {usual[t]},
+                       key=FUNCTIONAL_TOKENS.index) for t in usual}
+    return {t: toks for t, toks in swaps.items() if toks}
+
+
+def token_gap(accuracy, usual, against):
+    """{task: accuracy[task][usual[task]] − the mean of accuracy[task][token] over the tokens `against[task]`},
+    for each task that all three name (docs/method.md, "Token interventions")."""
+    return {t: acc[usual[t]] - sum(acc[tok] for tok in against[t]) / len(against[t])
+            for t, acc in accuracy.items() if t in usual and t in against and against[t]}
+
+
 @torch.no_grad()
 def intervene(model, tokenizer, image_processor, examples, cfg, device):
     """The token intervention probe (docs/method.md, "Token interventions").
@@ -109,8 +129,11 @@ def intervene(model, tokenizer, image_processor, examples, cfg, device):
     For each example: the model's own greedy output up to its first functional token, that token
     replaced by each of the five in turn, then greedy continuation; each continuation is scored.
     Returns {"intervention": {task: {token: accuracy}}, "intervention_gap": {task: accuracy with the
-    task's usual token − mean accuracy with the other four}, "intervention_skipped": {task: outputs
-    without a functional token (left out)}}. A task without a usual token (`usual_tokens`) has no gap.
+    task's usual token − mean accuracy with the other four}, "intervention_gap_trained": {task: accuracy
+    with the usual token − mean accuracy with the task's trained swaps (`trained_swaps`: the usual tokens
+    of the tasks that ask the same question)}, "intervention_skipped": {task: outputs without a functional
+    token (left out)}}. A task without a usual token (`usual_tokens`) has no gap, one without a trained
+    swap no trained gap.
     """
     functional_ids = tokenizer.convert_tokens_to_ids(FUNCTIONAL_TOKENS)
     mine = examples[_rank()::world_size()]
@@ -142,7 +165,7 @@ def intervene(model, tokenizer, image_processor, examples, cfg, device):
         merged_hits[task][tok].append(acc)
     accuracy = {t: {tok: sum(v) / len(v) for tok, v in per.items()} for t, per in sorted(merged_hits.items())}
     usual = usual_tokens(examples)
-    gap = {t: acc[usual[t]] - sum(a for tok, a in acc.items() if tok != usual[t]) / (len(acc) - 1)
-           for t, acc in accuracy.items() if t in usual}
-    return {"intervention": accuracy, "intervention_gap": gap,
+    others = {t: [tok for tok in acc if tok != usual.get(t)] for t, acc in accuracy.items()}
+    return {"intervention": accuracy, "intervention_gap": token_gap(accuracy, usual, others),
+            "intervention_gap_trained": token_gap(accuracy, usual, trained_swaps(examples)),
             "intervention_skipped": {t: merged_skipped.get(t, 0) for t in sorted({ex["task"] for ex in examples})}}

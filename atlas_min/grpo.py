@@ -109,8 +109,8 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantage
     then add up to the whole batch's loss.
     `ref_logp` may be None only when kl_coef == 0. Returns the scalar loss and python-float stats:
     clip_frac (share of generated tokens where the clipped branch changed the value), kl (token
-    mean of D), pg_loss (the l part of L_GRPO), anchor (L_anchor), functional_share (functional /
-    generated positions), ratio_mean (token mean of r), loss.
+    mean of D), pg_loss (the l part of L_GRPO), anchor (L_anchor), functional_token_share
+    (functional / generated positions), ratio_mean (token mean of r), loss.
     """
     mask = mask.bool()
     fmask = functional_mask.bool() & mask  # (B, T)
@@ -137,7 +137,7 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantage
             "kl": 0.0 if D is None else float(torch.where(mask, D, 0.0).sum()) / n_gen,
             "clip_frac": float((clipped & mask).sum()) / n_gen,
             "ratio_mean": float(torch.where(mask, r, 0.0).sum()) / n_gen,
-            "functional_share": float(fmask.sum()) / n_gen,
+            "functional_token_share": float(fmask.sum()) / n_gen,
         }
     return loss, stats
 
@@ -150,7 +150,7 @@ def functional_grad_share(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | Non
 
     The share of the policy-gradient "mass" that reaches functional-token positions. With
     anchor_coef = 0 and ratios near 1, every token of output i gets |g| = |A_i| / (B |o_i|), so the
-    share is roughly the functional share of tokens (~2% in the paper); the anchor adds
+    share is roughly the functional token share (2.4% in the paper); the anchor adds
     lambda |A_i| / (|I_F| |F_i|) at functional positions only and lifts it. Computed on a detached
     copy of `logp`, so the model's graph and .grad are never touched. Returns 0.0 if sum |g| is 0.
     `num_outputs` / `num_anchor_outputs` as in `grpo_loss` (the counts of the whole batch).

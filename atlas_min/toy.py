@@ -214,8 +214,8 @@ def draw_example(task, rng, image_size, answer=None):
 
 NO_OPERAND = "none"  # the answer after a token whose operand is not in the picture: always wrong
 REPLY_LENGTHS = ("short", "long")
-# "short": 12 generated tokens (the stop token included), the functional token 8% of them. "long":
-# 34-41 (37.5 on average), the token at most 3%, as in ATLAS's replies (2.3%). Long replies draw
+# "short": 12 generated tokens (the stop token included), the functional token 1 in 12 (8.3%). "long":
+# 34-41 (37.5 on average), the token at most 3%, as in ATLAS's replies (2.4%). Long replies draw
 # each sentence from several phrasings, so the text around the token varies as natural language does.
 SHORT_LEAD = "Look."
 LEAD_SLOTS = (  # two sentences that never say which operation comes next

@@ -5,7 +5,7 @@ import torch
 
 import atlas_min.evaluate as evaluate_module
 from atlas_min.data import load_jsonl
-from atlas_min.evaluate import chance_by_task, intervene, usual_tokens
+from atlas_min.evaluate import chance_by_task, intervene, token_gap, trained_swaps, usual_tokens
 from atlas_min.tokens import FUNCTIONAL_TOKENS
 
 
@@ -68,6 +68,39 @@ def test_the_gap_is_the_usual_tokens_accuracy_minus_the_mean_of_the_other_four(m
                         fake_sampler(tokenizer, "Let me look. <|Shape|> <answer>2</answer>", answers))
     result = intervene(model, tokenizer, image_processor, shape_examples, micro_cfg, torch.device("cpu"))
     assert result["intervention_gap"] == {"shape": pytest.approx(0.75)}
+
+
+def test_a_tasks_trained_swaps_are_the_usual_tokens_of_the_tasks_asking_the_same_question():
+    # two puzzles share a question (only the picture tells them apart); "c" asks its own, "d" names no token
+    data = [{"task": "p_line", "question": "Solve it.", "token": "<|Line|>"},
+            {"task": "p_shape", "question": "Solve it.", "token": "<|Shape|>"},
+            {"task": "p_shape", "question": "Solve it.", "token": "<|Shape|>"},
+            {"task": "c", "question": "Which way?", "token": "<|Arrow|>"},
+            {"task": "d", "question": "Solve it."}]
+    assert trained_swaps(data) == {"p_line": ["<|Shape|>"], "p_shape": ["<|Line|>"]}
+
+
+def test_a_token_gap_is_the_usual_tokens_accuracy_minus_the_mean_over_the_tokens_it_is_set_against():
+    accuracy = {"a": {"<|Shape|>": 0.9, "<|Line|>": 0.3, "<|Zoom|>": 0.0}, "b": {"<|Line|>": 1.0}}
+    gaps = token_gap(accuracy, {"a": "<|Shape|>", "b": "<|Line|>"}, {"a": ["<|Line|>", "<|Zoom|>"]})
+    assert gaps == {"a": pytest.approx(0.9 - (0.3 + 0.0) / 2)}  # "b" is set against nothing: no gap
+
+
+def test_the_trained_gap_sets_each_puzzles_usual_token_against_the_other_puzzles_token_only(
+        micro, micro_cfg, shape_examples, monkeypatch):
+    model, tokenizer, image_processor = micro
+    # two families asking one question: after <|Shape|> or <|Zoom|> the model answers "2", after the rest "3"
+    data = [dict(ex, task=task, token=tok, question="Solve the puzzle.", answer="2") for ex, (task, tok) in
+            zip(shape_examples, [("p_shape", "<|Shape|>"), ("p_line", "<|Line|>"), ("p_shape", "<|Shape|>")])]
+    answers = {tok: "<answer>2</answer>" if tok in ("<|Shape|>", "<|Zoom|>") else "<answer>3</answer>"
+               for tok in FUNCTIONAL_TOKENS}
+    monkeypatch.setattr(evaluate_module, "sample",
+                        fake_sampler(tokenizer, "Let me look. <|Shape|> <answer>2</answer>", answers))
+    result = intervene(model, tokenizer, image_processor, data, micro_cfg, torch.device("cpu"))
+    # p_shape: Shape 1 against Line 0 (trained) or the mean of Line, Zoom, Arrow, Text = 1/4 (all four)
+    # p_line: Line 0 against Shape 1 (trained) or the mean of Shape, Zoom, Arrow, Text = 2/4 (all four)
+    assert result["intervention_gap_trained"] == {"p_line": pytest.approx(-1.0), "p_shape": pytest.approx(1.0)}
+    assert result["intervention_gap"] == {"p_line": pytest.approx(-0.5), "p_shape": pytest.approx(0.75)}
 
 
 def test_outputs_without_a_functional_token_are_counted_and_left_out(micro, micro_cfg, shape_examples, monkeypatch):

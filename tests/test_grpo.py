@@ -261,7 +261,7 @@ def test_token_mean_stats_hand_computed():
     _, s = _hand_batch()
     assert s["ratio_mean"] == pytest.approx((1.5 + 1 + 1 + 0.5 + 1) / 5)
     assert s["kl"] == pytest.approx((math.e - 2) / 5)
-    assert s["functional_share"] == pytest.approx(1 / 5)
+    assert s["functional_token_share"] == pytest.approx(1 / 5)
 
 
 # ----------------------------------------------------------------------------- LA-GRPO anchor
@@ -272,7 +272,7 @@ def test_anchor_loss_is_zero_when_no_functional_token_was_sampled():
     x0, x2 = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
     l0, _ = grpo_loss(x0, old, None, A, mask, no_f, clip_eps=0.2, kl_coef=0.0, anchor_coef=0.0)
     l2, s2 = grpo_loss(x2, old, None, A, mask, no_f, clip_eps=0.2, kl_coef=0.0, anchor_coef=2.0)
-    assert s2["anchor"] == 0.0 and s2["functional_share"] == 0.0
+    assert s2["anchor"] == 0.0 and s2["functional_token_share"] == 0.0
     assert l2.item() == l0.item()
     l0.backward(), l2.backward()
     assert torch.equal(x0.grad, x2.grad)

@@ -1,10 +1,12 @@
 """The study drivers' arithmetic (atlas_min.anchor_study, atlas_min.experiment): what each table column and the
 demo's check mean, on records written by hand. The drivers themselves run whole trainings and are not part of the suite."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 
-from atlas_min.anchor_study import methods, summary
+from atlas_min.anchor_study import methods, summary, table
 
 
 def _step(step, kl, rate, n_f, length):
@@ -30,6 +32,20 @@ def test_stability_columns_are_the_largest_kl_and_the_drift_from_the_sft_policys
     assert row["token_spam"] == pytest.approx(1.0) and row["length_drift"] == pytest.approx(2.0)
     assert row["final_right_token"] == 1.0 and row["sampled_right_token"] == pytest.approx((0.5 + 0.6 + 10) / 12)
     assert row["right_token"] == 0.75 and row["gap"] == pytest.approx(0.3)
+
+
+def test_the_trained_swap_gap_column_is_the_mean_over_tasks_and_blank_where_eval_json_lacks_it():
+    result = {"accuracy": 1.0, "mean_length": 40.0, "mean_functional_tokens": 1.0,
+              "intervention_gap": {"puzzle_line": 0.5, "puzzle_shape": 0.7},
+              "intervention_gap_trained": {"puzzle_line": 0.25, "puzzle_shape": 1.0}}
+    new, old = summary(result, []), summary({k: v for k, v in result.items() if k != "intervention_gap_trained"}, [])
+    assert new["gap_trained"] == pytest.approx((0.25 + 1.0) / 2) and new["gap"] == pytest.approx(0.6)
+    assert old["gap_trained"] is None
+    rows = table({"long": {"sft": new | {"commit": "abc"}}, "short": {"sft": old | {"commit": "abc"}}}, "cmd", "")
+    lines = rows.splitlines()  # the command, a blank line, the settings, a blank line, then the table
+    header, long_row, short_row = (lines[i].split(" | ") for i in (4, 6, 7))
+    column = header.index("intervention gap, against the trained swap only (Shape ↔ Line)")
+    assert long_row[column] == "0.625 [0.625, 0.625]" and short_row[column] == "-"  # one run: min = max = mean
 
 
 @pytest.mark.parametrize("sft_line, rl_lines, verdict", [
@@ -94,3 +110,23 @@ def test_a_tables_settings_come_from_the_runs_record(tmp_path):
     from atlas_min.config import get_config
     from atlas_min.experiment import recorded_config
     assert recorded_config(_stage(tmp_path / "grpo", get_config("micro", ["seed=3"]))).seed == 3
+
+
+# a number standing alone: not the digits in "k3", "G=8" counts, nor the "-" of "la-grpo-0.5"; − and + are signs
+NUMBER = re.compile(r"(?<![\w.])[-−+]?\d+(?:\.\d+)?")
+
+
+def _numbers(text):
+    return {n.replace("−", "-").lstrip("+") for n in NUMBER.findall(text)}
+
+
+def test_every_number_in_readmes_study_reading_is_in_the_studys_table_block():
+    # the table block is what the study wrote (the command, its settings, the table, the commits); the reading is
+    # README's "How to read it" bullets. Costs milliseconds.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- anchor-study -->")[1].split("<!-- /anchor-study -->")[0]
+    reading = readme.split("\nHow to read it")[1].split("\n\n")[0]
+    assert reading.count("\n- ") >= 5  # the bullets were found
+    assert _numbers("0.850 [0.838, 0.861], −0.030 to +0.001, la-grpo-0.5, k3") == {
+        "0.850", "0.838", "0.861", "-0.030", "0.001", "0.5"}
+    assert sorted(_numbers(reading) - _numbers(block)) == []

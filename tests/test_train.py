@@ -320,7 +320,7 @@ def test_eval_intervene_writes_the_intervention_table_and_gap(tmp_path, sft_run)
     out = tmp_path / "eval.json"
     run("eval.py", "--ckpt", sft_run, "--out", out, "--intervene", "eval_max_new_tokens=4")
     result = json.loads(out.read_text())
-    assert {"intervention", "intervention_gap", "intervention_skipped"} <= result.keys()
+    assert {"intervention", "intervention_gap", "intervention_gap_trained", "intervention_skipped"} <= result.keys()
     assert set(result["intervention_skipped"]) == {"shape", "line", "arrow", "zoom", "text"}
 
 

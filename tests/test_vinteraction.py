@@ -296,8 +296,8 @@ def test_the_summary_counts_rows_drops_tokens_and_their_share(synth, capsys):
     words = sum(len(t.replace("|><|", "|> <|").split()) for t in trajectories)
     assert summary["functional_per_trajectory"] == round(13 / 6, 2)
     assert summary["length_per_trajectory"] == round(words / 6, 1) and summary["length_unit"] == "words"
-    assert summary["functional_share"] == round(13 / words, 4)
-    assert summary["paper"]["functional_share"] == 0.023
+    assert summary["functional_token_share"] == round(13 / words, 4)
+    assert summary["paper"]["functional_token_share"] == 0.0236  # 4.8 / 203.7 = 0.02356...
 
 
 def test_lengths_can_be_counted_in_a_tokenizers_tokens_with_each_functional_token_one(tmp_path):

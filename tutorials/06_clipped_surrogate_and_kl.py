@@ -143,12 +143,12 @@ print("ratio r (masked):\n", torch.where(mask, torch.exp(logp - old_logp), torch
 loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, mask, functional_mask,
                         clip_eps=0.2, kl_coef=0.04, anchor_coef=0.0)
 print("L_GRPO =", round(loss.item(), 4))
-shown = ("pg_loss", "kl", "clip_frac", "ratio_mean", "functional_share")  # `anchor`: tutorial 07
+shown = ("pg_loss", "kl", "clip_frac", "ratio_mean", "functional_token_share")  # `anchor`: tutorial 07
 print({k: round(stats[k], 4) for k in shown})
 r = torch.exp(logp - old_logp)
 A_bt = advantages[:, None].expand(B, T)
 assert mask.sum(1).tolist() == [6, 4, 5, 1] and int(mask.sum()) == 16 and int(functional_mask.sum()) == 2
-assert math.isclose(stats["functional_share"], 2 / 16)
+assert math.isclose(stats["functional_token_share"], 2 / 16)
 assert math.isclose(stats["clip_frac"], float((((A_bt > 0) & (r > 1.2)) | ((A_bt < 0) & (r < 0.8)))[mask].float().mean()))
 assert math.isclose(stats["ratio_mean"], r[mask].mean().item(), rel_tol=1e-6) and stats["ratio_mean"] > 1
 assert math.isclose(stats["kl"], kl_k3(logp, ref_logp)[mask].mean().item(), rel_tol=1e-6)
@@ -157,10 +157,10 @@ assert math.isclose(stats["kl"], kl_k3(logp, ref_logp)[mask].mean().item(), rel_
 # The stats: `pg_loss` is the l part of L_GRPO (its sequence-mean of token-means); `kl` is the
 # *token*-mean of D over all 16 generated tokens; `clip_frac` the share of tokens whose gradient was
 # cut by clipping; `ratio_mean` the token-mean of r, above 1 here as the policy has moved; and
-# `functional_share` is the *functional token share*, functional tokens / generated tokens = 2 / 16.
+# `functional_token_share` is functional tokens / generated tokens = 2 / 16.
 # (`grpo_loss` also reports `anchor`, the LA-GRPO term of tutorial 07, even when its weight is 0.)
 # `train_rl.py` logs `kl`, `clip_frac`, `pg_loss`, `ratio_mean` and `anchor` per step, means over its
-# micro-batches; it logs the functional token share over the whole rollout as `functional_token_share`.
+# micro-batches; it logs `functional_token_share` over the whole rollout, not per micro-batch.
 #
 # `pg_loss + beta * kl` is *not* the loss: the loss averages D per output first (sequence-mean of
 # token-means), `kl` over all tokens at once, and with outputs of 6, 4, 5 and 1 tokens the two

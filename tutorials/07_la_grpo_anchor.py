@@ -2,11 +2,12 @@
 # # 07 — LA-GRPO: gradient dilution and the functional-token anchor (docs/method.md, "LA-GRPO"; paper §2.3)
 #
 # In ATLAS an output has 203.7 generated tokens on average, of which 4.8 are functional tokens such
-# as `<|Line|>` (§2.3): a *functional token share* (functional tokens / generated tokens) of about
-# 2%. GRPO gives every token of output i the same advantage A_i and averages over the output's
-# tokens, so each token gets 1/|o_i| of the output's signal: the few functional tokens get ~2% of
-# it. LA-GRPO adds a second average, over the functional positions F_i only (the normalisation and
-# lambda's value are our reading of the paper's text, docs/method.md, "LA-GRPO"):
+# as `<|Line|>` (§2.3): a *functional token share* (functional tokens / generated tokens) of
+# 4.8 / 203.7 = 2.4% (the paper rounds it to 2.3%). GRPO gives every token of output i the same
+# advantage A_i and averages over the output's tokens, so each token gets 1/|o_i| of the output's
+# signal: the few functional tokens get 2.4% of it. LA-GRPO adds a second average, over the
+# functional positions F_i only (the normalisation and lambda's value are our reading of the paper's
+# text, docs/method.md, "LA-GRPO"):
 #
 #     L_anchor    = mean_{i in I_F} [ (1/|F_i|) sum_{t in F_i} l_{i,t} ]    (0 when I_F is empty)
 #     L_LA-GRPO   = L_GRPO + lambda * L_anchor
@@ -21,7 +22,7 @@ import torch
 from atlas_min.grpo import functional_grad_share, group_advantages, grpo_loss
 
 torch.set_printoptions(precision=4, sci_mode=False)
-assert 0.02 < 4.8 / 203.7 < 0.025
+assert round(100 * 4.8 / 203.7, 1) == 2.4  # the paper's functional token share, as stated above
 
 # %% [markdown]
 # ## A batch shaped like the paper's
@@ -65,12 +66,13 @@ assert functional_mask.sum(1).tolist() == n_functional and int(in_IF.sum()) == 7
 
 # %%
 print(f"{'lambda':>6} | {'functional gradient share':>25} | {'(f + lambda)/(1 + lambda)':>25} | {'anchor':>7} | {'loss':>8}")
-shares = {}
+shares, values = {}, {}  # values: lambda -> (L_anchor, the loss)
 for lam in (0.0, 0.5, 1.0, 2.0):
     share = shares[lam] = functional_grad_share(logp, old_logp, ref_logp, advantages, mask, functional_mask,
                                                 clip_eps=0.2, kl_coef=0.01, anchor_coef=lam)
     loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, mask, functional_mask,
                             clip_eps=0.2, kl_coef=0.01, anchor_coef=lam)
+    values[lam] = stats["anchor"], loss.item()
     print(f"{lam:6.1f} | {share:25.4f} | {(f + lam) / (1 + lam):25.4f} | {stats['anchor']:7.4f} | {loss.item():8.4f}")
     assert abs(share - (f + lam) / (1 + lam)) < 0.02  # close to the formula, not equal: see below
 
@@ -83,9 +85,16 @@ for lam in (0.0, 0.5, 1.0, 2.0):
 # output has no functional token at all (I_F has 7 of the 8), and r is not exactly 1 (and there is a
 # small KL term). The anchor does not change *which* direction each functional token is pushed (it
 # reuses the same A_i and the same clipped l), only how hard.
+#
+# lambda compares *gradients*, not loss values. Summed over tokens at r ~ 1, GRPO's |g| is
+# sum_i |A_i| / B and the anchor's sum_{i in I_F} |A_i| / |I_F|: both a mean |A_i|, one scale. The
+# values are not: at r ~ 1, L_GRPO ~ -mean_i A_i, and a group's advantages sum to 0, so L_GRPO is
+# near 0 (the lambda = 0 row's loss, 0.0002), while L_anchor averages only the outputs of I_F, and
+# leaving output 7 (A = +0.5) out gives -(-0.5) / 7 ~ 0.07 (the anchor column, 0.0724).
 
 # %%
 assert abs(shares[0.0] - f) < 0.005 and 0.015 < shares[0.0] < 0.025
+assert abs(values[0.0][1]) < 0.001 and abs(values[0.0][0] - 0.5 / 7) < 0.005  # the two values above
 assert abs(shares[1.0] - 1 / 2) < 0.05 and abs(shares[2.0] - 2 / 3) < 0.05
 assert sorted({round(a, 3) for a in advantages.abs().tolist()}) == [0.5, 0.866, 1.5] and not in_IF[7]
 

@@ -19,10 +19,9 @@
 # stage 1 (tutorial 04's step, in a loop) teaches the micro model the reply format; it then
 # answers in the format but often wrongly, which is exactly what GRPO needs.
 #
-# Run time (`time python tutorials/08_one_rl_step.py`): about 12 s on 2 otherwise idle CPU cores, of
-# which the imports take about 5 s and the SFT loop about 6 s; the RL step itself takes under a second.
-# With other work on the same cores it is slower (39 s with a load average of 7 on 2 cores, the SFT
-# loop 22 s of it). The tutorial prints its own times at the end.
+# Run time: the SFT loop is most of it and the RL step a small part (asserted at the end, where the
+# tutorial prints its own times). The seconds themselves depend on what else runs on the cores, so
+# they are printed, not promised.
 
 # %%
 import copy
@@ -328,7 +327,9 @@ print("change of each completion's log π :", seq_change)
 print(f"mean change, outputs with A_i > 0: {seq_change[advantages > 0].mean().item():+.3f} | "
       f"with A_i < 0: {seq_change[advantages < 0].mean().item():+.3f}")
 assert seq_change[advantages > 0].mean() > seq_change[advantages < 0].mean()
-print(f"\ntutorial run time: {time.time() - t_start:.1f} s after the imports, the SFT loop {t_sft:.1f} s of it")
+t_total = time.time() - t_start
+print(f"\ntutorial run time: {t_total:.1f} s after the imports, the SFT loop {t_sft:.1f} s of it")
+assert t_total - t_sft < t_sft  # the RL step (and everything after SFT) takes less than the SFT loop
 
 # %% [markdown]
 # Do not expect every functional token to move the way its own output's advantage points:
