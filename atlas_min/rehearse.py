@@ -276,7 +276,8 @@ def rehearse(cfg, world):
                 again()
                 with torch.set_grad_enabled(grad), autocast:
                     return sequence_logprobs(policy, batch_of(upd), upd.prompt_ids, pmask, upd.completion_ids,
-                                             mask, repeats=G, chunk=cfg.logprob_chunk)  # (rows, C)
+                                             mask, repeats=G, chunk=cfg.logprob_chunk, trim=False)  # (rows, C):
+                    # the longest prompt and reply of the preset, which the cut leaves whole (its widths read values)
             logprobs(model, False)  # log pi_old
             if reference is not None:
                 logprobs(reference, False)
