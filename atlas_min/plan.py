@@ -2,6 +2,7 @@
 
     python -m atlas_min.plan --config qwen2_5_vl_7b --gpus 8 [--gpu-mem-gb 80] [--json FILE] [field=value ...]
     python -m atlas_min.plan --config qwen2_5_vl_7b --gpus 8 --rehearse   # + every phase on fake tensors (~2.5 min)
+    python -m atlas_min.plan --config qwen2_5_vl_7b --gpus 16 --nodes 2 fsdp_shard_size=8 [--nic-gbps 400]
     torchrun --nproc_per_node 2 -m atlas_min.plan --config qwen2_5_vl_7b --gpus 2   # also shards it, on meta
 
 The preset's model is built on the `meta` device (shapes only; `model_path` is ignored: the preset's sizes are
@@ -16,7 +17,7 @@ fully_shard on each vision block, the vision tower, each decoder layer, then the
 bf16 compute, fp32 reduce. `--rehearse` checks it: each phase run on fake tensors (atlas_min.rehearse), its peak
 printed beside the plan's. Assumptions:
 - Persistent: fp32 params 4P/N; AdamW m and v 8P/N. RL with kl_coef > 0 adds the reference as train_rl.py holds it
-  on GPUs: bf16 shards 2P/N (resharded after use).
+  on GPUs: bf16 shards 2P/N (resharded after use). With HSDP (fsdp_shard_size=K) N is K: shards of K ranks.
 - A training step (SFT micro-step, RL update micro-batch) peaks at the larger of two moments. Backward's start: the
   root gathered in bf16 (FSDP2 keeps it from forward to the end of backward) plus two of the largest other unit
   (current + prefetched), the activations kept for backward, and the logits' buffers (or, if larger, the one layer
@@ -34,8 +35,8 @@ printed beside the plan's. Assumptions:
   copy and log-softmax, 8 bytes per entry, exist for one piece of logprob_chunk positions at a time, in forward and
   again in backward). SFT scores every position, RL the completion's max_new_tokens + 1.
   KV cache: 2 (k, v) × kv width × 2 bytes per token and layer.
-- Save: `checkpoint.save` gathers one tensor at a time into rank 0's host RAM (`host`); the GPUs hold their shards
-  and the tensor on its way (the largest: 2.2 GB at 7B, an embedding matrix in fp32).
+- Save: `checkpoint.save` gathers nothing: each GPU holds its shards, and for a bf16 final model their bf16 copy
+  (2P/N) while it writes; the host RAM and seconds are in `host`, the bytes between nodes in `network`.
 - Not counted: CUDA context and NCCL buffers (~1-3 GB), allocator fragmentation, one unit's all-gather and fp32
   reduce-scatter buffers in flight (1.4 GB at 7B in the rehearsal). Hence "fits" = peak <= (1 - HEADROOM) × GPU memory.
 """
@@ -57,7 +58,7 @@ from atlas_min.tokens import add_functional_tokens
 GB = 1e9
 PROMPT_TEXT = 256  # system prompt + question + chat-template tokens of one prompt
 HEADROOM = 0.10
-SAVE_GBPS = 1.0  # disk write rate assumed for a save (a local NVMe writes faster, network storage slower)
+SAVE_GBPS = 1.0  # storage rate assumed per node for a save, read or write (a local NVMe is faster, network storage slower)
 QWEN_ORDINARY = 151_643  # Qwen2.5's BPE entries; its 22 special tokens follow, from <|endoftext|> = 151,643
 QWEN_SPECIAL = ("<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> "
                 "<|box_end|> <|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> "
@@ -113,7 +114,7 @@ def activations(cfg, rows, images, seq, checkpointing):
     return 2 * kept, max(lm, vis)
 
 
-def plan(cfg, gpus, gpu_mem_gb=80.0):
+def plan(cfg, gpus, gpu_mem_gb=80.0, nodes=1, nic_gbps=400.0):
     """Parameter counts, vocabulary, and the per-GPU budget in bytes of each phase (a dict; see the docstring)."""
     model, n_tokens, rows_before, ids = meta_model(cfg)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -125,6 +126,7 @@ def plan(cfg, gpus, gpu_mem_gb=80.0):
     root = P - vision - sum(count(m) for m in model.model.language_model.layers)
     largest = max(p.numel() for p in model.parameters())
     V, G, image = embed.shape[0], cfg.group_size, cfg.max_pixels // 784  # one token per 28×28 pixels
+    N = cfg.fsdp_shard_size or gpus  # ranks a unit is sharded over
     prompt = image + PROMPT_TEXT
     T = prompt + cfg.max_new_tokens
     sample_rows = cfg.prompts_per_step // gpus * G
@@ -135,8 +137,8 @@ def plan(cfg, gpus, gpu_mem_gb=80.0):
     # chunked: bf16 logits (2) + the bf16 grad of logits[:, :-1] (2) + that grad padded back to the logits' shape by
     # the slice's backward (2), and one piece's fp32 copy and log-softmax (8 bytes per entry)
     logit_bytes, piece = (6, 8 * cfg.logprob_chunk * V) if cfg.logprob_chunk else (14, 0)
-    ref = {"reference (bf16 shards)": 2 * P / gpus if cfg.kl_coef > 0 else 0}
-    persistent = {"fp32 params (sharded)": 4 * P / gpus, "AdamW m, v (fp32, sharded)": 8 * P / gpus}
+    ref = {"reference (bf16 shards)": 2 * P / N if cfg.kl_coef > 0 else 0}
+    persistent = {"fp32 params (sharded)": 4 * P / N, "AdamW m, v (fp32, sharded)": 8 * P / N}
 
     def train(rows, images, scored, ckpt, frozen):
         """The larger of a training step's two peaks: backward's start (the logits' buffers beside the activations
@@ -144,7 +146,7 @@ def plan(cfg, gpus, gpu_mem_gb=80.0):
         kept, layer = activations(cfg, rows, images, T, ckpt)
         start = {"gathered bf16 params (root + 2 units)": 2 * root + 2 * 2 * unit, "activations (kept)": kept,
                  "logits (or one layer recomputed, the larger)": max(rows * scored * V * logit_bytes + piece, layer)}
-        end = {"fp32 grads (sharded)": 4 * P / gpus, "root's grads (bf16, fp32 for reduce-scatter)": 6 * root}
+        end = {"fp32 grads (sharded)": 4 * P / N, "root's grads (bf16, fp32 for reduce-scatter)": 6 * root}
         return {**persistent, **frozen, **max(start, end, key=lambda d: sum(d.values()))}
 
     def phases(ckpt):
@@ -157,9 +159,10 @@ def plan(cfg, gpus, gpu_mem_gb=80.0):
                                 "KV cache, prefill or all-gather (the largest)": max(
                     sample_rows * T * kv_token, sample_prompts * prompt * (kv_token + 6 * cfg.text_intermediate),
                     2 * root)},
-                # checkpoint.save gathers one tensor at a time into rank 0's host RAM (`host`): on the GPU, the
-                # shards (an RL run's, the reference's too) and the largest tensor in fp32 on its way
-                "save": {**persistent, **ref, "one tensor gathered in fp32 (the largest)": 4 * largest}}
+                # checkpoint.save: each rank writes its shards (an RL run's GPUs hold the reference's too); a bf16
+                # final model casts them first (its `_write_weights`): a bf16 copy of the shards
+                "save": {**persistent, **ref, "bf16 copy of the shards (final model)":
+                         2 * P / N if cfg.final_dtype == "bfloat16" else 0}}
 
     budget, rows_after = phases(cfg.activation_checkpointing), embed.shape[0]
     totals = {k: sum(v.values()) for k, v in budget.items()}
@@ -174,16 +177,61 @@ def plan(cfg, gpus, gpu_mem_gb=80.0):
             "total_checkpointing_flipped": {k: sum(v.values())
                                             for k, v in phases(not cfg.activation_checkpointing).items()},
             "fits": max(totals.values()) <= (1 - HEADROOM) * gpu_mem_gb * GB,
-            "host": host(cfg, P)}
+            "host": host(cfg, P, largest, gpus, nodes), "network": network(cfg, P, root, gpus, nodes, nic_gbps)}
 
 
-def host(cfg, P):
-    """Host (CPU) memory and checkpoint sizes in bytes: `dist.shard` has rank 0 read the fp32 model, the
-    other ranks nothing; `checkpoint.save` gathers fp32 weights and both AdamW moments on rank 0 at once
-    (safetensors writes them from memory, without a copy). A save's seconds are at SAVE_GBPS."""
-    resumable, final = 12 * P, (2 if cfg.final_dtype == "bfloat16" else 12) * P
-    return {"rank0_load": 4 * P, "rank0_save": resumable, "resumable_checkpoint": resumable, "final_model": final,
-            "save_s": resumable / (SAVE_GBPS * GB), "final_save_s": final / (SAVE_GBPS * GB)}
+def host(cfg, P, largest, gpus, nodes):
+    """Host (CPU) memory and checkpoint sizes in bytes, a save's seconds. Loading: `dist.shard` has rank 0 read the
+    fp32 model (4P), the other ranks nothing. Saving (`checkpoint.save`) gathers nothing, but stages on the host:
+    - every rank at once: its fp32 weight shards (4P/gpus; under HSDP torch.distributed.checkpoint splits the replicas'
+      copies among them) go through HuggingFaceStorageWriter, which copies each to host memory and keeps them all
+      until safetensors' `save` serialises the rank's file into bytes, two more copies at its peak (it peaked 1.91x a
+      400 MB tensor above that tensor, here): 3 x 4P/gpus per rank, times the ranks of a node on that node;
+    - the AdamW moments (`dcp.save`, FileSystemWriter) go to disk one tensor at a time (10 MB copied ahead): less;
+    - then rank 0 stitches model.safetensors a tensor at a time: one full tensor in fp32 (the largest) in a buffer,
+      plus one rank's shard of it read from disk and its slice copied in: 4L (1 + 2/gpus).
+    Seconds at SAVE_GBPS, one node's storage rate shared by its ranks (nodes in parallel): the shards (weights 4P,
+    AdamW 8P) spread over the nodes, then rank 0 alone reads the weights' shards back and writes them stitched (2 x 4P;
+    reads served from the page cache would be faster). A bf16 final model: 2P of shards, then 2 x 2P."""
+    w = 2 if cfg.final_dtype == "bfloat16" else 12  # bytes per parameter of the final model
+    staged, stitch = 3 * 4 * P / gpus, 4 * largest * (1 + 2 / gpus)
+    rate = SAVE_GBPS * GB
+    return {"rank0_load": 4 * P, "rank_save_staged": staged, "node_save_staged": staged * gpus / nodes,
+            "rank0_stitch": stitch, "resumable_checkpoint": 12 * P, "final_model": w * P,
+            "save_s": (12 * P / nodes + 2 * 4 * P) / rate,
+            "final_save_s": (w * P / nodes + 2 * min(w, 4) * P) / rate}
+
+
+def network(cfg, P, root, gpus, nodes, nic_gbps):
+    """Bytes one GPU sends to other nodes per micro-batch (a training forward and backward), and seconds at its NIC's
+    full rate (`nic_gbps` Gb/s per GPU, one NIC per GPU), for plain FSDP over all ranks and for HSDP sharded within a
+    node (fsdp_shard_size = GPUs per node), with fp32 and bf16 gradient reduction (grad_reduce_dtype).
+
+    Plain FSDP: bf16 all-gathers in forward (2P) and backward (2(P - root): FSDP2 keeps the root gathered between)
+    and the gradients' reduce-scatter (4P or 2P); an RL update's micro-batch adds the no-grad forwards of log pi_old
+    and log pi_ref (2P each). In NCCL's ring each of the n ranks sends (n - 1)/n of those bytes; the rings (one per
+    NIC) cross to the next node once per node, so a GPU's NIC carries 1/(GPUs per node) of its ring traffic.
+    HSDP: the all-gathers and reduce-scatters stay on a node; across nodes each rank all-reduces its reduced gradient
+    shard (4P/K or 2P/K) with its replicas (a ring of R = nodes ranks: 2(R - 1)/R of it). FSDP2 runs that all-reduce
+    after every micro-batch's backward (the trainers keep its default); deferred to the last micro-batch of a step
+    (`set_requires_all_reduce`), it would be once per optimizer step. Not counted: the rollout's one all-gather per
+    RL step, and latency."""
+    if nodes < 2:
+        return None
+    per_node, R = gpus // nodes, nodes
+    rl_rows = max(1, cfg.micro_batch_size // cfg.group_size) * cfg.group_size  # an update's micro-batch: whole groups
+    rate = nic_gbps / 8 * GB
+    gathers = {"SFT": 2 * P + 2 * (P - root)}
+    gathers["RL update"] = gathers["SFT"] + 2 * P * (2 if cfg.kl_coef > 0 else 1)
+    out = {"gpus_per_node": per_node, "nic_gbps": nic_gbps, "rows": {},
+           "micro_batches_per_step": {"SFT": cfg.batch_size // (gpus * cfg.micro_batch_size),
+                                      "RL update": max(1, cfg.rl_mini_batch // gpus // rl_rows)}}
+    for dtype, b in (("float32", 4), ("bfloat16", 2)):
+        plain = {k: (gpus - 1) / gpus * (g + b * P) / per_node for k, g in gathers.items()}
+        hsdp = dict.fromkeys(gathers, 2 * (R - 1) / R * b * P / per_node)
+        for name, sent in ((f"plain FSDP, {gpus} ranks", plain), (f"HSDP {per_node} x {R}", hsdp)):
+            out["rows"][f"{name}, {dtype} reduce"] = {k: {"bytes": v, "s": v / rate} for k, v in sent.items()}
+    return out
 
 
 def measure_sharding(cfg):
@@ -227,12 +275,24 @@ def report(p):
     row(f"total {'without' if p['activation_checkpointing'] else 'with'} activation checkpointing",
         [p["total_checkpointing_flipped"][ph] for ph in phases])
     print(f"fits {p['gpu_mem_gb']:g} GB with {HEADROOM:.0%} headroom: {'yes' if p['fits'] else 'NO'}")
-    h = p["host"]
-    print(f"host RAM of rank 0: {h['rank0_load'] / GB:.1f} GB while loading (the other ranks: their shards only), "
-          f"{h['rank0_save'] / GB:.1f} GB while saving")
-    print(f"checkpoints: resumable {h['resumable_checkpoint'] / GB:.1f} GB (fp32 weights + AdamW m, v), "
-          f"{h['save_s']:.0f} s per save at {SAVE_GBPS:g} GB/s; final model {h['final_model'] / GB:.1f} GB "
-          f"({h['final_save_s']:.0f} s); save_every={p['save_every']}")
+    h, nodes = p["host"], p["gpus"] // p["network"]["gpus_per_node"] if p["network"] else 1
+    print(f"host RAM: rank 0 reads the fp32 model, {h['rank0_load'] / GB:.1f} GB (the others: their shards only); a save "
+          f"stages every rank's fp32\n  weight shards 3 times at once ({h['rank_save_staged'] / GB:.1f} GB per rank, "
+          f"{h['node_save_staged'] / GB:.1f} GB per node), then rank 0 stitches them a tensor at a time "
+          f"({h['rank0_stitch'] / GB:.1f} GB)")
+    print(f"checkpoints: resumable {h['resumable_checkpoint'] / GB:.1f} GB (fp32 weights + AdamW m, v), {h['save_s']:.0f} s "
+          f"per save at {SAVE_GBPS:g} GB/s per node ({h['resumable_checkpoint'] / nodes / GB:.1f} GB of shards\n  per node, "
+          f"then rank 0 reads and writes the {h['rank0_load'] / GB:.1f} GB of weights); final model "
+          f"{h['final_model'] / GB:.1f} GB ({h['final_save_s']:.0f} s); save_every={p['save_every']}")
+    if p["network"]:
+        n, steps = p["network"], p["network"]["micro_batches_per_step"]
+        print(f"\nsent by one GPU to the other nodes per micro-batch ({nodes} nodes x {n['gpus_per_node']} GPUs, one "
+              f"{n['nic_gbps']:g} Gb/s NIC per GPU)\n{'':<40}" + "".join(f"{k:>21}" for k in steps))
+        for name, row in n["rows"].items():
+            print(f"  {name:<38}" + "".join(f"{v['bytes'] / GB:9.2f} GB {v['s']:6.3f} s" for v in row.values()))
+        print(f"  {'micro-batches per optimizer step':<38}" + "".join(f"{v:>21}" for v in steps.values()))
+        print("  HSDP all-reduces after every micro-batch (FSDP2's default, kept by the trainers); deferred to a step's "
+              "last one,\n  its bytes per step would be its row's")
     if "rehearsal" in p:
         r, phases = p["rehearsal"], p["rehearsal"]["phases"]
         print(f"\nrehearsed on fake tensors ({r['world_size']} ranks, {r['parameters']:,} parameters, "
@@ -244,8 +304,8 @@ def report(p):
             print(f"  {name:<12}{ph['peak_gb']:10.2f}{ph['planned_gb']:9.2f}{ph['peak_gb'] / ph['planned_gb']:7.2f}"
                   f"{'*' if apart[name] else ' '} " + ", ".join(f"{k} {v:.2f}" for k, v in parts))
         print("  * more than 15% apart" if any(apart.values()) else "  every phase within 15% of the plan")
-        print(f"  save: rank 0 also gathers {phases['save']['host_gb']:.1f} GB into its host RAM, "
-              f"{phases['save']['in_flight_gb']:.2f} GB of it on the GPU at once (in the peak)")
+        print(f"  save: rank 0's host RAM (not in the peak) {phases['save']['host_gb']:.1f} GB while its fp32 weight "
+              f"shards are written, {phases['save']['stitch_gb']:.1f} GB while it stitches")
     if "measured" in p:
         m, whole = p["measured"], p["measured"]["units"][""]
         print(f"measured under torchrun ({m['world']} ranks, meta, FSDP2): local shards "
@@ -258,14 +318,17 @@ def main():
     ap.add_argument("--config", default="qwen2_5_vl_7b")
     ap.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", "8")))
     ap.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    ap.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over (>= 2: the bytes between them)")
+    ap.add_argument("--nic-gbps", type=float, default=400.0, help="network bandwidth per GPU between nodes, Gb/s")
     ap.add_argument("--json", default=None, help="also write the plan here")
     ap.add_argument("--readme", action="store_true", help="also write the printed plan into README.md")
     ap.add_argument("--rehearse", action="store_true",
                     help="also run each phase on fake tensors and a fake process group (atlas_min.rehearse)")
     ap.add_argument("overrides", nargs="*", help="field=value")
     args = ap.parse_intermixed_args()
-    if args.gpus < 1 or args.gpu_mem_gb <= 0:
-        die(f"--gpus {args.gpus} --gpu-mem-gb {args.gpu_mem_gb}: need at least 1 GPU and positive memory")
+    if args.gpus < 1 or args.gpu_mem_gb <= 0 or args.nodes < 1 or args.gpus % args.nodes or args.nic_gbps <= 0:
+        die(f"--gpus {args.gpus} --nodes {args.nodes} --gpu-mem-gb {args.gpu_mem_gb} --nic-gbps {args.nic_gbps}: need "
+            "at least 1 GPU, the same number on each node, positive memory and bandwidth")
     try:
         cfg = get_config(args.config, args.overrides)
         for stage in ("sft", "rl"):  # a layout the trainers refuse has no budget to print
@@ -275,9 +338,11 @@ def main():
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torchrun and args.rehearse:
         die("--rehearse fakes its own process group of --gpus ranks: run it without torchrun")
+    if args.rehearse and cfg.fsdp_shard_size not in (0, args.gpus):
+        die(f"--rehearse runs plain FSDP over --gpus ranks: leave fsdp_shard_size={cfg.fsdp_shard_size} out")
     measured = measure_sharding(cfg) if torchrun else None
     if not int(os.environ.get("RANK", "0")):
-        result = plan(cfg, args.gpus, args.gpu_mem_gb) | ({"measured": measured} if measured else {})
+        result = plan(cfg, args.gpus, args.gpu_mem_gb, args.nodes, args.nic_gbps) | ({"measured": measured} if measured else {})
         if args.rehearse:
             from atlas_min.rehearse import PLANNED, rehearse
             result["rehearsal"] = rehearse(cfg, args.gpus)

@@ -15,10 +15,12 @@ PROMPT_TEXT text tokens + max_new_tokens), while `FSDPMemTracker` records rank 0
   the sampler's float32 (rows, V) buffers (`log_partition_and_entropy`);
 - rl_update: the policy's no-grad forward (log pi_old), the bf16 reference's (log pi_ref, then resharded), one
   micro-batch of whole groups through `sampler.sequence_logprobs` with grad, L_LA-GRPO, backward, clip, AdamW;
-- save: the state-dict calls of `checkpoint.save` (`dist.full_model_state`, `get_optimizer_state_dict` with
-  `dist.FULL`), as in an RL run. Here the CPU stands for GPU and host at once: the gathered copies rank 0 keeps
-  (its host RAM) are counted apart, as `host_gb`; the phase's peak is the rest plus the largest of them
-  (`in_flight_gb`), which a GPU holds before its copy to the host.
+- save: what `checkpoint.save` does on each rank, as in an RL run: the sharded `get_model_state_dict(model)` cast to
+  `final_dtype` (a bf16 final model: a bf16 copy of the shards on the GPU; fp32 checkpoints: no copy) and the sharded
+  `get_optimizer_state_dict(model, optimizer)`; nothing gathered. The writes cannot run on fake tensors: the host RAM
+  they take is computed from rank 0's own shards and recorded apart (`host_gb`: its fp32 weight shards staged three
+  times, as torch's HuggingFaceStorageWriter and safetensors hold them; `stitch_gb`: rank 0's stitch, the largest
+  tensor in fp32 and two copies of its shard; plan.host says why).
 
 AdamW's moments exist before any phase (as from a run's second step on). The four phases run in this order.
 
@@ -30,6 +32,8 @@ What cannot run on fake tensors, and how it is covered (each reads tensor values
   patches of an image ("flash" path: the same q, k, v, output and log-sum-exp a varlen fused kernel keeps);
 - the sampler's draw (top-p, stop tests, dropping finished rows): the rollout decodes a fixed token per row, all
   rows to the end (a real rollout's batch only shrinks);
+- the update's cut of each micro-batch to its own longest prompt and completion (`sequence_logprobs`, `trim`):
+  off; every row here is at the longest shapes, so there is nothing to cut;
 - `grpo_loss` (its statistics are Python floats): computed on real (rows, C) tensors, its gradient w.r.t. log pi
   fed to the fake backward; `optim.clipped_step` (reads the norm): `clip_grad_norm_` then `step`, no check;
 - transformers' check that image tokens and image features match in number: off (TRANSFORMERS_DISABLE_TORCH_CHECK)
@@ -187,8 +191,8 @@ def rehearse(cfg, world):
     """{"parameters", "world_size", "seconds", "phases": {phase: {"peak_gb", "by_category" (GB), ...}}}."""
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    from atlas_min.dist import FULL, full_model_state, gathered, reshard
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from atlas_min.dist import gathered, reshard
     from atlas_min.grpo import grpo_loss
     from atlas_min.data import IGNORE
     from atlas_min.model import forward, log_partition_and_entropy, reply_nll
@@ -204,11 +208,12 @@ def rehearse(cfg, world):
         frozen = sum(p.to_local().nbytes for p in reference.parameters()) if reference is not None else 0
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
         # A first step outside the tracker: AdamW's moments exist from then on, and DTensor has cached the sharding
-        # of clip_grad_norm_'s ops (the first call runs them on global-shape fake tensors, which the tracker would
-        # count as a full fp32 copy of the gradients)
+        # of clip_grad_norm_'s ops and of the save's cast (the first call runs them on global-shape fake tensors,
+        # which the tracker would count as full copies)
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         step(model, optimizer, cfg.grad_clip)
+        [p.to(getattr(torch, cfg.final_dtype)) for p in model.parameters()]
         with unset_fake_temporarily():
             sft = Inputs(model, cfg, cfg.micro_batch_size, cfg.micro_batch_size, C)
             per_rank = max(1, cfg.prompts_per_step // world)
@@ -226,10 +231,7 @@ def rehearse(cfg, world):
             trackers.append(tracker)
             with tracker:
                 extra = run() or {}
-            cats, host = peak_by_category(tracker), extra.get("host_gb", 0) * GB
-            # the save's gathered state is rank 0's host RAM: counted apart
-            cats["Activation"] = cats.get("Activation", 0) - host
-            cats["Total"] += extra.get("in_flight_gb", 0) * GB - host
+            cats = peak_by_category(tracker)
             if name != "sft_step":  # an RL run's: the tracker follows `model` and `optimizer`, the reference is added
                 cats["Reference Shards"] = frozen
                 cats["Total"] += frozen
@@ -293,12 +295,12 @@ def rehearse(cfg, world):
             step(model, optimizer, cfg.grad_clip)
 
         def save():
-            state = full_model_state(model)
-            optim = get_optimizer_state_dict(model, optimizer, options=FULL)
-            kept = [t for t in (*state.values(), *(t for per in optim["state"].values() for t in per.values()))
-                    if torch.is_tensor(t)]
-            # On GPUs each tensor is gathered there, then copied to rank 0's host: the largest is in flight at once
-            return {"host_gb": sum(t.nbytes for t in kept) / GB, "in_flight_gb": max(t.nbytes for t in kept) / GB}
+            state = get_model_state_dict(model)  # sharded DTensors: rank 0's fp32 shards, no copy
+            weights = {k: v.to(getattr(torch, cfg.final_dtype)) for k, v in state.items()}  # noqa: F841 (held)
+            get_optimizer_state_dict(model, optimizer)  # sharded: rank 0's slice of m and v, no copy
+            shards = sum(v.to_local().nbytes for v in state.values())
+            largest = 4 * max(v.numel() for v in state.values())
+            return {"host_gb": 3 * shards / GB, "stitch_gb": (largest + 2 * largest / world) / GB}
 
         with value_oracles([m for m in (model, reference) if m is not None], [sft, roll, upd]):
             for name, run in zip(PHASES, (sft_step, rl_rollout, rl_update, save)):

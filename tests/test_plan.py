@@ -119,12 +119,47 @@ def test_the_rollout_holds_every_bf16_weight_gathered(plan7b):
     assert sampling["gathered bf16 params (all, for the rollout)"] == 2 * N_7B
 
 
-def test_a_7b_save_holds_fp32_weights_and_both_adamw_moments_on_rank_0(plan7b):
-    host = plan7b["host"]
-    assert host["rank0_save"] == host["resumable_checkpoint"] == (4 + 4 + 4) * N_7B  # weights, m, v in fp32
-    assert abs(host["save_s"] - 12 * N_7B / 1e9) < 1e-6  # seconds at 1 GB/s
+def test_a_7b_save_gathers_nothing_it_stages_each_ranks_fp32_weight_shards_three_times_then_rank_0_stitches(plan7b):
+    host, embedding = plan7b["host"], ROWS_7B * 3584  # the largest tensor: an embedding matrix
+    assert host["rank_save_staged"] == 3 * 4 * N_7B / 8  # its fp32 shards, + safetensors' buffer and bytes
+    assert host["node_save_staged"] == 3 * 4 * N_7B  # all 8 ranks of the node at once
+    assert host["rank0_stitch"] == 4 * embedding + 2 * 4 * embedding / 8  # the full tensor, a shard read and sliced
     assert host["rank0_load"] == 4 * N_7B  # rank 0 reads the fp32 model; the other ranks receive shards
+    assert host["resumable_checkpoint"] == (4 + 4 + 4) * N_7B  # weights, m, v in fp32
+    # at 1 GB/s on one node: the 12P bytes of shards, then rank 0 reads the 4P of weight shards and writes them
+    assert host["save_s"] == pytest.approx((12 + 4 + 4) * N_7B / 1e9)
+    save = plan7b["budget"]["save"]  # on the GPU: the shards, and the bf16 copy that a bf16 final model writes
+    assert save["bf16 copy of the shards (final model)"] == 2 * N_7B / 8
+    assert plan7b["total"]["save"] == pytest.approx((4 + 8 + 2 + 2) * N_7B / 8)  # + the reference's bf16 shards
 
 
 def test_the_7b_final_model_is_bf16_a_sixth_of_a_resumable_checkpoint(plan7b):
     assert plan7b["host"]["final_model"] == 2 * N_7B == plan7b["host"]["resumable_checkpoint"] / 6
+    assert plan7b["host"]["final_save_s"] == pytest.approx((2 + 2 + 2) * N_7B / 1e9)  # shards, then read + write
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    return plan(get_config("qwen2_5_vl_7b", ["fsdp_shard_size=8"]), gpus=16, nodes=2, nic_gbps=400)
+
+
+def test_across_two_nodes_plain_fsdp_sends_its_ring_share_per_nic_and_hsdp_only_the_gradient_all_reduce(two_nodes):
+    rows, root, nic = two_nodes["network"]["rows"], 2 * ROWS_7B * 3584 + 3584, 400e9 / 8
+    gathers = 2 * N_7B + 2 * (N_7B - root)  # bf16 forward, then backward without the root (kept gathered)
+    for dtype, b in (("float32", 4), ("bfloat16", 2)):
+        # 16 ranks in a ring send 15/16 of the bytes each; one ring per NIC: a NIC carries 1/8 of its GPU's
+        plain = rows[f"plain FSDP, 16 ranks, {dtype} reduce"]
+        assert plain["SFT"]["bytes"] == pytest.approx(15 / 16 * (gathers + b * N_7B) / 8)
+        assert plain["RL update"]["bytes"] == pytest.approx(15 / 16 * (gathers + 4 * N_7B + b * N_7B) / 8)
+        assert plain["SFT"]["s"] == pytest.approx(plain["SFT"]["bytes"] / nic)
+        hsdp = rows[f"HSDP 8 x 2, {dtype} reduce"]  # all-reduce of the rank's shard with its one replica
+        assert hsdp["SFT"]["bytes"] == hsdp["RL update"]["bytes"] == pytest.approx(b * N_7B / 8)
+    saved = rows["plain FSDP, 16 ranks, float32 reduce"]["SFT"]["bytes"] - rows[
+        "plain FSDP, 16 ranks, bfloat16 reduce"]["SFT"]["bytes"]
+    assert saved == pytest.approx(15 / 16 * 2 * N_7B / 8)  # bf16 reduce: 2 bytes less per parameter
+    assert two_nodes["network"]["micro_batches_per_step"] == {"SFT": 128 // 16, "RL update": 1}
+
+
+def test_hsdp_shards_the_state_over_its_group_not_every_rank(two_nodes, plan7b):
+    assert two_nodes["budget"]["SFT"]["fp32 params (sharded)"] == 4 * N_7B / 8  # 8 per group, 16 GPUs
+    assert plan7b["network"] is None  # one node: nothing between nodes
