@@ -58,7 +58,7 @@ from atlas_min.tokens import add_functional_tokens
 GB = 1e9
 PROMPT_TEXT = 256  # system prompt + question + chat-template tokens of one prompt
 HEADROOM = 0.10
-SAVE_GBPS = 1.0  # storage rate assumed per node for a save, read or write (a local NVMe is faster, network storage slower)
+SAVE_GBPS = 1.0  # storage rate per node assumed for a save, read or write (local NVMe: faster; network storage: slower)
 QWEN_ORDINARY = 151_643  # Qwen2.5's BPE entries; its 22 special tokens follow, from <|endoftext|> = 151,643
 QWEN_SPECIAL = ("<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> "
                 "<|box_end|> <|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> "
@@ -166,7 +166,7 @@ def plan(cfg, gpus, gpu_mem_gb=80.0, nodes=1, nic_gbps=400.0):
 
     budget, rows_after = phases(cfg.activation_checkpointing), embed.shape[0]
     totals = {k: sum(v.values()) for k, v in budget.items()}
-    return {"config": cfg.name, "gpus": gpus, "gpu_mem_gb": gpu_mem_gb, "save_every": cfg.save_every,
+    return {"config": cfg.name, "gpus": gpus, "nodes": nodes, "gpu_mem_gb": gpu_mem_gb, "save_every": cfg.save_every,
             "params": {"total": P, "vision": vision, "language": P - vision - embeddings, "embeddings": embeddings},
             "vocab": {"tokenizer": n_tokens, "functional_ids": ids, "rows_before": rows_before, "rows": rows_after,
                       "resized": rows_after != rows_before},
@@ -275,14 +275,15 @@ def report(p):
     row(f"total {'without' if p['activation_checkpointing'] else 'with'} activation checkpointing",
         [p["total_checkpointing_flipped"][ph] for ph in phases])
     print(f"fits {p['gpu_mem_gb']:g} GB with {HEADROOM:.0%} headroom: {'yes' if p['fits'] else 'NO'}")
-    h, nodes = p["host"], p["gpus"] // p["network"]["gpus_per_node"] if p["network"] else 1
+    h, nodes = p["host"], p["nodes"]
     print(f"host RAM: rank 0 reads the fp32 model, {h['rank0_load'] / GB:.1f} GB (the others: their shards only); a save "
           f"stages every rank's fp32\n  weight shards 3 times at once ({h['rank_save_staged'] / GB:.1f} GB per rank, "
           f"{h['node_save_staged'] / GB:.1f} GB per node), then rank 0 stitches them a tensor at a time "
           f"({h['rank0_stitch'] / GB:.1f} GB)")
-    print(f"checkpoints: resumable {h['resumable_checkpoint'] / GB:.1f} GB (fp32 weights + AdamW m, v), {h['save_s']:.0f} s "
-          f"per save at {SAVE_GBPS:g} GB/s per node ({h['resumable_checkpoint'] / nodes / GB:.1f} GB of shards\n  per node, "
-          f"then rank 0 reads and writes the {h['rank0_load'] / GB:.1f} GB of weights); final model "
+    print(f"checkpoints: resumable {h['resumable_checkpoint'] / GB:.1f} GB (fp32 weights + AdamW m, v), "
+          f"{h['save_s']:.0f} s per save at {SAVE_GBPS:g} GB/s per node "
+          f"({h['resumable_checkpoint'] / nodes / GB:.1f} GB of shards\n  per node, then rank 0 reads and writes the "
+          f"{h['rank0_load'] / GB:.1f} GB of weights); final model "
           f"{h['final_model'] / GB:.1f} GB ({h['final_save_s']:.0f} s); save_every={p['save_every']}")
     if p["network"]:
         n, steps = p["network"], p["network"]["micro_batches_per_step"]
@@ -342,7 +343,8 @@ def main():
         die(f"--rehearse runs plain FSDP over --gpus ranks: leave fsdp_shard_size={cfg.fsdp_shard_size} out")
     measured = measure_sharding(cfg) if torchrun else None
     if not int(os.environ.get("RANK", "0")):
-        result = plan(cfg, args.gpus, args.gpu_mem_gb, args.nodes, args.nic_gbps) | ({"measured": measured} if measured else {})
+        result = plan(cfg, args.gpus, args.gpu_mem_gb, args.nodes, args.nic_gbps)
+        result |= {"measured": measured} if measured else {}
         if args.rehearse:
             from atlas_min.rehearse import PLANNED, rehearse
             result["rehearsal"] = rehearse(cfg, args.gpus)

@@ -52,9 +52,16 @@ def test_rank_0_holds_its_fp32_shard_of_every_parameter_and_twice_that_in_adamw_
         assert phase["by_category"]["OptState"] * GB == pytest.approx(2 * shard, rel=1e-3)  # AdamW's m and v
 
 
-def test_a_save_gathers_fp32_weights_and_both_adamw_moments_on_rank_0(small):
-    _, r, _ = small
-    assert r["phases"]["save"]["host_gb"] * GB == pytest.approx(12 * r["parameters"], rel=1e-6)
+def test_a_save_gathers_nothing_rank_0_stages_its_own_fp32_weight_shards_and_stitches_one_tensor(small):
+    cfg, r, _ = small
+    shapes = by_hand(cfg)
+    shard = sum(math.ceil(s[0] / WORLD) * math.prod(s[1:]) * 4 for s in shapes)  # rank 0's fp32 weight shards
+    largest = 4 * max(math.prod(s) for s in shapes)  # the 152,064-row embedding in fp32
+    save = r["phases"]["save"]
+    assert save["host_gb"] * GB == pytest.approx(3 * shard, rel=1e-6)  # + safetensors' buffer and bytes
+    assert save["stitch_gb"] * GB == pytest.approx(largest * (1 + 2 / WORLD), rel=1e-6)
+    # on the GPU: the shards and the bf16 final model's copy of the weight shards, nothing gathered
+    assert save["by_category"]["Activation"] * GB == pytest.approx(shard / 2, rel=1e-6)
 
 
 def test_each_rehearsed_peak_is_within_15_percent_of_the_plans_arithmetic(small):
