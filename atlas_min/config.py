@@ -64,15 +64,17 @@ class Config:
     # pip install -e '.[wandb]' or '.[tensorboard]'), for a run watched from elsewhere; "none": the JSONL only.
     log_to: str = "none"
     # How long a rank waits in a collective before the run fails. torch's default for gloo, 30 min: rank 0 reads a
-    # 7B checkpoint (33 GB) and writes a 99.5 GB one while the others wait. Tests shorten it to catch a stalled rank.
+    # 7B checkpoint (33 GB), and stitches a save's 33 GB of weights, while the others wait. Tests shorten it to catch
+    # a stalled rank.
     collective_timeout_s: float = 1800.0
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     activation_checkpointing: bool = False
     # FSDP2's sharding group (dist.shard). 0: every rank shards with every other (plain FSDP; one node). K: shard
     # within groups of K ranks and replicate across the groups (HSDP). With K = GPUs per node the all-gathers and
-    # reduce-scatters of every micro-batch stay on a node's NVLink; across nodes only one gradient all-reduce per
-    # optimizer step travels (plan --nodes prints the bytes). The same sums, in another order.
+    # reduce-scatters of every micro-batch stay on a node's NVLink; across nodes only each rank's all-reduce of its
+    # gradient shard travels, after every micro-batch (FSDP2's default; plan --nodes prints the bytes). The same
+    # sums, in another order.
     fsdp_shard_size: int = 0
     # The dtype of the gradients' reduce-scatter / all-reduce on CUDA (FSDP2's MixedPrecisionPolicy.reduce_dtype).
     # float32: each rank's bf16-computed gradient is summed exactly over ranks. bfloat16 halves those bytes (plan),
@@ -228,10 +230,10 @@ PRESETS = {
         # 2048: the harness's generation limit (experience_maker.py:1897-1900; its --generate_max_len 8192
         # only sizes vLLM's context window)
         eval_max_new_tokens=2048, eval_batch_size=8,
-        # A resumable checkpoint is 99.5 GB (fp32 weights + AdamW m, v), ~100 s per save at 1 GB/s, with rank 0
-        # holding all of it in host RAM (`plan`). Ours: an RL step (512 completions of up to 1,024 tokens) takes
-        # on the order of a minute, so 100 steps put ~1.5 h of work between saves, the save ~2% of it, and a
-        # crash loses at most that. SFT steps take seconds: pass save_every=500 there (estimates, not timed).
+        # A resumable checkpoint is 99.5 GB (fp32 weights + AdamW m, v), ~166 s per save at 1 GB/s of storage
+        # (`plan`: the shards, then rank 0 stitches the weights). Ours: an RL step (512 completions of up to 1,024
+        # tokens) takes on the order of a minute, so 100 steps put ~1.5 h of work between saves, the save ~3% of it,
+        # and a crash loses at most that. SFT steps take seconds: pass save_every=500 there (estimates, not timed).
         save_every=100, keep_checkpoints=2,
         # ours: 256 held-out examples, 32 per GPU (±0.03 at accuracy 0.5), decoded greedily to eval_max_new_tokens:
         # about one RL step's rollout (64 rows of 1,024 tokens per GPU), so every 50 steps it costs ~2% of the run
