@@ -31,7 +31,7 @@ from atlas_min import checkpoint
 from atlas_min.cli import Progress, UsageError, catch_interrupts, end_step, finish, say_skipped, start_run, user_errors
 from atlas_min.data import (check_lengths, collate_prompts, encode_example, load_examples, rank_share, stream_indices,
                             to_device)
-from atlas_min.dist import all_sum, autocast, gathered, print0, reshard, shard
+from atlas_min.dist import all_sum, autocast, gathered, print0, reshard, shard, sync_replicas
 from atlas_min.grpo import constant_groups, functional_grad_share, group_advantages, grpo_loss
 from atlas_min.model import eval_image_processor, load_pretrained
 from atlas_min.optim import adamw, clipped_step, count_nonfinite, lr_at, set_lr
@@ -183,6 +183,7 @@ def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, f
             counts = {"num_outputs": int(all_sum(int((mask[mini_rows].sum(1) > 0).sum()))),
                       "num_anchor_outputs": int(all_sum(int((fmask[mini_rows].sum(1) > 0).sum())))}
             for micro in chunks(mini.stop - mini.start, max(1, cfg.micro_batch_size // G)):
+                sync_replicas(model, last=micro.stop == mini.stop - mini.start)  # HSDP: one all-reduce per update
                 prompt_slice = slice(mini.start + micro.start, mini.start + micro.stop)
                 rows = rows_of(prompt_slice, G)
                 logp = completion_logprobs(model, encoded, rollout, prompt_slice, cfg, pad_id, device, grad=True)

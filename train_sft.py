@@ -19,7 +19,7 @@ import torch
 from atlas_min import checkpoint
 from atlas_min.cli import Progress, UsageError, catch_interrupts, end_step, finish, say_skipped, start_run, user_errors
 from atlas_min.data import IGNORE, check_lengths, collate_sft, encode_example, load_examples, stream_indices, to_device
-from atlas_min.dist import all_sum, autocast, print0, shard
+from atlas_min.dist import all_sum, autocast, print0, shard, sync_replicas
 from atlas_min.model import forward, init_model, load_pretrained, reply_nll
 from atlas_min.optim import adamw, clipped_step, count_nonfinite, lr_at, set_lr
 from atlas_min.tokens import FUNCTIONAL_TOKENS
@@ -56,6 +56,7 @@ def sft_step(model, encoded, n_reply, cfg, pad_id, functional_ids, world, device
     Returns this rank's summed loss, and the summed loss and count at functional-token positions."""
     loss_sum = ft_loss_sum = ft_count = 0.0
     for i in range(0, len(encoded), cfg.micro_batch_size):
+        sync_replicas(model, last=i + cfg.micro_batch_size >= len(encoded))  # HSDP: one all-reduce per step
         batch = to_device(collate_sft(encoded[i:i + cfg.micro_batch_size], pad_id), device)
         with autocast(device):
             logits = forward(model, batch, batch["input_ids"], batch["attention_mask"])[0].logits

@@ -73,8 +73,8 @@ class Config:
     # FSDP2's sharding group (dist.shard). 0: every rank shards with every other (plain FSDP; one node). K: shard
     # within groups of K ranks and replicate across the groups (HSDP). With K = GPUs per node the all-gathers and
     # reduce-scatters of every micro-batch stay on a node's NVLink; across nodes only each rank's all-reduce of its
-    # gradient shard travels, after every micro-batch (FSDP2's default; plan --nodes prints the bytes). The same
-    # sums, in another order.
+    # gradient shard travels, once per optimizer step (dist.sync_replicas; plan --nodes prints the bytes). The
+    # same sums, in another order. Trainers refuse a K that does not divide the processes; eval falls back to 0.
     fsdp_shard_size: int = 0
     # The dtype of the gradients' reduce-scatter / all-reduce on CUDA (FSDP2's MixedPrecisionPolicy.reduce_dtype).
     # float32: each rank's bf16-computed gradient is summed exactly over ranks. bfloat16 halves those bytes (plan),
@@ -272,6 +272,8 @@ RESUME_MAY_CHANGE = {
     "log_every max_nonfinite_steps log_to collective_timeout_s": "what is printed and where, when a diverging or "
                                                                   "stalled run stops",
     "micro_batch_size activation_checkpointing": "memory only: the same global batch and loss (to float rounding)",
+    "fsdp_shard_size": "how the ranks shard and replicate: the same sums in another order (a resume on another "
+                       "process count may need another)",
     "eval_max_new_tokens eval_min_pixels eval_max_pixels eval_batch_size eval_every eval_examples":
         "eval settings: validation reads the weights, no update reads it",
 }

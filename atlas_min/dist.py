@@ -106,10 +106,9 @@ def shard(model, cfg, device):
     buffers = [buffer.to(device) if is_main() else None for _, buffer in model.named_buffers()]
     model.to("meta")
     model.tie_weights()  # the move to meta made lm_head a parameter of its own again (a tied model's)
-    mesh = None  # plain FSDP over every rank
-    if cfg.fsdp_shard_size and cfg.fsdp_shard_size != world_size():  # HSDP: shard within groups, replicate across
-        mesh = init_device_mesh(device.type, (world_size() // cfg.fsdp_shard_size, cfg.fsdp_shard_size),
-                                mesh_dim_names=("replicate", "shard"))
+    K, mesh = cfg.fsdp_shard_size, None  # plain FSDP over every rank
+    if 0 < K < world_size() and world_size() % K == 0:  # HSDP: shard within groups of K, replicate across them
+        mesh = init_device_mesh(device.type, (world_size() // K, K), mesh_dim_names=("replicate", "shard"))
     wrap(model, bf16=device.type == "cuda", mesh=mesh, reduce_dtype=getattr(torch, cfg.grad_reduce_dtype))
     model.to_empty(device=device)
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -122,6 +121,15 @@ def shard(model, cfg, device):
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
     model.reshard()  # the root keeps its parameters gathered after forward; the optimizer needs the shards
     return model
+
+
+def sync_replicas(model, last):
+    """HSDP: all-reduce gradients across the replica groups only after the last micro-batch of an optimizer step
+    (`last`); the earlier ones' reduce-scatters add up within each group. FSDP2 would all-reduce after every
+    backward: across nodes, micro-batches × the gradient shard's bytes instead of once. Plain FSDP, one process:
+    nothing to do."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_all_reduce(last)
 
 
 def wrap(model, bf16, mesh=None, reduce_dtype=torch.float32):

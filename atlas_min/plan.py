@@ -212,10 +212,9 @@ def network(cfg, P, root, gpus, nodes, nic_gbps):
     and log pi_ref (2P each). In NCCL's ring each of the n ranks sends (n - 1)/n of those bytes; the rings (one per
     NIC) cross to the next node once per node, so a GPU's NIC carries 1/(GPUs per node) of its ring traffic.
     HSDP: the all-gathers and reduce-scatters stay on a node; across nodes each rank all-reduces its reduced gradient
-    shard (4P/K or 2P/K) with its replicas (a ring of R = nodes ranks: 2(R - 1)/R of it). FSDP2 runs that all-reduce
-    after every micro-batch's backward (the trainers keep its default); deferred to the last micro-batch of a step
-    (`set_requires_all_reduce`), it would be once per optimizer step. Not counted: the rollout's one all-gather per
-    RL step, and latency."""
+    shard (4P/K or 2P/K) with its replicas (a ring of R = nodes ranks: 2(R - 1)/R of it), once per optimizer step
+    (`dist.sync_replicas` defers it to a step's last micro-batch): its row is that spread over the step's
+    micro-batches. Not counted: the rollout's one all-gather per RL step, and latency."""
     if nodes < 2:
         return None
     per_node, R = gpus // nodes, nodes
@@ -228,7 +227,7 @@ def network(cfg, P, root, gpus, nodes, nic_gbps):
                                       "RL update": max(1, cfg.rl_mini_batch // gpus // rl_rows)}}
     for dtype, b in (("float32", 4), ("bfloat16", 2)):
         plain = {k: (gpus - 1) / gpus * (g + b * P) / per_node for k, g in gathers.items()}
-        hsdp = dict.fromkeys(gathers, 2 * (R - 1) / R * b * P / per_node)
+        hsdp = {k: 2 * (R - 1) / R * b * P / per_node / out["micro_batches_per_step"][k] for k in gathers}
         for name, sent in ((f"plain FSDP, {gpus} ranks", plain), (f"HSDP {per_node} x {R}", hsdp)):
             out["rows"][f"{name}, {dtype} reduce"] = {k: {"bytes": v, "s": v / rate} for k, v in sent.items()}
     return out
@@ -292,8 +291,8 @@ def report(p):
         for name, row in n["rows"].items():
             print(f"  {name:<38}" + "".join(f"{v['bytes'] / GB:9.2f} GB {v['s']:6.3f} s" for v in row.values()))
         print(f"  {'micro-batches per optimizer step':<38}" + "".join(f"{v:>21}" for v in steps.values()))
-        print("  HSDP all-reduces after every micro-batch (FSDP2's default, kept by the trainers); deferred to a step's "
-              "last one,\n  its bytes per step would be its row's")
+        print("  HSDP all-reduces once per optimizer step (after its last micro-batch): its row is that spread over "
+              "the step's micro-batches")
     if "rehearsal" in p:
         r, phases = p["rehearsal"], p["rehearsal"]["phases"]
         print(f"\nrehearsed on fake tensors ({r['world_size']} ranks, {r['parameters']:,} parameters, "

@@ -33,6 +33,18 @@ def toy_files(micro_cfg):
     return ensure_toy_data(micro_cfg)
 
 
+@pytest.fixture(scope="session")
+def learning_sft(tmp_path_factory):
+    """A micro model taught the reply format (150 SFT steps, as tutorial 08, ~15 s on 2 idle cores), from which RL
+    learns: its replies close <answer> tags and are right now and then, so rewards differ within groups, advantages
+    are not 0 and weights move within one step. Every end-to-end RL test starts here (test_train.assert_learned)."""
+    from test_train import run
+    out = tmp_path_factory.mktemp("learning") / "sft"
+    run("train_sft.py", "--config", "micro", "--out", out, "max_steps=150", "sft_lr=1e-2", "batch_size=16",
+        "sft_warmup=10")
+    return out
+
+
 # Hypothesis (tests/test_properties.py). "atlas", the default, is derandomized: each test's examples come
 # from a hash of the test itself, so every run, here and in CI, checks the same examples, a failure
 # reproduces exactly, and nothing passes today that fails tomorrow by luck (a flaky test is a defect here).

@@ -2,7 +2,7 @@
 shape, drivers that never reuse a stage trained otherwise, and the one-line refusals of unclear inputs.
 
 Script-level rules; the in-process ones call the functions the scripts call (run_folder.resolve, experiment's
-check_reuse). Cost: ~45 s on 2 shared cores (one 2-step micro SFT and RL 13 s, the torchrun refusal 18 s, the
+check_reuse). Cost: ~45 s on 2 shared cores (a copy of the learning SFT and a 2-step RL run from it, the torchrun refusal 18 s, the
 eval refusal 10 s; the rest under 4 s).
 """
 import json
@@ -15,7 +15,7 @@ import pytest
 from atlas_min import checkpoint, run_folder
 from atlas_min.config import get_config
 from atlas_min.run_folder import RunFolderError
-from test_train import run
+from test_train import RL, run
 
 
 def new_opts(config="micro", init=None, out=None, *overrides):
@@ -34,11 +34,11 @@ def refused(out, message):
 
 
 @pytest.fixture(scope="module")
-def sft_and_rl(tmp_path_factory):
-    """A 2-step micro SFT, and a 2-step RL run from it: {"sft", "rl"} folders."""
+def sft_and_rl(tmp_path_factory, learning_sft):
+    """A copy of the SFT checkpoint RL learns from, and a 2-step RL run from it: {"sft", "rl"} folders."""
     root = tmp_path_factory.mktemp("inputs")
-    run("train_sft.py", "--config", "micro", "--out", root / "sft", "max_steps=2")
-    run("train_rl.py", "--config", "micro", "--init", root / "sft", "--out", root / "rl", "max_steps=2")
+    shutil.copytree(learning_sft, root / "sft")  # the tests below retrain it: a copy of its own
+    run("train_rl.py", *RL, "--init", root / "sft", "--out", root / "rl", "max_steps=2")  # learned: `run`
     return {"sft": root / "sft", "rl": root / "rl"}
 
 

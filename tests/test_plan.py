@@ -152,8 +152,9 @@ def test_across_two_nodes_plain_fsdp_sends_its_ring_share_per_nic_and_hsdp_only_
         assert plain["SFT"]["bytes"] == pytest.approx(15 / 16 * (gathers + b * N_7B) / 8)
         assert plain["RL update"]["bytes"] == pytest.approx(15 / 16 * (gathers + 4 * N_7B + b * N_7B) / 8)
         assert plain["SFT"]["s"] == pytest.approx(plain["SFT"]["bytes"] / nic)
-        hsdp = rows[f"HSDP 8 x 2, {dtype} reduce"]  # all-reduce of the rank's shard with its one replica
-        assert hsdp["SFT"]["bytes"] == hsdp["RL update"]["bytes"] == pytest.approx(b * N_7B / 8)
+        hsdp = rows[f"HSDP 8 x 2, {dtype} reduce"]  # all-reduce of the rank's shard with its one replica, once a
+        assert hsdp["RL update"]["bytes"] == pytest.approx(b * N_7B / 8)  # step: RL's 1 micro-batch, SFT's 8
+        assert hsdp["SFT"]["bytes"] == pytest.approx(b * N_7B / 8 / 8)
     saved = rows["plain FSDP, 16 ranks, float32 reduce"]["SFT"]["bytes"] - rows[
         "plain FSDP, 16 ranks, bfloat16 reduce"]["SFT"]["bytes"]
     assert saved == pytest.approx(15 / 16 * 2 * N_7B / 8)  # bf16 reduce: 2 bytes less per parameter

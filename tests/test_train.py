@@ -71,17 +71,6 @@ def sft_run(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def learning_sft(tmp_path_factory):
-    """A micro model taught the reply format (150 SFT steps, as tutorial 08, ~15 s on 2 idle cores), from which RL
-    learns: its replies close <answer> tags and are right now and then, so rewards differ within groups, advantages
-    are not 0 and weights move within one step. Every RL run of this file starts here (`assert_learned`)."""
-    out = tmp_path_factory.mktemp("learning") / "sft"
-    run("train_sft.py", "--config", "micro", "--out", out, "max_steps=150", "sft_lr=1e-2", "batch_size=16",
-        "sft_warmup=10")
-    return out
-
-
 # RL with 2 mini-batches of 2 prompts per step and 2 PPO epochs: 4 updates a step, each of whole groups. On 2
 # processes each rank holds 1 prompt of each mini-batch (data.rank_share).
 RL = ["--config", "micro", "prompts_per_step=4", "rl_mini_batch=8", "ppo_epochs=2"]
@@ -202,13 +191,19 @@ def test_four_processes_as_two_replicas_of_two_shards_reach_the_weights_of_one_p
                                                                                       learning_sft):
     layout = json.loads(run("tests/hsdp_layout.py", procs=4).stdout.strip().splitlines()[-1])
     assert layout == {"mesh": [2, 2], "names": ["replicate", "shard"], "placements": ["R", "S(0)"]}  # replicated, dim 0 sharded
-    run("train_sft.py", "--config", "micro", "--out", tmp_path / "sft", "max_steps=3", "fsdp_shard_size=2", procs=4)
+    # SFT: 2 examples a rank in 2 micro-batches, the replicas' all-reduce after the second only (sync_replicas)
+    run("train_sft.py", "--config", "micro", "--out", tmp_path / "sft", "max_steps=3", "fsdp_shard_size=2",
+        "micro_batch_size=1", procs=4)
     assert_trained(sft_run, micro_init)
     assert max_diff(weights(sft_run), weights(tmp_path / "sft")) < 1e-5
     rl = [*RL, "prompts_per_step=8", "rl_mini_batch=16", "max_steps=2", "--init", learning_sft]  # 1 prompt a rank
     run("train_rl.py", *rl, "--out", tmp_path / "one")  # each asserted to have learned (`run`)
     run("train_rl.py", *rl, "--out", tmp_path / "hsdp", "fsdp_shard_size=2", procs=4)
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "hsdp")) < 1e-5
+    for a, b in [(sft_run, tmp_path / "sft"), (tmp_path / "one", tmp_path / "hsdp")]:  # a norm over replicated
+        stage = "rl" if (a / "metrics_rl.jsonl").exists() else "sft"  # shards counts each shard once
+        norms = [[r["grad_norm"] for r in _records(folder / f"metrics_{stage}.jsonl")] for folder in (a, b)]
+        assert norms[0] == pytest.approx(norms[1], rel=1e-5)
 
 
 def _two_nodes(*args):
@@ -239,7 +234,9 @@ def test_two_launchers_as_two_nodes_train_the_weights_of_one_launcher_with_two_p
 
 
 def test_rl_metrics_carry_what_a_reviewer_reads_first(tmp_path, learning_sft):
-    run("train_rl.py", "--config", "micro", "--init", learning_sft, "--out", tmp_path / "rl", "max_steps=1")
+    # 4 prompts in one mini-batch: one update, so ratio_mean is that of the weights that sampled
+    run("train_rl.py", *RL, "rl_mini_batch=16", "ppo_epochs=1", "--init", learning_sft, "--out", tmp_path / "rl",
+        "max_steps=1")
     (record,) = [json.loads(line) for line in (tmp_path / "rl" / "metrics_rl.jsonl").read_text().splitlines()]
     for share in ("constant_group_share", "truncated_share", "functional_token_share"):
         assert 0.0 <= record[share] <= 1.0, share
@@ -492,7 +489,7 @@ def test_rl_refuses_to_write_into_its_init_folder(sft_run):
 
 def test_resume_refuses_a_run_of_the_other_stage(tmp_path, sft_run, learning_sft):
     rl = tmp_path / "rl"
-    run("train_rl.py", "--config", "micro", "--init", learning_sft, "--out", rl, "max_steps=1")
+    run("train_rl.py", *RL, "--init", learning_sft, "--out", rl, "max_steps=1")
     out = run("train_sft.py", "--resume", rl, "max_steps=5", check=False)
     assert out.returncode == 2 and "is an RL run: resume it with python train_rl.py" in out.stderr
     out = run("train_rl.py", "--resume", sft_run, "max_steps=5", check=False)
