@@ -86,6 +86,15 @@ def chunks(n, size):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def micro_batches(n, cfg, world):
+    """[(mini, [micro, ...]), ...]: slices of this rank's n prompts, its share of each mini-batch (rl_mini_batch / G
+    prompts over the ranks) and the micro-batches in it (micro_batch_size // G prompts, at least one). log π_old
+    and log π_ref are computed on the same micro-batches as the update, so before it r = 1 to the last bit."""
+    return [(mini, [slice(mini.start + m.start, mini.start + m.stop)
+                    for m in chunks(mini.stop - mini.start, max(1, cfg.micro_batch_size // cfg.group_size))])
+            for mini in chunks(n, cfg.rl_mini_batch // cfg.group_size // world)]
+
+
 def rows_of(prompts, group_size):
     """The completion rows of a slice of prompts: each prompt's G rows are contiguous."""
     return slice(prompts.start * group_size, prompts.stop * group_size)
@@ -178,13 +187,12 @@ def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, f
     sums = dict.fromkeys([*per_micro, "anchor", "functional_grad_share", "grad_norm"], 0.0)
     n_micro = n_mini = skipped = 0
     for _epoch in range(cfg.ppo_epochs):
-        for mini in chunks(len(encoded), cfg.rl_mini_batch // G // world):
+        for mini, micros in micro_batches(len(encoded), cfg, world):
             mini_rows = rows_of(mini, G)
             counts = {"num_outputs": int(all_sum(int((mask[mini_rows].sum(1) > 0).sum()))),
                       "num_anchor_outputs": int(all_sum(int((fmask[mini_rows].sum(1) > 0).sum())))}
-            for micro in chunks(mini.stop - mini.start, max(1, cfg.micro_batch_size // G)):
-                sync_replicas(model, last=micro.stop == mini.stop - mini.start)  # HSDP: one all-reduce per update
-                prompt_slice = slice(mini.start + micro.start, mini.start + micro.stop)
+            for prompt_slice in micros:
+                sync_replicas(model, last=prompt_slice is micros[-1])  # HSDP: one all-reduce per update
                 rows = rows_of(prompt_slice, G)
                 logp = completion_logprobs(model, encoded, rollout, prompt_slice, cfg, pad_id, device, grad=True)
                 loss_inputs = (logp, old_logp[rows], None if ref_logp is None else ref_logp[rows],
@@ -256,7 +264,7 @@ with user_errors():
 
         # log π_old before any update, log π_ref from the frozen SFT model; no grad
         t0 = time.time()
-        micro_slices = chunks(len(prompts), max(1, cfg.micro_batch_size // G))
+        micro_slices = [s for _, micros in micro_batches(len(prompts), cfg, world) for s in micros]  # as the update
         pad_id = tokenizer.pad_token_id
         old_logp = torch.cat([completion_logprobs(model, encoded, rollout, s, cfg, pad_id, device)
                               for s in micro_slices])  # (N, C)
