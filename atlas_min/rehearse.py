@@ -45,6 +45,7 @@ Not counted (as in `plan`): the CUDA context, NCCL's buffers, allocator fragment
 import contextlib
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -229,7 +230,11 @@ def rehearse(cfg, world):
         def phase(name, run):
             tracker = FSDPMemTracker(model, optimizer)
             trackers.append(tracker)
-            with tracker:
+            with tracker, warnings.catch_warnings():
+                # transformers >= 5.25 runs functions such as apply_rotary_pos_emb inside `kernels` modules that are
+                # all named "Func"; torch's module tracker, meeting a Func inside a Func, warns that its module
+                # hierarchy "may be messed up". The peaks it records are by tensor category, not by module.
+                warnings.filterwarnings("ignore", "The module hierarchy tracking maybe be messed up", UserWarning)
                 extra = run() or {}
             cats = peak_by_category(tracker)
             if name != "sft_step":  # an RL run's: the tracker follows `model` and `optimizer`, the reference is added
