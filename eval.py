@@ -60,10 +60,7 @@ with user_errors():  # every check before any work: a late error would lose the 
     if base is None:
         raise UsageError(f"--ckpt {ckpt} has no {checkpoint.STATE}: pass --config NAME")
     cfg = get_config(overrides=opts.overrides + ([f"eval_data={opts.data}"] if opts.data else []), base=base)
-    cfg, reshaped = adopt_shape(cfg, ckpt)  # the checkpoint brings its own shape (as train_rl.py's --init, bench)
-    if reshaped:
-        print0(f"note: --ckpt {ckpt} has its own shape, which the eval takes and records: "
-               + ", ".join(f"{name} {was!r} -> {now!r}" for name, (was, now) in reshaped.items()))
+    cfg, reshaped = adopt_shape(cfg, ckpt, "--ckpt")  # its own shape, as train_rl.py's --init and bench take it
     differ = [f.name for f in fields(base) if saved and getattr(base, f.name) != getattr(saved, f.name)
               and f.name not in reshaped]
     if differ:  # the prompt, the answer format, the toy's eval split may then not be the ones it was trained on

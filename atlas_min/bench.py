@@ -616,10 +616,7 @@ def main():
         cfg = get_config(args.config, args.overrides)
         if args.ckpt:  # the checkpoint brings its own shape, recorded in the result's config (as train_rl.py's --init)
             checkpoint.require_model(args.ckpt, "--ckpt")
-            cfg, reshaped = adopt_shape(cfg, args.ckpt)
-            if reshaped and not args.probe:
-                print(f"note: --ckpt {args.ckpt} has its own shape, which the bench takes: "
-                      + ", ".join(f"{name} {was!r} -> {now!r}" for name, (was, now) in reshaped.items()))
+            cfg = adopt_shape(cfg, args.ckpt, "--ckpt")[0]
         if args.update_rows is None:  # train_rl.py's micro-batch: whole groups
             args.update_rows = max(1, cfg.micro_batch_size // cfg.group_size) * cfg.group_size
         check_args(args, cfg)

@@ -12,6 +12,7 @@ from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConf
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil)
 
 from atlas_min.checkpoint import CheckpointError, require_model
+from atlas_min.dist import print0
 from atlas_min.tokens import add_functional_tokens
 
 # Qwen's special tokens, in Qwen's order (ids differ from Qwen's own: this vocabulary is tiny).
@@ -119,8 +120,9 @@ SHAPE_FIELDS = {"text_hidden": ("text", "hidden_size"), "text_layers": ("text", 
                 "vision_tokens_per_second": ("vision", "tokens_per_second")}
 
 
-def adopt_shape(cfg, folder):
-    """(cfg with the architecture of the model folder `folder`, {field: [was, now]} for each field that changed).
+def adopt_shape(cfg, folder, what):
+    """(cfg with the architecture of the model folder `folder`, {field: [was, now]} for each field that changed),
+    each change said in one note naming `what` (the option or field that named the folder).
 
     One rule for every script that reads a model folder (model_path, --init, --ckpt): the folder's weights have
     the shape its config.json says, whatever the preset says, so the run takes that shape and its recorded config
@@ -140,6 +142,9 @@ def adopt_shape(cfg, folder):
         raise CheckpointError(f"{folder}: vision fullatt_block_indexes {full} are not every k-th block")
     changed = {f.name: [getattr(cfg, f.name), getattr(new, f.name)] for f in fields(cfg)
                if getattr(cfg, f.name) != getattr(new, f.name)}
+    if changed:
+        print0(f"note: {what} {folder} has its own shape, which the run takes and records: "
+               + ", ".join(f"{name} {was!r} -> {now!r}" for name, (was, now) in changed.items()))
     return new, changed
 
 

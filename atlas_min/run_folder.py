@@ -87,7 +87,8 @@ def resolve(opts, stage):
     what, base = ("model_path", cfg.model_path) if stage == "sft" else ("--init", init)  # a new run's start
     if base and not resume_from:  # model_path is read by a new SFT run only (a resume reads its checkpoint)
         checkpoint.require_model(base, what)
-        cfg = _adopt(cfg, base, what)
+        from atlas_min.model import adopt_shape  # here: the other commands of this module need no transformers
+        cfg = adopt_shape(cfg, base, what)[0]
     if not record:
         record = {"commit": code_commit(), "data": file_record(data_file(cfg, "train")), "resumes": []}
         if base and _first_rank():  # RL: its --init, read again as the KL reference by every resume (`_resume`)
@@ -97,16 +98,6 @@ def resolve(opts, stage):
 
 def _first_rank():
     return not int(os.environ.get("RANK", "0"))
-
-
-def _adopt(cfg, folder, what):
-    """The run takes the model folder's own shape (model.adopt_shape) and says which fields it changed."""
-    from atlas_min.model import adopt_shape  # here: the other commands of this module need no transformers
-    cfg, changed = adopt_shape(cfg, folder)
-    if changed:
-        print0(f"note: {what} {folder} has its own shape, which the run takes and records: "
-               + ", ".join(f"{name} {was!r} -> {now!r}" for name, (was, now) in changed.items()))
-    return cfg
 
 
 def absolute_paths(cfg, cwd="."):

@@ -104,9 +104,9 @@ def test_an_init_of_another_shape_is_adopted_and_recorded(tmp_path, capsys):
 def test_a_model_folder_gives_any_preset_its_exact_shape(tmp_path):
     from atlas_min.model import adopt_shape
     init = _wider_checkpoint(tmp_path / "wide")
-    cfg, changed = adopt_shape(get_config("toy"), init)
+    cfg, changed = adopt_shape(get_config("toy"), init, "--init")
     assert changed["text_hidden"] == [128, 64] and changed["vision_hidden"] == [64, 32]
-    assert adopt_shape(cfg, init)[1] == {}  # the adopted config describes the folder exactly
+    assert adopt_shape(cfg, init, "--init")[1] == {}  # the adopted config describes the folder exactly
 
 
 # --- 5. the unclear cases: one line each, before the work where the input is known before it ---------------
