@@ -255,8 +255,8 @@ def check_output(path, inputs=()):
             raise RunFolderError(f"{path} is an input of this command ({given}): writing there would replace it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(f".{path.name}.probe")
-        probe.write_text("")
+        probe = path.with_name(f".{path.name}.{os.getpid()}.probe")  # one per process: under torchrun every rank
+        probe.write_text("")  # checks, and a shared name raced (one rank unlinked the other's probe)
         probe.unlink()
     except OSError as e:
         raise RunFolderError(f"{path}: cannot write there ({e.strerror})") from None
