@@ -196,8 +196,8 @@ def rank_share(n, per_update, rank, world):
     consecutive items make one update: its slice of each update's items, the updates in order.
 
     Update m holds items m·per_update .. (m+1)·per_update − 1 on any number of processes, so which items
-    share an update never depends on the process count. (B, the natural split, gives rank 0 the first n/world
-    items: on 2 processes RL's first update would hold items 0-3 and 8-11 where 1 process holds 0-7.)
+    share an update never depends on the process count. A contiguous split (rank r takes the r-th n/world items)
+    would not: with 16 items and 8 per update, 1 process updates on items 0-7 first, 2 processes on 0-3 and 8-11.
     """
     share = per_update // world
     return [m + rank * share + k for m in range(0, n, per_update) for k in range(share)]

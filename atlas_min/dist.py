@@ -10,7 +10,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -168,14 +168,6 @@ def reshard(model):
     """Free gathered parameters: FSDP2 keeps the root's after a forward (it expects a backward next)."""
     if world_size() > 1:
         model.reshard()
-
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, in host memory
-
-
-def full_model_state(model):
-    """The whole state dict on rank 0 (CPU tensors); {} on the others. Every rank must call it."""
-    return get_model_state_dict(model, options=FULL)
 
 
 def cleanup(exit_code=0, together=True):

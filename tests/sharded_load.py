@@ -10,7 +10,9 @@ import torch
 import transformers
 
 from atlas_min.checkpoint import read_state
-from atlas_min.dist import all_gather_objects, cleanup, full_model_state, setup, shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from atlas_min.dist import all_gather_objects, cleanup, setup, shard
 from atlas_min.model import load_pretrained
 
 folder = sys.argv[1]
@@ -29,7 +31,7 @@ model = shard(model, cfg, device)
 local_rows = {name: p.to_local().shape[0] for name, p in model.named_parameters() if p.dim() > 1}
 full_rows = {name: p.shape[0] for name, p in model.named_parameters() if p.dim() > 1}
 buffers = {name: b.clone() for name, b in model.named_buffers()}
-state = full_model_state(model)
+state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # on rank 0
 seen = all_gather_objects({"reads": reads, "on_meta": on_meta,
                            "at_most_half": all(local_rows[n] <= (full_rows[n] + 1) // 2 for n in local_rows)})
 if rank == 0:
