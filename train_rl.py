@@ -11,8 +11,9 @@ Each step (docs/method.md, "Stage 2: GRPO"): take `prompts_per_step` prompts, sa
 score them (R), normalise rewards within each group (A), compute log π_old with a no-grad forward before any
 update and log π_ref with the frozen SFT model, then `ppo_epochs` passes of mini-batch updates on L_LA-GRPO.
 Mini-batch m holds the step's prompts m·M .. (m+1)·M − 1 (M = rl_mini_batch / G), their groups whole, on any
-number of processes: each rank samples and updates its slice of every mini-batch. Every micro-batch divides by
-the counts of its whole mini-batch, so the update is the one the formula gives for it.
+number of processes: each rank samples and updates its slice of every mini-batch, in micro-batches of rows of
+similar length (so padding is what each micro-batch needs). Every micro-batch divides by the counts of its whole
+mini-batch, so the update is the one the formula gives for it.
 
 So the number of processes changes nothing but float summation order: which prompts each update holds, every
 row's random draws (seeded by seed, step and global row), advantages (groups never straddle ranks) and the loss
@@ -29,14 +30,14 @@ import torch
 
 from atlas_min import checkpoint
 from atlas_min.cli import Progress, UsageError, catch_interrupts, end_step, finish, say_skipped, start_run, user_errors
-from atlas_min.data import (check_lengths, collate_prompts, encode_example, load_examples, rank_share, stream_indices,
-                            to_device)
+from atlas_min.data import (check_lengths, collate_prompts, encode_example, load_examples, micro_batches, rank_share,
+                            stream_indices, to_device)
 from atlas_min.dist import all_sum, autocast, gathered, print0, reshard, shard, sync_replicas
 from atlas_min.grpo import constant_groups, functional_grad_share, group_advantages, grpo_loss
 from atlas_min.model import eval_image_processor, load_pretrained
 from atlas_min.optim import adamw, clipped_step, count_nonfinite, lr_at, set_lr
 from atlas_min.rewards import compute_reward
-from atlas_min.sampler import decode_completion, rl_row_seeds, rl_run_seed, sample, sequence_logprobs
+from atlas_min.sampler import decode_completion, rl_row_seeds, rl_run_seed, rows_logprobs, sample
 from atlas_min.tokens import FUNCTIONAL_TOKENS, functional_mask
 
 # 1. command line, processes, data
@@ -86,29 +87,30 @@ def chunks(n, size):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def micro_batches(n, cfg, world):
-    """[(mini, [micro, ...]), ...]: slices of this rank's n prompts, its share of each mini-batch (rl_mini_batch / G
-    prompts over the ranks) and the micro-batches in it (micro_batch_size // G prompts, at least one). log π_old
-    and log π_ref are computed on the same micro-batches as the update, so before it r = 1 to the last bit."""
-    return [(mini, [slice(mini.start + m.start, mini.start + m.stop)
-                    for m in chunks(mini.stop - mini.start, max(1, cfg.micro_batch_size // cfg.group_size))])
-            for mini in chunks(n, cfg.rl_mini_batch // cfg.group_size // world)]
+def update_batches(rollout, cfg, world):
+    """[(update's rows, [micro-batch's rows, ...]), ...] of this rank's rollout: its share of each mini-batch
+    (rl_mini_batch / world rows, whole groups), cut into micro-batches of micro_batch_size rows rounded up to a
+    whole group, rows of similar length together (`data.micro_batches`). log π_old and log π_ref are computed on
+    the same micro-batches as the update, so before it r = 1 to the last bit."""
+    lengths = (rollout["prompt_mask"].sum(1) + rollout["completion_mask"].sum(1)).cpu()  # (N,)
+    size = max(1, cfg.micro_batch_size // cfg.group_size) * cfg.group_size
+    return micro_batches(lengths, cfg.rl_mini_batch // world, size)
 
 
-def rows_of(prompts, group_size):
-    """The completion rows of a slice of prompts: each prompt's G rows are contiguous."""
-    return slice(prompts.start * group_size, prompts.stop * group_size)
+def per_row(micro_rows, logprobs):
+    """(N, C): `logprobs(rows)` of every micro-batch's rows, each row put back in its place in the rollout."""
+    values = torch.cat([logprobs(rows) for rows in micro_rows])  # (N, C), in micro-batch order
+    out = torch.empty_like(values)
+    out[torch.cat(micro_rows).to(values.device)] = values
+    return out
 
 
-def completion_logprobs(policy, encoded, rollout, prompt_slice, cfg, pad_id, device, grad=False):
-    """log π(o_t) of the completions of `prompt_slice` (a slice of this rank's prompts): (rows, C), from a forward
-    cut to these rows' own longest prompt and completion (`sequence_logprobs`), not the rollout's width."""
-    rows = rows_of(prompt_slice, cfg.group_size)
-    images = to_device(collate_prompts(encoded[prompt_slice], pad_id), device)
+def completion_logprobs(policy, encoded, rollout, rows, cfg, pad_id, device, grad=False):
+    """log π(o_t) of the completions of `rows` (ascending indices into this rank's rollout): (rows, C), from a
+    forward cut to these rows' own longest prompt and completion (`sampler.rows_logprobs`), not the rollout's width."""
     with torch.set_grad_enabled(grad), autocast(device):
-        return sequence_logprobs(policy, images, rollout["prompt_ids"][rows], rollout["prompt_mask"][rows],
-                                 rollout["completion_ids"][rows], rollout["completion_mask"][rows],
-                                 repeats=cfg.group_size, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
+        return rows_logprobs(policy, encoded, rollout, rows, group_size=cfg.group_size, pad_id=pad_id,
+                             temperature=cfg.temperature, chunk=cfg.logprob_chunk)
 
 
 def sample_groups(model, tokenizer, image_processor, prompts, row_seeds, cfg, device):
@@ -181,20 +183,18 @@ def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, f
     whose gradient norm is not finite is not applied (every rank sees the same global norm, so all
     skip it together) and counted in `skipped_steps` (docs/method.md, "Numerical guards").
     """
-    G, mask = cfg.group_size, rollout["completion_mask"]
+    mask = rollout["completion_mask"]
     coefs = dict(clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, anchor_coef=cfg.anchor_coef)
     per_micro = ("kl", "clip_frac", "pg_loss", "ratio_mean")
     sums = dict.fromkeys([*per_micro, "anchor", "functional_grad_share", "grad_norm"], 0.0)
     n_micro = n_mini = skipped = 0
     for _epoch in range(cfg.ppo_epochs):
-        for mini, micros in micro_batches(len(encoded), cfg, world):
-            mini_rows = rows_of(mini, G)
+        for mini_rows, micros in update_batches(rollout, cfg, world):
             counts = {"num_outputs": int(all_sum(int((mask[mini_rows].sum(1) > 0).sum()))),
                       "num_anchor_outputs": int(all_sum(int((fmask[mini_rows].sum(1) > 0).sum())))}
-            for prompt_slice in micros:
-                sync_replicas(model, last=prompt_slice is micros[-1])  # HSDP: one all-reduce per update
-                rows = rows_of(prompt_slice, G)
-                logp = completion_logprobs(model, encoded, rollout, prompt_slice, cfg, pad_id, device, grad=True)
+            for rows in micros:
+                sync_replicas(model, last=rows is micros[-1])  # HSDP: one all-reduce per update
+                logp = completion_logprobs(model, encoded, rollout, rows, cfg, pad_id, device, grad=True)
                 loss_inputs = (logp, old_logp[rows], None if ref_logp is None else ref_logp[rows],
                                advantages[rows], mask[rows], fmask[rows])
                 loss, stats = grpo_loss(*loss_inputs, **coefs, **counts)
@@ -264,16 +264,16 @@ with user_errors():
 
         # log π_old before any update, log π_ref from the frozen SFT model; no grad
         t0 = time.time()
-        micro_slices = [s for _, micros in micro_batches(len(prompts), cfg, world) for s in micros]  # as the update
+        micro_rows = [rows for _, micros in update_batches(rollout, cfg, world) for rows in micros]  # as the update
         pad_id = tokenizer.pad_token_id
-        old_logp = torch.cat([completion_logprobs(model, encoded, rollout, s, cfg, pad_id, device)
-                              for s in micro_slices])  # (N, C)
+        old_logp = per_row(micro_rows, lambda rows: completion_logprobs(model, encoded, rollout, rows, cfg, pad_id,
+                                                                        device))  # (N, C)
         seconds["old_logprobs"] = time.time() - t0
         t0 = time.time()
         ref_logp = None
         if reference is not None:
-            ref_logp = torch.cat([completion_logprobs(reference, encoded, rollout, s, cfg, pad_id, device)
-                                  for s in micro_slices])  # (N, C)
+            ref_logp = per_row(micro_rows, lambda rows: completion_logprobs(reference, encoded, rollout, rows, cfg,
+                                                                            pad_id, device))  # (N, C)
             reshard(reference)
         seconds["reference"] = time.time() - t0
 

@@ -20,7 +20,7 @@ from atlas_min import checkpoint
 from atlas_min.cli import Progress, UsageError, catch_interrupts, end_step, finish, say_skipped, start_run, user_errors
 from atlas_min.data import IGNORE, check_lengths, collate_sft, encode_example, load_examples, stream_indices, to_device
 from atlas_min.dist import all_sum, autocast, print0, shard, sync_replicas
-from atlas_min.model import forward, init_model, load_pretrained, reply_nll
+from atlas_min.model import forward, init_model, load_pretrained, reply_nll, sft_run_seed
 from atlas_min.optim import adamw, clipped_step, count_nonfinite, lr_at, set_lr
 from atlas_min.tokens import FUNCTIONAL_TOKENS
 
@@ -77,7 +77,8 @@ with user_errors():
     for step in range(start, total):
         t0 = time.time()
         lr = set_lr(optimizer, lr_at(step, total, cfg.sft_warmup, cfg.sft_lr))
-        order = stream_indices(step, cfg.batch_size, len(train), seed=cfg.seed, epoch_seed_stride=cfg.epoch_seed_stride)
+        order = stream_indices(step, cfg.batch_size, len(train), seed=sft_run_seed(cfg),
+                               epoch_seed_stride=cfg.epoch_seed_stride)
         encoded = [encode_example(train[i], tokenizer, image_processor, cfg, with_reply=True)
                    for i in order[rank * per_rank:(rank + 1) * per_rank]]
         n_reply = all_sum(sum(len(e["reply_ids"]) for e in encoded))  # the global normaliser

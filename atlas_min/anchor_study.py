@@ -9,7 +9,8 @@ that more than a bigger step?
 On the decisive toy (`--config toy_decisive`: the picture's frame selects the operation, the reply's
 functional token carries it out, and the SFT teacher writes the wrong token in most replies of one
 family), for each reply length (`toy_reply` short: the token is 1 of 12 generated tokens; long: ~1 of 38):
-one SFT checkpoint, then on each of `--seeds` RL seeds (`rl_seed`) from that same checkpoint
+one SFT checkpoint, then on each of `--seeds` RL seeds (`rl_seed`) from that same checkpoint (and so for the
+variants of the long replies, `SETTINGS`: a second SFT checkpoint, untied embeddings; `--variant-seeds` each)
 - GRPO (λ = 0) at the preset's learning rate;
 - the controls: GRPO with its learning rate multiplied by each of `--lr-scales` (does a bigger step
   do what the anchor does?);
@@ -31,7 +32,14 @@ from atlas_min.cli import user_errors
 from atlas_min.config import get_config
 from atlas_min.experiment import ROOT, check_reuse, driver_parser, launcher, recorded_config, run_stage, update_readme
 
-LENGTHS = ("short", "long")
+# The table's rows: {label: (folder, overrides of every stage)}. The two reply lengths, then two variants of the
+# long replies (where the anchor's claim is made): a second SFT checkpoint on the same data (its own init and batch
+# order), and input and output embeddings untied, as the 7B preset has them (the toy ties them, so the anchor's
+# gradient on the functional tokens' output rows also moves the input rows that the intervention probe forces).
+SETTINGS = {"short": ("short", ["toy_reply=short"]), "long": ("long", ["toy_reply=long"]),
+            "long, sft_seed=1": ("long-sft-seed-1", ["toy_reply=long", "sft_seed=1"]),
+            "long, untied": ("long-untied", ["toy_reply=long", "tie_embeddings=false"])}
+VARIANTS = ("long, sft_seed=1", "long, untied")
 TAIL = 10  # "final" values average the RL run's last TAIL steps (one step's 128 samples are noisy)
 
 
@@ -106,7 +114,7 @@ COLUMNS = [("accuracy", "held-out accuracy"), ("right_token", "held-out right-to
 
 
 def table(results, command, settings):
-    """results.md: one row per (length, method), mean [min, max] over seeds; the commits the stages ran on."""
+    """results.md: one row per (setting, method), mean [min, max] over seeds; the commits the stages ran on."""
     lines = [f"`{command}`", "", settings, "",
              "| reply | model | " + " | ".join(title for _, title in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     for length, runs in results.items():
@@ -121,8 +129,8 @@ def table(results, command, settings):
     return "\n".join(lines)
 
 
-def plot(out, results, runs):
-    """curves.png, one column per reply length: the right-token rate of RL samples over steps; the same
+def plot(out, results, seed_runs):
+    """curves.png, one column per setting (`SETTINGS`): the right-token rate of RL samples over steps; the same
     against the KL from SFT (an equal-distance comparison); each run's final intervention gap against its
     mean sampled right-token rate (what the speed cost in token dependence). Mean line and min-max band
     over seeds; 10-step running means."""
@@ -132,9 +140,9 @@ def plot(out, results, runs):
     lengths = list(results)
     fig, axes = plt.subplots(3, len(lengths), figsize=(6.5 * len(lengths), 13), squeeze=False)
     for col, length in enumerate(lengths):
-        by_method = {}
-        for run in runs:
-            by_method.setdefault(_method(run), []).append((_metrics(out / length / run), results[length][run]))
+        by_method, folder = {}, out / SETTINGS[length][0]
+        for run in seed_runs[length]:
+            by_method.setdefault(_method(run), []).append((_metrics(folder / run), results[length][run]))
         for method, per_seed in by_method.items():
             smooth = {key: [[statistics.mean(m[key] for m in ms[max(0, i - 9):i + 1]) for i in range(len(ms))]
                             for ms, _ in per_seed] for key in ("right_token_rate", "kl")}
@@ -154,7 +162,7 @@ def plot(out, results, runs):
                   ("KL from SFT (k3, per token)", "right-token rate of samples", "against KL from SFT"),
                   ("right-token rate of samples, mean over steps", "intervention gap after RL", "token dependence")]
         for row, (xlabel, ylabel, title) in enumerate(titles):
-            axes[row][col].set_title(f"{length} replies: {title}")
+            axes[row][col].set_title(f"{length}: {title}")
             axes[row][col].set_xlabel(xlabel)
             axes[row][col].set_ylabel(ylabel)
         axes[0][col].legend(fontsize=8)
@@ -163,17 +171,18 @@ def plot(out, results, runs):
     print(f"wrote {out / 'curves.png'}")
 
 
-def _stages(out, base, length, runs, procs):
-    """[(folder, train command)] of one reply length's RL runs."""
-    sft_dir = out / length / "sft"
-    return [(out / length / run, [*launcher(procs), "train_rl.py", *base, "--init", sft_dir, "--out", out / length / run,
-                                  f"anchor_coef={anchor}", f"rl_lr={lr:g}", f"rl_seed={seed}"])
+def _stages(folder, base, runs, procs):
+    """[(folder, train command)] of one setting's RL runs."""
+    return [(folder / run, [*launcher(procs), "train_rl.py", *base, "--init", folder / "sft", "--out", folder / run,
+                            f"anchor_coef={anchor}", f"rl_lr={lr:g}", f"rl_seed={seed}"])
             for run, (anchor, lr, seed) in runs.items()]
 
 
 def main():
     p = driver_parser(__doc__.splitlines()[0], "runs/anchor-study", "toy_decisive")
     p.add_argument("--seeds", type=int, default=5, help="RL seeds per method")
+    p.add_argument("--variant-seeds", type=int, default=None,
+                   help=f"RL seeds per method of the variants ({', '.join(VARIANTS)}; default: --seeds; 0: none)")
     p.add_argument("--anchors", default="0.5,2", help="λ values of the LA-GRPO runs (GRPO, λ = 0, always runs)")
     p.add_argument("--lr-scales", default="2,4", help="the GRPO controls: the preset's rl_lr times each of these")
     p.add_argument("--jobs", type=int, default=1, help="stages run side by side (each with --procs processes)")
@@ -185,13 +194,17 @@ def main():
     out = Path(args.out).resolve()
     named = methods([float(a) for a in args.anchors.split(",") if a],
                     [float(s) for s in args.lr_scales.split(",") if s], cfg.rl_lr)
-    runs = {f"{m}-s{s}": (anchor, lr, s) for m, (anchor, lr) in named.items() for s in range(args.seeds)}
+    variant_seeds = args.seeds if args.variant_seeds is None else args.variant_seeds
+    seed_runs = {label: {f"{m}-s{s}": (anchor, lr, s) for m, (anchor, lr) in named.items()
+                         for s in range(variant_seeds if label in VARIANTS else args.seeds)}
+                 for label in SETTINGS if label not in VARIANTS or variant_seeds}
 
     results = {}
-    for length in LENGTHS:
-        base = ["--config", args.config, *args.overrides, f"toy_reply={length}"]
-        sft_dir = out / length / "sft"
-        stages = _stages(out, base, length, runs, args.procs)
+    for label, runs in seed_runs.items():
+        folder, overrides = SETTINGS[label]
+        base = ["--config", args.config, *args.overrides, *overrides]
+        sft_dir = out / folder / "sft"
+        stages = _stages(out / folder, base, runs, args.procs)
         sft_cmd = [sys.executable, "train_sft.py", *base, "--out", sft_dir]
         if not args.plot_only:
             with user_errors():
@@ -200,8 +213,8 @@ def main():
             log = None if args.jobs == 1 else "stage.log"
             with ThreadPoolExecutor(args.jobs) as pool:  # each stage is a subprocess: threads only wait
                 list(pool.map(lambda s: run_stage(s[0], s[1], ["--intervene"], log and s[0] / log), stages))
-        results[length] = {"sft": summary(_result(sft_dir), [])}
-        results[length] |= {run: summary(_result(folder), _metrics(folder)) for (folder, _), run in zip(stages, runs)}
+        results[label] = {"sft": summary(_result(sft_dir), [])}
+        results[label] |= {run: summary(_result(folder), _metrics(folder)) for (folder, _), run in zip(stages, runs)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
     cfg = recorded_config(stages[0][0])  # the table states what the runs recorded, not what this command asked
@@ -209,7 +222,7 @@ def main():
     command = " ".join(["python -m atlas_min.anchor_study", *shown])
     settings = (f"(preset {args.config}: {cfg.max_steps or cfg.rl_steps} RL steps × {cfg.prompts_per_step} prompts × "
                 f"G={cfg.group_size}, lr {cfg.rl_lr:g} (controls: × {args.lr_scales}), {args.seeds} RL seeds per "
-                f"method from one SFT checkpoint per reply length; held-out split of {cfg.toy_eval_size} examples, "
+                f"method ({variant_seeds} for the variants) from one SFT checkpoint per row's setting; held-out split of {cfg.toy_eval_size} examples, "
                 f"greedy; mean [min, max] over seeds; changes are the last {TAIL} steps' samples minus the first "
                 f"step's, i.e. the SFT policy's own samples)")
     text = table(results, command, settings)
@@ -219,7 +232,7 @@ def main():
         with user_errors():
             update_readme("anchor-study", text)
     try:
-        plot(out, results, runs)
+        plot(out, results, seed_runs)
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[plot]'): no curves.png")
     if args.readme and (out / "curves.png").is_file():  # README shows the picture from docs/

@@ -21,7 +21,9 @@
    `--update-rows` rows of prompt + `--completion-tokens` random completion tokens, median of `--repeats`
    after a warm-up. Model FLOP utilisation = model FLOPs ÷ seconds ÷ peak bf16 FLOP/s, with model FLOPs by
    the 6 · parameters · tokens rule per part (`update_flops`); attention scores and recomputation are not
-   counted (the usual MFU, not hardware utilisation).
+   counted (the usual MFU, not hardware utilisation). Then the same rows with replies of varied lengths, in
+   train_rl.py's micro-batches: padded to the rollout's width, cut per group, and cut per micro-batch of rows of
+   similar length (as train_rl.py runs): tokens per second and the share of computed positions that are padding.
 4. Memory: the peak of that update and of a no-grad log-prob pass on the same rows, with logprob_chunk=0
    ("plain") and with the preset's (or 256, "chunked"), each in a fresh subprocess (`probe_memory`):
    torch.cuda.max_memory_allocated on a GPU, the process's peak resident memory on a CPU; beside the fall
@@ -59,12 +61,12 @@ from atlas_min import checkpoint
 from atlas_min.cli import UsageError, quiet_libraries, user_errors
 from atlas_min.run_folder import check_output
 from atlas_min.config import get_config, to_dict
-from atlas_min.data import collate_prompts, encode_example, load_examples, prompt_text, to_device
+from atlas_min.data import collate_prompts, encode_example, load_examples, micro_batches, prompt_text, to_device
 from atlas_min.dist import autocast, clip_grad_norm, shard
 from atlas_min.model import adopt_shape, build_model, image_order, image_processor_for, init_model, load_pretrained
 from atlas_min.optim import adamw
 from atlas_min.plan import PROMPT_TEXT, qwen_vocab_standin
-from atlas_min.sampler import STOP_TOKENS, sample, sequence_logprobs
+from atlas_min.sampler import STOP_TOKENS, rows_logprobs, sample
 from atlas_min.tokens import VISION_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,39 +309,45 @@ def random_completions(tokenizer, rows, length, seed):
     return pool[torch.randint(len(pool), (rows, length), generator=torch.Generator().manual_seed(seed))]
 
 
-def update_step(model, batch, completion_ids, cfg, device, lengths=None, trim=True):
-    """(one RL update step: forward + backward + clip + AdamW, the model as train_rl.py holds it on one GPU) on the
-    prompts of `batch`, each repeated G times and followed by its rows of `completion_ids` (row r's first
-    lengths[r] tokens; all of them without `lengths`); `trim` as in `sequence_logprobs`. Casts `model` to fp32
-    in place."""
-    G, C = cfg.group_size, completion_ids.shape[1]
-    prompt_ids = batch["input_ids"].repeat_interleave(G, 0)
-    prompt_mask = batch["attention_mask"].repeat_interleave(G, 0)
+def update_step(model, encoded, completion_ids, cfg, device, pad_id, lengths=None, trim=True, micros=None):
+    """(one RL update step: forward + backward of each micro-batch, clip, AdamW, the model as train_rl.py holds it on
+    one GPU; a no-grad log-prob pass of the first micro-batch; the model) on the prompts `encoded`, each repeated G
+    times and followed by its rows of `completion_ids` (row r's first lengths[r] tokens; all of them without
+    `lengths`). `micros`: the micro-batches' rows, ascending (default: all rows in one); `trim` as in
+    `sequence_logprobs`. Casts `model` to fp32 in place."""
+    G, (rows, C) = cfg.group_size, completion_ids.shape
+    batch = to_device(collate_prompts(encoded, pad_id), device)
     if lengths is None:
-        lengths = torch.full((completion_ids.shape[0],), C, device=completion_ids.device)
-    completion_mask = torch.arange(C, device=completion_ids.device) < lengths[:, None]  # (rows, C)
+        lengths = torch.full((rows,), C, device=completion_ids.device)
+    rollout = {"prompt_ids": batch["input_ids"].repeat_interleave(G, 0),
+               "prompt_mask": batch["attention_mask"].repeat_interleave(G, 0), "completion_ids": completion_ids,
+               "completion_mask": torch.arange(C, device=completion_ids.device) < lengths[:, None]}  # (rows, C)
+    micros = micros or [torch.arange(rows)]
     model = shard(model.float(), cfg, device).train()  # one process: checkpointing as the preset says
     optimizer = adamw(model, cfg, "rl")
 
-    def logprobs():
+    def logprobs(rows):
         with autocast(device):
-            return sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                     repeats=G, chunk=cfg.logprob_chunk, trim=trim)
+            return rows_logprobs(model, encoded, rollout, rows, group_size=G, pad_id=pad_id, chunk=cfg.logprob_chunk,
+                                 trim=trim)
 
     def step():
-        (-(logprobs() * completion_mask).sum() / completion_mask.sum()).backward()
+        mask = rollout["completion_mask"]
+        for rows in micros:  # the token mean over all rows, as micro-batches add up
+            (-(logprobs(rows) * mask[rows]).sum() / mask.sum()).backward()
         clip_grad_norm(model, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, logprobs, model
+    return step, lambda: logprobs(micros[0]), model
 
 
-def time_update(model, batch, completion_ids, cfg, repeats, device):
-    """(median seconds of one `update_step`, {part: (parameters, tokens)})."""
-    step, _, model = update_step(model, batch, completion_ids, cfg, device)
+def time_update(model, encoded, completion_ids, cfg, repeats, device, pad_id):
+    """(median seconds of one `update_step` on all rows at once, {part: (parameters, tokens)})."""
+    step, _, model = update_step(model, encoded, completion_ids, cfg, device, pad_id)
     seconds, _ = _timed(step, repeats)
     G, visual = cfg.group_size, model.model.visual
+    batch = collate_prompts(encoded, pad_id)
     merger = sum(p.numel() for p in visual.merger.parameters())
     embed = model.get_input_embeddings().weight
     body = sum(p.numel() for p in model.model.language_model.parameters() if p is not embed)
@@ -353,21 +361,43 @@ def time_update(model, batch, completion_ids, cfg, repeats, device):
     return seconds, parts
 
 
-def compare_cut(model, batch, completion_ids, cfg, repeats, device):
+DRAWS = 1000  # draws of the replies' lengths for the expected padded share: one draw of 16 rows is noisy
+
+
+def cut_ways(prompt, lengths, width, size):
+    """{way: (positions computed, micro-batches' rows)} of an update whose row r has prompt[r] prompt tokens and
+    lengths[r] reply tokens, the rollout `width` wide, in micro-batches of `size` rows: "uncut" (groups in order,
+    every row as wide as the rollout), "group" (groups in order, each micro-batch cut to its own longest prompt
+    and reply) and "cut" (rows of similar length together, cut: `data.micro_batches`, as train_rl.py runs)."""
+    by_group = [torch.arange(k, min(k + size, len(lengths))) for k in range(0, len(lengths), size)]
+    by_length = micro_batches(prompt + lengths, len(lengths), size)[0][1]
+
+    def cut(micros):  # left-padded prompts, right-padded replies: each micro-batch as wide as its longest of each
+        return sum(len(m) * int(prompt[m].max() + lengths[m].max()) for m in micros)
+    return {"uncut": (len(lengths) * (int(prompt.max()) + width), by_group), "group": (cut(by_group), by_group),
+            "cut": (cut(by_length), by_length)}
+
+
+def compare_cut(model, encoded, completion_ids, cfg, repeats, device, pad_id):
     """The update of `update_step` on replies of varied lengths (`reply_lengths`: the log-normal of the varied
-    decode), its forward over the whole block (every row as long as the rollout's longest, `completion_ids`'
-    width) and cut to the micro-batch's own longest prompt and reply (`sequence_logprobs`' trim): seconds, real
-    tokens per second, and the share of the positions computed that are padding."""
-    rows, C = completion_ids.shape
-    lengths = reply_lengths(rows, C, cfg.seed).to(completion_ids.device)
-    prompt_mask = batch["attention_mask"].repeat_interleave(cfg.group_size, 0)
-    real = int(prompt_mask.sum() + lengths.sum())  # the positions a row truly needs: its prompt and its reply
-    kept = int(prompt_mask.bool().any(0).sum())  # the cut drops the columns of left padding every row has
-    out = {"lengths": {"mean": float(lengths.float().mean()), "max": int(lengths.max()), "width": C}}
-    for name, trim, width in (("uncut", False, prompt_mask.shape[1] + C), ("cut", True, kept + int(lengths.max()))):
-        step, _, model = update_step(model, batch, completion_ids, cfg, device, lengths, trim)
+    decode) in train_rl.py's micro-batches (micro_batch_size rows, rounded up to whole groups), the three ways of
+    `cut_ways`: seconds, real tokens per second and the share of the positions computed that are padding; and
+    each way's padded share averaged over DRAWS draws of the lengths (arithmetic only)."""
+    G, (rows, C) = cfg.group_size, completion_ids.shape
+    lengths = reply_lengths(rows, C, cfg.seed)
+    prompt = torch.tensor([len(e["prompt_ids"]) for e in encoded]).repeat_interleave(G)  # (rows,)
+    real = int(prompt.sum() + lengths.sum())  # the positions a row truly needs: its prompt and its reply
+    size = max(1, cfg.micro_batch_size // G) * G
+    drawn = [(int(prompt.sum() + draw.sum()), cut_ways(prompt, draw, C, size))
+             for draw in (reply_lengths(rows, C, seed) for seed in range(DRAWS))]
+    out = {"lengths": {"mean": float(lengths.float().mean()), "max": int(lengths.max()), "width": C},
+           "micro_batch_rows": size, "draws": DRAWS}
+    for name, (computed, micros) in cut_ways(prompt, lengths, C, size).items():
+        step, _, model = update_step(model, encoded, completion_ids, cfg, device, pad_id, lengths.to(device),
+                                     name != "uncut", micros)
         seconds, _ = _timed(step, repeats)
-        out[name] = {"seconds": seconds, "tokens_per_s": real / seconds, "padded_share": 1 - real / (rows * width)}
+        out[name] = {"seconds": seconds, "tokens_per_s": real / seconds, "padded_share": 1 - real / computed,
+                     "expected_padded_share": statistics.mean(1 - need / ways[name][0] for need, ways in drawn)}
     return out
 
 
@@ -392,10 +422,9 @@ def probe_memory(args, cfg, device):
     in this fresh process: after the first, AdamW's state and the allocator's pools exist, as in a run's steps."""
     model, tokenizer, image_processor, kind = bench_model(cfg, args.ckpt, device)
     G, rows, C = cfg.group_size, args.update_rows, args.completion_tokens or cfg.max_new_tokens
-    encoded = bench_prompts(cfg, tokenizer, image_processor, kind, rows // G, args.prompt_tokens)
-    batch = to_device(collate_prompts(encoded, tokenizer.pad_token_id), device)
-    step, logprobs, model = update_step(model, batch, random_completions(tokenizer, rows, C, cfg.seed).to(device),
-                                        cfg, device)
+    encoded = bench_prompts(cfg, tokenizer, image_processor, kind, rows // G, args.update_prompt_tokens)
+    step, logprobs, model = update_step(model, encoded, random_completions(tokenizer, rows, C, cfg.seed).to(device),
+                                        cfg, device, tokenizer.pad_token_id)
     run = step if args.probe == "update" else torch.no_grad()(logprobs)
     run()
     _sync()
@@ -432,7 +461,7 @@ def compare_memory(args, cfg, device, model_rows, value_bytes):
         peaks[name] = {}
         for kind in ("update", "logprobs"):
             argv = [sys.executable, "-m", "atlas_min.bench", "--config", args.config, "--probe", kind,
-                    "--update-rows", str(args.update_rows), "--prompt-tokens", str(args.prompt_tokens),
+                    "--update-rows", str(args.update_rows), "--update-prompt-tokens", str(args.update_prompt_tokens),
                     *(["--completion-tokens", str(args.completion_tokens)] if args.completion_tokens else []),
                     *(["--ckpt", args.ckpt] if args.ckpt else []), *args.overrides, f"logprob_chunk={value}"]
             out = subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True).stdout
@@ -491,8 +520,7 @@ def run(args, cfg):
         model, tokenizer, image_processor, kind = bench_model(cfg, args.ckpt, device)
         if kind == "preset" and args.rl_step:  # train_rl.py starts from a checkpoint of the same model
             checkpoint.save(tmp, model, tokenizer, image_processor, cfg, 0)
-        encoded = bench_prompts(cfg, tokenizer, image_processor, kind, max(args.rows, update_rows) // G,
-                                args.prompt_tokens)
+        encoded = bench_prompts(cfg, tokenizer, image_processor, kind, args.rows // G, args.prompt_tokens)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = model.to(device, dtype).eval()
         batch = to_device(collate_prompts(encoded[:args.rows // G], tokenizer.pad_token_id), device)
@@ -512,12 +540,13 @@ def run(args, cfg):
         r["update"] = None
         if update_rows:
             C = args.completion_tokens or cfg.max_new_tokens
-            batch = to_device(collate_prompts(encoded[:update_rows // G], tokenizer.pad_token_id), device)
+            prompts = bench_prompts(cfg, tokenizer, image_processor, kind, update_rows // G, args.update_prompt_tokens)
+            pad_id = tokenizer.pad_token_id
             completions = random_completions(tokenizer, update_rows, C, cfg.seed).to(device)
-            seconds, parts = time_update(model, batch, completions, cfg, args.repeats, device)
+            seconds, parts = time_update(model, prompts, completions, cfg, args.repeats, device, pad_id)
             flops = update_flops(parts.values())
-            cut = compare_cut(model, batch, completions, cfg, args.repeats, device)
-            r["update"] = {"rows": update_rows, "tokens": update_rows * (batch["input_ids"].shape[1] + C),
+            cut = compare_cut(model, prompts, completions, cfg, args.repeats, device, pad_id)
+            r["update"] = {"rows": update_rows, "tokens": parts["text"][1],  # every position of the update
                            "varied": cut, "padded_share": cut["cut"]["padded_share"],
                            "completion_tokens": C, "activation_checkpointing": cfg.activation_checkpointing,
                            "logprob_chunk": cfg.logprob_chunk, "parts": parts, "seconds": seconds, "flops": flops,
@@ -570,12 +599,15 @@ def report_lines(r):
                      f"{u['seconds']:.3f} s, {u['flops'] / 1e12:.3g} TFLOP = "
                      f"{u['flops_per_s'] / 1e12:.3g} TFLOP/s, {mfu}")
         v = u["varied"]
+        ways = (("uncut", "every row as wide as the rollout"), ("group", "each group cut to its own longest"),
+                ("cut", "rows of similar length together, cut (train_rl.py)"))
         lines.append(f"- the update on varied reply lengths (the log-normal above; here mean {v['lengths']['mean']:.1f}, "
-                     f"longest {v['lengths']['max']} of {v['lengths']['width']}): every row as long as the rollout's "
-                     f"width {v['uncut']['tokens_per_s']:,.1f} tokens/s ({v['uncut']['seconds']:.3f} s), padded share "
-                     f"{v['uncut']['padded_share']:.2f}; cut to the micro-batch's longest "
-                     f"{v['cut']['tokens_per_s']:,.1f} tokens/s ({v['cut']['seconds']:.3f} s), padded share "
-                     f"{v['cut']['padded_share']:.2f} (tokens/s: the prompt and reply positions the rows truly need)")
+                     f"longest {v['lengths']['max']} of {v['lengths']['width']}), micro-batches of "
+                     f"{v['micro_batch_rows']} rows: " + "; ".join(
+                         f"{label} {v[k]['tokens_per_s']:,.1f} tokens/s ({v[k]['seconds']:.3f} s), padded share "
+                         f"{v[k]['padded_share']:.2f} (over {v['draws']:,} draws of the lengths "
+                         f"{v[k]['expected_padded_share']:.3f})" for k, label in ways)
+                     + " (tokens/s: the prompt and reply positions the rows truly need)")
     if m := r["memory"]:
         where = "peak GPU memory allocated" if r["device"] == "cuda" else "peak resident memory of a fresh process"
         for kind, label in (("update", "one RL update"), ("logprobs", "one no-grad log-prob pass")):
@@ -603,6 +635,9 @@ def main():
     p.add_argument("--no-rl-step", dest="rl_step", action="store_false", help="skip the train_rl.py phases")
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TEXT,
                    help="text tokens of each synthetic prompt (Qwen-width random init), chat template included")
+    p.add_argument("--update-prompt-tokens", type=int, default=None,
+                   help="text tokens of the update's synthetic prompts (default: --prompt-tokens); the 7B preset's "
+                        "prompts are ~1,536 tokens beside 1,024 reply tokens, and padding depends on the ratio")
     p.add_argument("--skip", nargs="+", default=[], choices=["decode", "varied", "memory"],
                    help="sections not to run (the update: --update-rows 0; the RL step: --no-rl-step)")
     p.add_argument("--repeats", type=int, default=3)
@@ -617,6 +652,7 @@ def main():
         if args.ckpt:  # the checkpoint brings its own shape, recorded in the result's config (as train_rl.py's --init)
             checkpoint.require_model(args.ckpt, "--ckpt")
             cfg = adopt_shape(cfg, args.ckpt, "--ckpt")[0]
+        args.update_prompt_tokens = args.prompt_tokens if args.update_prompt_tokens is None else args.update_prompt_tokens
         if args.update_rows is None:  # train_rl.py's micro-batch: whole groups
             args.update_rows = max(1, cfg.micro_batch_size // cfg.group_size) * cfg.group_size
         check_args(args, cfg)

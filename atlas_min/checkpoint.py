@@ -199,8 +199,7 @@ def problem(folder, resumable=True):
 
 def require_model(folder, what):
     """CheckpointError naming `what` (an option or field) unless `folder` is a complete model folder."""
-    reason = problem(folder, resumable=False)
-    if reason:
+    if reason := problem(folder, resumable=False):
         raise CheckpointError(f"{what} {folder}: {reason}")
 
 

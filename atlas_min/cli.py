@@ -77,7 +77,7 @@ def _rank_tag():
 def catch_interrupts(run, defer):
     """Until the loop starts (`defer` False), Ctrl-C ends the process at once in one line (nothing is saved
     yet; the run folder's lock is released) rather than a traceback on every rank. From the loop's start
-    (`defer` True), Ctrl-C asks the run to stop at the end of its current step (`interrupted`): never in
+    (`defer` True), Ctrl-C asks the run to stop at the end of its current step (`end_step`): never in
     the middle of an update, a save or a collective that the other ranks are waiting in. A second Ctrl-C
     on the same process quits at once (the last complete checkpoint stays as it was)."""
     def handler(signum, frame):
@@ -92,18 +92,13 @@ def catch_interrupts(run, defer):
         signal.signal(sig, handler)
 
 
-def interrupted():
-    """Whether any rank was interrupted: every rank calls it at the end of each step and gets the same
-    answer (one small all-reduce), so all stop after the same step."""
-    return all_sum(float(bool(_interrupts))) > 0
-
-
 def end_step(run, step, total, streak, script, model, tokenizer, image_processor, cfg, optimizer, extra):
     """After 0-based `step` of `total` (every rank calls it): save RUN/checkpoints/step_N when save_every says
     so or when a rank was interrupted (save_on_interrupt), never while `streak` (optim.count_nonfinite) counts
     non-finite steps; keep the newest keep_checkpoints. After an interrupt, leave the run: one line on each
     rank, the lock released, exit code 130."""
-    stop = step + 1 < total and interrupted()  # a Ctrl-C on any rank: every rank stops after this step
+    # A Ctrl-C on any rank: every rank asks (one small all-reduce), gets the same answer and stops after this step.
+    stop = step + 1 < total and all_sum(float(bool(_interrupts))) > 0
     due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total
     saved_to = None
     if (due or stop and cfg.save_on_interrupt) and not streak:

@@ -103,6 +103,9 @@ class Config:
     # An RL run's own draws (prompt order, samples) come from seed + rl_seed * epoch_seed_stride: RL seeds
     # vary from one SFT checkpoint while `seed` (which also fixes the toy data and its eval split) stays.
     rl_seed: int = 0
+    # An SFT run's own draws (a random init's weights, the batch order) come from seed + sft_seed * epoch_seed_stride:
+    # a second SFT checkpoint on the same toy data (anchor_study's variant).
+    sft_seed: int = 0
 
     # --- stage 1, SFT ---
     sft_steps: int = 4
@@ -317,7 +320,7 @@ POSITIVE = ("text_hidden text_layers text_heads text_kv_heads text_intermediate 
             "collective_timeout_s epoch_seed_stride step_seed_stride row_seed_stride sft_lr rl_lr grad_clip clip_eps "
             "rope_theta rms_norm_eps max_nonfinite_steps").split()
 NON_NEGATIVE = ("fsdp_shard_size logprob_chunk seed rl_seed rl_seed_offset vocab_rows vision_fullatt_every vision_tokens_per_second "
-                "max_steps save_every eval_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer "
+                "sft_seed max_steps save_every eval_every keep_checkpoints sft_warmup rl_warmup len_threshold len_buffer "
                 "over_threshold eval_min_pixels eval_max_pixels weight_decay temperature kl_coef anchor_coef adv_eps "
                 "w_acc w_ft w_fmt w_len w_over len_max_penalty over_slope over_max_penalty").split()
 SHARES = "toy_no_token_share toy_teacher_slip toy_token_slip".split()

@@ -84,16 +84,16 @@ import sys
 import tempfile
 import textwrap
 import warnings
+from itertools import accumulate
 from pathlib import Path
 
 from PIL import Image
 
 from atlas_min.data import inspect_image
 from atlas_min.judge import JudgeError, chat_text, generate, load_judge
-from atlas_min.rewards import answers_equivalent, extract_answer
+from atlas_min.rewards import LETTERS, answers_equivalent, extract_answer
 from atlas_min.tokens import FUNCTIONAL_TOKENS
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 ID_KEYS, TASK_KEYS = ("id", "qid", "question_id"), ("category", "task", "subject")
 
@@ -256,8 +256,8 @@ def convert_conversation(rec, where):
     replies = [i for i, (role, _) in enumerate(turns) if role == "assistant" and users and i > users[0]]
     if not users or not replies:
         fail(where, key, "no user turn" if not users else "no assistant turn")
-    images, question, response = image_fields(rec, where), turns[users[0]][1], turns[replies[0]][1].strip()
-    question = strip_placeholders(question, len(images), where, f"{key}[{users[0]}]")
+    images, response = image_fields(rec, where), turns[replies[0]][1].strip()
+    question = strip_placeholders(turns[users[0]][1], len(images), where, f"{key}[{users[0]}]")
     if rec.get("answer") is not None:  # the data set's gold answer wins over the text of the response
         gold = scalar(rec["answer"], "answer", where)
         answer = final_answer(gold) or gold
@@ -284,15 +284,14 @@ def options_of(rec, where):
         letter = str(k).strip("() .").upper()
         if len(letter) != 1 or letter not in LETTERS:
             fail(where, key, f"option key {k!r} is not a letter A-Z")
-        text = scalar(text, key, where)
-        options[letter] = re.sub(rf"^\({letter}\)\s*|^{letter}[.:)]\s+", "", text)  # no doubled "(A) (A) ..."
+        # the text without its own "(A)" or "A.": no doubled "(A) (A) ..."
+        options[letter] = re.sub(rf"^\({letter}\)\s*|^{letter}[.:)]\s+", "", scalar(text, key, where))
     return dict(sorted(options.items()))
 
 
 def letter_of(answer, options):
     """The letter of an answer given as `B`, `(B)`, `B.` or as the text of exactly one option; else None."""
-    m = re.fullmatch(r"\(?([A-Z])\)?[.:]?", answer)
-    if m and m[1] in options:
+    if (m := re.fullmatch(r"\(?([A-Z])\)?[.:]?", answer)) and m[1] in options:
         return m[1]
     hits = [letter for letter, text in options.items() if text.casefold() == answer.casefold()]
     return hits[0] if len(hits) == 1 else None
@@ -325,10 +324,8 @@ def convert_harness(rec, where):
             value = [path for path in value if path not in (None, "")]
         rec = dict(rec, **{key: value})
     images = image_fields({k: rec.get(k) for k in ("image", "image_path")}, where)
-    question = scalar(rec.get("question"), "question", where)
-    question = strip_placeholders(question, len(images), where, "question")
-    absent = (None, "")
-    field = "answer" if rec.get("gt_answer") in absent and rec.get("answer") not in absent else "gt_answer"
+    question = strip_placeholders(scalar(rec.get("question"), "question", where), len(images), where, "question")
+    field = "answer" if rec.get("gt_answer") in (None, "") and rec.get("answer") not in (None, "") else "gt_answer"
     gold = scalar(rec.get(field), field, where)
     answer = extract_answer(gold, "boxed") or gold
     if not question:
@@ -478,8 +475,7 @@ def block_tokens(code):
     not parse."""
     with warnings.catch_warnings():  # "\d" in the data's code warns at parse time: the data's, not ours
         warnings.simplefilter("ignore")
-        tree = ast.parse(textwrap.dedent(code))
-    nodes = list(ast.walk(tree))
+        nodes = list(ast.walk(ast.parse(textwrap.dedent(code))))
     regions = {target.id for n in nodes if isinstance(n, ast.Assign) and _is_region(n.value, ())
                for target in n.targets if isinstance(target, ast.Name)}
     hits = []
@@ -566,8 +562,7 @@ def export_image(value, where, folder, written):
             fail(where, "image", f"embedded image cannot be read ({type(e).__name__}: {e})")
         path = folder / f"{digest}.{EXTENSIONS.get(kind, kind.lower())}"
         path.write_bytes(data)
-        problem, _ = inspect_image(path)
-        if problem:
+        if problem := inspect_image(path)[0]:
             fail(where, "image", f"embedded image {problem}")
         written[digest] = path.name
     return written[digest]
@@ -609,9 +604,9 @@ def polish(model, tokenizer, responses, answer_format, temperature=0.0, device="
     (§2.2 step 2 polishes with Gemini-2.5-Pro "while preserving ... functional-token order"). A rewrite is
     taken only if it holds the same functional tokens in the same order and the same final answer; else
     the templated response is kept. At most twice the longest response's tokens, plus 32, are generated."""
-    prompts = [POLISH_PROMPT.format(tokens=", ".join(FUNCTIONAL_TOKENS), response=r) for r in responses]
     longest = max(len(ids) for ids in tokenizer(responses, add_special_tokens=False)["input_ids"])
-    texts = [chat_text(tokenizer, prompt) for prompt in prompts]
+    texts = [chat_text(tokenizer, POLISH_PROMPT.format(tokens=", ".join(FUNCTIONAL_TOKENS), response=r))
+             for r in responses]
     replies = generate(model, tokenizer, texts, 2 * longest + 32, device, temperature)
     kept = []
     for template, reply in zip(responses, replies):
@@ -630,15 +625,13 @@ def parquet_files(inputs):
     except ImportError:
         raise ConvertError("vinteraction reads parquet with pyarrow, which is not installed: "
                            "pip install -e '.[parquet]'") from None
-    files = []
+    opened, unique = [], {}
     for given in map(Path, inputs):
         found = sorted(given.rglob("*.parquet")) if given.is_dir() else [given] if given.is_file() else []
         if not found:
             raise ConvertError(f"{given}: no such parquet file, or a folder without one")
-        files += found
-    opened, unique = [], {}
-    for path in files:
-        unique.setdefault(path.resolve(), path)  # a file named twice (itself, and in its folder) is read once
+        for path in found:
+            unique.setdefault(path.resolve(), path)  # a file named twice (itself, and in its folder) is read once
     for path in unique.values():
         try:
             handle = pq.ParquetFile(path)
@@ -646,8 +639,7 @@ def parquet_files(inputs):
             raise ConvertError(f"{path}: not a readable parquet file ({e})") from None
         names = handle.schema_arrow.names
         kind = "v_interaction" if "CoT_with_code" in names else "v_perception"
-        missing = [c for c in KIND_COLUMNS[kind] if c not in names]
-        if missing:
+        if missing := [c for c in KIND_COLUMNS[kind] if c not in names]:
             raise ConvertError(f"{path}: no column '{missing[0]}' (a V-Interaction row has question, image, "
                                "answer and CoT_with_code; a V-Perception row question, image and answer)")
         opened.append((path, kind, handle))
@@ -673,11 +665,8 @@ def _rows(path, handle, kind, batch_rows):
 
 def _shuffle_lines(src, dst, seed):
     """`src`'s lines in the order random.Random(seed) shuffles them, written to `dst`, one line in memory."""
-    offsets, at = [], 0
-    with open(src, "rb") as f:
-        for line in f:
-            offsets.append(at)
-            at += len(line)
+    with open(src, "rb") as f:  # where each line starts: the sum of the lengths of the lines before it
+        offsets = list(accumulate((len(line) for line in f), initial=0))[:-1]
     random.Random(seed).shuffle(offsets)
     with open(src, "rb") as f, open(dst, "wb") as g:
         for at in offsets:

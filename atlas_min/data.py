@@ -203,6 +203,25 @@ def rank_share(n, per_update, rank, world):
     return [m + rank * share + k for m in range(0, n, per_update) for k in range(share)]
 
 
+def micro_batches(lengths, per_update, size):
+    """[(update's rows, [micro-batch's rows, ...]), ...]: a rank's rows, `per_update` consecutive ones per update
+    (its slice of a mini-batch), each update's rows cut into micro-batches of `size` rows of similar length.
+
+    `lengths` (N,): each row's prompt + completion tokens. A forward pads its rows to their longest prompt and
+    longest completion; sorted by length, rows of one micro-batch need about the same width, and a long reply
+    costs padding to its own micro-batch only. Rows of one prompt may so land in two micro-batches (each then
+    encodes that prompt's images). Within a micro-batch rows keep their order (a prompt's rows stay together),
+    so an update that fits in one micro-batch runs as its rows are. The longest micro-batch comes first: its memory
+    peak is met at once, and on a CPU growing allocations made a short-first update ~10% slower (bench). Gradients
+    do not depend on the cut: every micro-batch divides by its update's counts (`grpo.grpo_loss`).
+    """
+    out = []
+    for update in range(0, len(lengths), per_update):
+        rows = update + torch.argsort(-lengths[update:update + per_update], stable=True)  # longest first
+        out.append((slice(update, update + len(rows)), [rows[k:k + size].sort().values for k in range(0, len(rows), size)]))
+    return out
+
+
 def open_image(path, where=""):
     try:
         with Image.open(path) as im:

@@ -18,13 +18,10 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 def setup(timeout_s=None):
     """(rank, world_size, device); initialises the process group under torchrun, its collectives failing after
     `timeout_s` seconds of waiting (None: torch's default)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         # CUDA: NCCL for tensors on the GPU, gloo for the small CPU tensors and objects (counts, metrics)
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",

@@ -61,9 +61,8 @@ def evaluate(model, tokenizer, image_processor, examples, cfg, device, blind=Fal
                      **{k: reward[k] for k in ("accuracy", "format", "n_functional")},
                      "tokens": sorted(set(functional), key=FUNCTIONAL_TOKENS.index),
                      "right_token": None if "token" not in ex else functional[:1] == [ex["token"]]})
-    seconds = time.time() - t0
+    seconds = max(all_gather_objects(time.time() - t0))  # the slowest rank's decode
     rows = [r for part in all_gather_objects(rows) for r in part]
-    seconds = max(all_gather_objects(seconds))
     n = max(len(rows), 1)
     by_task = {t: [r for r in rows if r["task"] == t] for t in sorted({r["task"] for r in rows})}
     mean = {key: sum(r[key] for r in rows) / n for key in ("accuracy", "format", "n_functional", "length")}
@@ -157,9 +156,8 @@ def intervene(model, tokenizer, image_processor, examples, cfg, device):
         keep = max(0, cfg.eval_max_new_tokens - len(forced))  # the forced tokens count against the eval's budget
         text, length, functional = decode_completion(tokenizer, torch.tensor(forced + ids[:keep].tolist()),
                                                      torch.cat([torch.ones(len(forced), dtype=torch.bool), mask[:keep]]))
-        reward = compute_reward(text, ex["answer"], cfg, question=ex["question"], num_tokens=length,
-                                functional=functional)
-        hits.append((ex["task"], tok, reward["accuracy"]))
+        hits.append((ex["task"], tok, compute_reward(text, ex["answer"], cfg, question=ex["question"],
+                                                     num_tokens=length, functional=functional)["accuracy"]))
     merged_hits, merged_skipped = defaultdict(lambda: defaultdict(list)), sum(all_gather_objects(skipped), Counter())
     for task, tok, acc in (hit for part in all_gather_objects(hits) for hit in part):
         merged_hits[task][tok].append(acc)

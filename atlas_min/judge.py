@@ -49,8 +49,7 @@ class Verdicts(list):
 
     def __init__(self, verdicts, replies, unparsed):
         super().__init__(verdicts)
-        self.replies = replies
-        self.unparsed = unparsed
+        self.replies, self.unparsed = replies, unparsed
 
 
 def judge_prompt(question, gold, answer, template=None):
@@ -63,13 +62,11 @@ def judge_prompt(question, gold, answer, template=None):
         names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as e:
         raise JudgeError(f"template: not a format string ({e}); write literal braces as {{{{ and }}}}") from None
-    unknown = sorted(name for name in names if name not in FIELDS and name not in ALIASES)
-    if unknown:
+    if unknown := sorted(name for name in names if name not in FIELDS and name not in ALIASES):
         raise JudgeError(f"template: unknown placeholder {{{unknown[0]}}}; "
                          "the placeholders are {question}, {gold} and {answer}")
     present = {ALIASES.get(name, name) for name in names}
-    missing = [field for field in FIELDS if field not in present]
-    if missing:
+    if missing := [field for field in FIELDS if field not in present]:
         raise JudgeError(f"template: no {{{missing[0]}}} placeholder "
                          "(a template needs {question}, {gold} and {answer})")
     values = {"question": question, "gold": gold, "answer": answer}
@@ -90,8 +87,7 @@ def parse_verdict(text):
     if not isinstance(text, str):
         return None
     text = text.lower()
-    m = _JSON_VERDICT.search(text)
-    if m:
+    if m := _JSON_VERDICT.search(text):
         return m[1] == "1"
     m = _WORD_VERDICT.search(text)
     return None if m is None else not (m[1] or m[2])
@@ -187,9 +183,7 @@ def probe_url(url, model=None, timeout_s=60):
     try:
         with urllib.request.urlopen(endpoint, timeout=timeout_s) as reply:
             served = [m.get("id") for m in json.loads(reply.read()).get("data", [])]
-    except urllib.error.HTTPError:
-        return
-    except (ValueError, AttributeError, TypeError):  # an answer, but not a model list
+    except (urllib.error.HTTPError, ValueError, AttributeError, TypeError):  # an HTTP error or no model list: an answer
         return
     except Exception as e:  # refused, unreachable, timed out (socket and http.client errors alike)
         raise JudgeError(f"judge {url}: no answer to GET {endpoint} within {timeout_s} s ({e})") from None
@@ -214,9 +208,8 @@ def judge(model_path, items, *, template=None, max_new_tokens=50, batch_size=8, 
         for field in FIELDS:
             if not hasattr(item, "get") or field not in item:
                 raise JudgeError(f"items[{k}]: no field '{field}' (an item holds question, gold and answer)")
-        answer = item["answer"]
-        asked = isinstance(answer, str) and bool(answer.strip())
-        prompts.append(judge_prompt(item["question"], item["gold"], answer, template) if asked else None)
+        asked = isinstance(item["answer"], str) and bool(item["answer"].strip())
+        prompts.append(judge_prompt(item["question"], item["gold"], item["answer"], template) if asked else None)
     served = str(model_path).startswith(("http://", "https://"))
     loaded = model_path if isinstance(model_path, tuple) else None
     if not loaded and not served:

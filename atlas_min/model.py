@@ -81,8 +81,13 @@ def build_model(cfg, tokenizer=None):
 
     Under `with torch.device("meta"):` nothing is allocated: that is how `atlas_min.plan` sizes the 7B.
     """
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(sft_run_seed(cfg))
     return Qwen2_5_VLForConditionalGeneration(model_config(cfg, tokenizer))
+
+
+def sft_run_seed(cfg):
+    """The seed of an SFT run's own draws (a random init, the batch order): `seed`, moved by `sft_seed`."""
+    return cfg.seed + cfg.sft_seed * cfg.epoch_seed_stride
 
 
 def image_processor_for(cfg):
@@ -261,10 +266,12 @@ def reply_nll(logits, labels, ignore_index=-100, chunk=0):
 
 
 def image_order(images_per_row, repeats):
-    """Image indices in the order the repeated rows hold them (prompt p's images, `repeats` times)."""
+    """Image indices in the order the repeated rows hold them: prompt p's images, `repeats` times (a number for
+    every prompt, or a list with one per prompt)."""
+    counts = repeats if isinstance(repeats, list) else [repeats] * len(images_per_row)
     order, start = [], 0
-    for n in images_per_row:
-        order += list(range(start, start + n)) * repeats
+    for n, times in zip(images_per_row, counts, strict=True):
+        order += list(range(start, start + n)) * times
         start += n
     return order
 
@@ -288,7 +295,8 @@ class EncodedImages:
 
 def forward(model, batch, input_ids, attention_mask, repeats=1, logits_to_keep=0, position_ids=None,
             use_cache=False, **kwargs):
-    """Full forward over rows that repeat each prompt of `batch` `repeats` times (its images encoded once).
+    """Full forward over rows that repeat each prompt of `batch` `repeats` times (its images encoded once;
+    `repeats` a number, or a list with each prompt's number of rows).
 
     `batch` holds the prompts' `pixel_values`, `image_grid_thw` and `images_per_row`; `input_ids` may
     extend the prompts with completions; `position_ids` (3, B, T), when given, spares their computation.

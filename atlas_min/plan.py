@@ -46,6 +46,7 @@ import io
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -127,11 +128,9 @@ def plan(cfg, gpus, gpu_mem_gb=80.0, nodes=1, nic_gbps=400.0):
     largest = max(p.numel() for p in model.parameters())
     V, G, image = embed.shape[0], cfg.group_size, cfg.max_pixels // 784  # one token per 28×28 pixels
     N = cfg.fsdp_shard_size or gpus  # ranks a unit is sharded over
-    prompt = image + PROMPT_TEXT
-    T = prompt + cfg.max_new_tokens
-    sample_rows = cfg.prompts_per_step // gpus * G
+    prompt, sample_prompts = image + PROMPT_TEXT, cfg.prompts_per_step // gpus
+    T, sample_rows = prompt + cfg.max_new_tokens, sample_prompts * G
     sft_rows, rl_prompts = cfg.micro_batch_size, max(1, cfg.micro_batch_size // G)
-    sample_prompts = cfg.prompts_per_step // gpus
     kv_token = cfg.text_layers * 2 * (cfg.text_kv_heads * cfg.text_hidden // cfg.text_heads) * 2  # bf16 k and v
     # all at once: bf16 logits (2) + fp32 log-softmax kept for backward (4) + two fp32 grads in backward (2 × 4);
     # chunked: bf16 logits (2) + the bf16 grad of logits[:, :-1] (2) + that grad padded back to the logits' shape by
@@ -139,6 +138,10 @@ def plan(cfg, gpus, gpu_mem_gb=80.0, nodes=1, nic_gbps=400.0):
     logit_bytes, piece = (6, 8 * cfg.logprob_chunk * V) if cfg.logprob_chunk else (14, 0)
     ref = {"reference (bf16 shards)": 2 * P / N if cfg.kl_coef > 0 else 0}
     persistent = {"fp32 params (sharded)": 4 * P / N, "AdamW m, v (fp32, sharded)": 8 * P / N}
+    # dist.gathered keeps every unit gathered for the rollout: all bf16 weights at once. The largest of: the KV
+    # cache of all rows; during the prefill of the distinct prompts their cache + one layer's MLP (6f bytes per
+    # token); the root's all-gather buffer beside its gathered copy (a small model's peak)
+    cache = max(sample_rows * T * kv_token, sample_prompts * prompt * (kv_token + 6 * cfg.text_intermediate), 2 * root)
 
     def train(rows, images, scored, ckpt, frozen):
         """The larger of a training step's two peaks: backward's start (the logits' buffers beside the activations
@@ -152,13 +155,8 @@ def plan(cfg, gpus, gpu_mem_gb=80.0, nodes=1, nic_gbps=400.0):
     def phases(ckpt):
         return {"SFT": train(sft_rows, sft_rows, T, ckpt, {}),
                 "RL update": train(rl_prompts * G, rl_prompts, cfg.max_new_tokens + 1, ckpt, ref),
-                # dist.gathered keeps every unit gathered for the rollout: all bf16 weights at once. The largest of:
-                # the KV cache of all rows; during the prefill of the distinct prompts their cache + one layer's MLP
-                # (6f bytes per token); the root's all-gather buffer beside its gathered copy (a small model's peak)
                 "RL sampling": {**persistent, "gathered bf16 params (all, for the rollout)": 2 * P, **ref,
-                                "KV cache, prefill or all-gather (the largest)": max(
-                    sample_rows * T * kv_token, sample_prompts * prompt * (kv_token + 6 * cfg.text_intermediate),
-                    2 * root)},
+                                "KV cache, prefill or all-gather (the largest)": cache},
                 # checkpoint.save: each rank writes its shards (an RL run's GPUs hold the reference's too); a bf16
                 # final model casts them first (its `_write_weights`): a bf16 copy of the shards
                 "save": {**persistent, **ref, "bf16 copy of the shards (final model)":
@@ -198,8 +196,7 @@ def host(cfg, P, largest, gpus, nodes):
     rate = SAVE_GBPS * GB
     return {"rank0_load": 4 * P, "rank_save_staged": staged, "node_save_staged": staged * gpus / nodes,
             "rank0_stitch": stitch, "resumable_checkpoint": 12 * P, "final_model": w * P,
-            "save_s": (12 * P / nodes + 2 * 4 * P) / rate,
-            "final_save_s": (w * P / nodes + 2 * min(w, 4) * P) / rate}
+            "save_s": (12 * P / nodes + 2 * 4 * P) / rate, "final_save_s": (w * P / nodes + 2 * min(w, 4) * P) / rate}
 
 
 def network(cfg, P, root, gpus, nodes, nic_gbps):
@@ -241,11 +238,10 @@ def measure_sharding(cfg):
     dist.init_process_group("gloo")
     model = meta_model(cfg)[0]
     wrap(model, bf16=False)  # as dist.shard: bottom-up, the root last
-    units = [*fsdp_units(model), model]
     names = {id(m): n for n, m in model.named_modules()}
     mine = {names[id(u)]: (sum(p.numel() for p in u.parameters()), sum(p.to_local().numel() for p in u.parameters()),
                            all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in u.parameters()))
-            for u in units}
+            for u in [*fsdp_units(model), model]}
     ranks = all_gather_objects(mine)
     return {"world": len(ranks), "units": {n: {"numel": v[0], "local": [r[n][1] for r in ranks],
                                                "shard0": all(r[n][2] for r in ranks)} for n, v in mine.items()}}
@@ -359,8 +355,7 @@ def main():
             with user_errors():
                 update_readme("plan", f"`python -m atlas_min.plan {shown}`\n\n```\n{printed.getvalue().rstrip()}\n```")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
+            Path(args.json).write_text(json.dumps(result, indent=1))
     cleanup()
 
 

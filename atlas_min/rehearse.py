@@ -76,8 +76,7 @@ def image_grid(cfg, vision_config):
 
 def fused_attention(module, query, key, value, attention_mask=None, scaling=None, **_):
     """The vision tower's packed-window attention as one fused SDPA call: (1, heads, S, d) -> (1, S, heads, d)."""
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling)
-    return out.transpose(1, 2), None
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling).transpose(1, 2), None
 
 
 class Inputs:
@@ -90,8 +89,7 @@ class Inputs:
         self.grid = image_grid(cfg, c.vision_config).repeat(prompts, 1)  # (prompts, 3)
         self.image_tokens = int(self.grid[0].prod()) // c.vision_config.spatial_merge_size ** 2
         prompt = [c.vision_start_token_id, *[c.image_token_id] * self.image_tokens, c.vision_end_token_id]
-        prompt += [1] * (PROMPT_TEXT - 2)
-        self.prompt_ids = torch.tensor([prompt] * rows)  # (rows, P)
+        self.prompt_ids = torch.tensor([prompt + [1] * (PROMPT_TEXT - 2)] * rows)  # (rows, P)
         self.completion_ids = torch.full((rows, completion), 2)  # (rows, C)
         self.ids = torch.cat([self.prompt_ids, self.completion_ids], 1)  # (rows, P + C)
         self.patches = int(self.grid.prod(-1).sum())
@@ -183,11 +181,6 @@ def step(model, optimizer, max_norm):
     optimizer.zero_grad(set_to_none=True)
 
 
-def peak_by_category(tracker):
-    snap = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
-    return {str(getattr(k, "value", k)): v for k, v in snap.items()}
-
-
 def rehearse(cfg, world):
     """{"parameters", "world_size", "seconds", "phases": {phase: {"peak_gb", "by_category" (GB), ...}}}."""
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
@@ -236,11 +229,11 @@ def rehearse(cfg, world):
                 # hierarchy "may be messed up". The peaks it records are by tensor category, not by module.
                 warnings.filterwarnings("ignore", "The module hierarchy tracking maybe be messed up", UserWarning)
                 extra = run() or {}
-            cats = peak_by_category(tracker)
+            peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+            cats = {str(getattr(k, "value", k)): v for k, v in peak.items()}
             if name != "sft_step":  # an RL run's: the tracker follows `model` and `optimizer`, the reference is added
                 cats["Reference Shards"] = frozen
-                cats["Total"] += frozen
-            total = cats.pop("Total")
+            total = cats.pop("Total") + cats.get("Reference Shards", 0)
             results[name] = {"peak_gb": total / GB, "by_category": {k: v / GB for k, v in cats.items() if v}, **extra}
 
         def sft_step():

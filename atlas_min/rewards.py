@@ -45,9 +45,7 @@ def extract_answer(completion, answer_format):
     if answer_format == "tag":
         end = completion.rfind("</answer>")
         start = completion.rfind("<answer>", 0, max(end, 0))
-        if end < 0 or start < 0:
-            return None
-        return completion[start + len("<answer>"):end].strip()
+        return completion[start + len("<answer>"):end].strip() if end >= 0 and start >= 0 else None
     if answer_format == "boxed":
         start = completion.rfind("\\boxed{")
         box = _argument(completion[start + len("\\boxed"):]) if start >= 0 else None  # one scan to its close
@@ -60,8 +58,7 @@ def extract_answer(completion, answer_format):
 # Each rule removes one way of writing the same answer differently. They run in the order of
 # NORMALISATION_RULES on both the prediction and the gold answer (docs/method.md, "Reward").
 
-_TEXT_COMMANDS = ("\\text{", "\\textbf{", "\\textit{", "\\textrm{", "\\mathrm{", "\\mathbf{", "\\mbox{",
-                  "\\boxed{")
+_TEXT_COMMANDS = ("\\text{", "\\textbf{", "\\textit{", "\\textrm{", "\\mathrm{", "\\mathbf{", "\\mbox{", "\\boxed{")
 
 
 def unwrap_text_commands(text):
@@ -76,17 +73,14 @@ def unwrap_text_commands(text):
         out.append(text[copied:i])
         copied = i + 1
         c = text[i]
-        if c == "\\":
-            command = next((cmd for cmd in _TEXT_COMMANDS if text.startswith(cmd, i)), None)
-            if command is None:
-                out.append(c)
-            else:
-                stack.append(True)
-                copied = i + len(command)
+        command = next((cmd for cmd in _TEXT_COMMANDS if text.startswith(cmd, i)), None)  # only at a backslash
+        if command:
+            stack.append(True)
+            copied = i + len(command)
         elif c == "{":
             stack.append(False)
             out.append(c)
-        elif not (stack and stack.pop()):  # a "}" closing a wrapper is dropped, any other is kept
+        elif c == "\\" or not (stack and stack.pop()):  # a "}" closing a wrapper is dropped, any other is kept
             out.append(c)
     out.append(text[copied:])
     return "".join(out)
@@ -175,9 +169,7 @@ def _decimal(text):
     Built from the digit strings, never from float or Fraction(str) (which accepts `1e9`, `1_0`).
     """
     negative = text[:1] == "-"
-    if text[:1] in ("-", "+"):
-        text = text[1:]
-    whole, _, frac = text.partition(".")
+    whole, _, frac = (text[1:] if text[:1] in ("-", "+") else text).partition(".")
     if not whole and not frac:
         return None
     if "," in whole:  # thousands separators, only in well-formed groups: "1,000" yes, "1,5" no
@@ -234,9 +226,7 @@ def _term(text):
 
 
 def _divide(num, den):
-    if num is None or den is None or den[0] == 0:
-        return None
-    return num[0] * den[0], num[1] / den[1]
+    return None if num is None or den is None or den[0] == 0 else (num[0] * den[0], num[1] / den[1])
 
 
 def number_value(text):
@@ -248,8 +238,7 @@ def number_value(text):
     sign, body = 1, text.strip()
     if body[:1] in ("-", "+") and body[1:].lstrip()[:1] in ("\\", "√"):
         sign, body = (-1 if body[0] == "-" else 1), body[1:].lstrip()
-    command = next((c for c in _FRAC_COMMANDS if body.startswith(c)), None)
-    if command:
+    if command := next((c for c in _FRAC_COMMANDS if body.startswith(c)), None):
         first = _argument(body[len(command):])
         second = first and _argument(first[1])
         if not second or second[1].strip():
@@ -262,8 +251,7 @@ def number_value(text):
     return None if value is None else (sign * value[0], value[1])
 
 
-_UNIT_MARKS = {"^{\\circ}": "°", "^\\circ": "°", "\\circ": "°", "\\degree": "°", "°": "°",
-               "\\%": "%", "%": "%"}
+_UNIT_MARKS = {"^{\\circ}": "°", "^\\circ": "°", "\\circ": "°", "\\degree": "°", "°": "°", "\\%": "%", "%": "%"}
 _UNIT_NAMES = {"degree": "°", "degrees": "°", "deg": "°", "percent": "%"}
 # A unit: a word of 2+ letters, or one of a few one-letter SI symbols (so that `2x` is not "2 of unit x"),
 # then an optional power (^2, ^{3}, ², ³) and an optional "/word". Not after a letter or a backslash, so
@@ -291,8 +279,7 @@ def same_quantity(pred, gold):
     (`5 cm` = `5` = `5cm`, `30°` = `30`, `50%` = `50`), but `5 m` ≠ `5 cm`. A percentage is compared as
     the number written: `50%` ≠ `0.5`, because a question that asks for a percentage wants 50, and
     benchmarks that ask for a fraction write the gold as a fraction."""
-    p_text, p_unit = split_unit(pred)
-    g_text, g_unit = split_unit(gold)
+    (p_text, p_unit), (g_text, g_unit) = split_unit(pred), split_unit(gold)
     if p_unit and g_unit and p_unit != g_unit:
         return False
     p_value = number_value(p_text)
@@ -302,7 +289,6 @@ def same_quantity(pred, gold):
 # --- R_acc, step 4: choice letters and the options written in the question -------------------------
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_ALL_LETTERS = frozenset(LETTERS)
 # An option marker: `(B)` anywhere, or `B.` / `B:` / `B)` after a line start, space, `,` `;` or `:`
 # and before a space. Alternatives of fixed shape: nothing to backtrack.
 _OPTION_MARK = re.compile(r"\(([A-Z])\)|(?<![^\s,;:])([A-Z])([.:)])(?=\s)")
@@ -371,7 +357,7 @@ def answers_equivalent(pred, gold, *, question=""):
     if _same_value(p, g):
         return True
     options = parse_options(question)
-    letters = options.keys() if options else _ALL_LETTERS
+    letters = options.keys() if options else LETTERS
     # Without options, a gold answer with text after its letter ("A. Lincoln") is a name, not a choice.
     g_letter, p_letter = choice_letter(g, letters, with_text=bool(options)), choice_letter(p, letters)
     if g_letter is None and not options:
@@ -435,7 +421,6 @@ def compute_reward(completion, answer, cfg, *, question="", num_tokens=None, fun
     fmt = format_reward(completion, cfg.answer_format)
     p_len = length_penalty(len(completion) if num_tokens is None else num_tokens, cfg)
     p_over = overuse_penalty(n_functional, cfg)
-    total = (cfg.w_acc * accuracy + cfg.w_ft * functional + cfg.w_fmt * fmt
-             - cfg.w_len * p_len - cfg.w_over * p_over)
+    total = cfg.w_acc * accuracy + cfg.w_ft * functional + cfg.w_fmt * fmt - cfg.w_len * p_len - cfg.w_over * p_over
     return {"accuracy": accuracy, "functional": functional, "format": fmt, "length_penalty": p_len,
             "overuse_penalty": p_over, "n_functional": float(n_functional), "total": float(total)}

@@ -158,8 +158,7 @@ def _resume(opts, stage):
                              "drop --config")
     cfg = get_config(overrides=opts.overrides, base=saved)
     changed = {n: [getattr(saved, n), getattr(cfg, n)] for n in FIELDS if getattr(saved, n) != getattr(cfg, n)}
-    fixed = ", ".join(f"{n} {changed[n][0]!r} -> {changed[n][1]!r}" for n in changed if n not in MUTABLE)
-    if fixed:
+    if fixed := ", ".join(f"{n} {changed[n][0]!r} -> {changed[n][1]!r}" for n in changed if n not in MUTABLE):
         raise RunFolderError(f"--resume {opts.resume}: {fixed} would change what the run computes, and a run's settings "
                              "are fixed at its start (config.RESUME_MAY_CHANGE lists what a resume may change)")
     run = resume_from.parent.parent if resume_from.parent.name == "checkpoints" else resume_from
@@ -178,8 +177,7 @@ def _resume(opts, stage):
     old = state.get("run") or {}  # a checkpoint written before runs were recorded has none
     if old.get("init") and _first_rank():  # RL reads its SFT checkpoint again on every resume: the KL reference
         # (rank 0 alone: under torchrun the others wait for it in dist.setup, and torchrun ends them if it stops)
-        problem = changed_input("--init", old["init"])
-        if problem:
+        if problem := changed_input("--init", old["init"]):
             raise RunFolderError(f"--resume {opts.resume}: {problem}; it is this run's KL reference, and going on "
                                  "against another would mix two runs: restore it, or start a new run")
     data = file_record(data_file(cfg, "train"))
@@ -244,8 +242,7 @@ def check_output(path, inputs=()):
     """Refuse, before any work, an output `path` that cannot be written or is one of the command's `inputs`
     (files, or folders whose existing files are inputs; resolved paths compared). In an input folder a
     new file, or an earlier result named eval*.json, may be written."""
-    path = Path(path)
-    target = path.resolve()
+    path, target = Path(path), Path(path).resolve()
     if path.is_dir():
         raise RunFolderError(f"{path} is a folder: name the file to write, e.g. {path / 'eval.json'}")
     for given in filter(None, inputs):

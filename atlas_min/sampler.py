@@ -14,6 +14,7 @@ batch or process.
 import torch
 import torch.distributed as dist
 
+from atlas_min.data import collate_prompts, to_device
 from atlas_min.model import forward, log_partition_and_entropy, mrope_positions, token_logprobs
 from atlas_min.optim import DivergedError
 from atlas_min.tokens import FUNCTIONAL_TOKENS, VISION_TOKENS, functional_in
@@ -162,15 +163,17 @@ def sample(model, batch, tokenizer, *, group_size=1, max_new_tokens=32, temperat
 def sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, completion_mask, repeats=1,
                       temperature=1.0, chunk=0, trim=True):
     """log π(o_t | q, o_<t) of every completion token, (B, C), from one full forward (with grad if enabled);
-    `chunk` as in `model.token_logprobs` (the config's `logprob_chunk`).
+    `repeats` as in `model.forward` (rows per prompt of `batch`), `chunk` as in `model.token_logprobs` (the
+    config's `logprob_chunk`).
 
     `trim`: the forward runs on these rows' own longest prompt (columns of left padding that every row has are
     dropped) and own longest completion, not on the width of the batch they were sampled in; the positions cut
     off get log π = 0 (masked out of every sum). Causal attention and mask-derived positions make the kept
     values those of the uncut forward, up to float rounding. A rank's rollout is padded to its longest row;
-    an update's micro-batch (one group of the 7B preset) is often far shorter. False: the whole block (bench).
+    an update's micro-batch (rows of similar length, `data.micro_batches`) is often far shorter. False: the whole
+    block (bench).
     """
-    B, C = completion_ids.shape
+    C = completion_ids.shape[1]
     if trim:
         used = prompt_mask.bool().any(0)  # (P,) columns some row's prompt uses (prompts are left-padded)
         first = int(used.nonzero()[0]) if used.any() else 0
@@ -187,3 +190,15 @@ def sequence_logprobs(model, batch, prompt_ids, prompt_mask, completion_ids, com
         logits = logits / temperature
     logp = token_logprobs(logits, completion_ids, chunk)  # (B, width)
     return torch.nn.functional.pad(logp, (0, C - width))  # (B, C)
+
+
+def rows_logprobs(model, prompts, rollout, rows, *, group_size, pad_id, temperature=1.0, chunk=0, trim=True):
+    """`sequence_logprobs` of some rows of a rollout, (len(rows), C): `rows` ascending indices into `rollout`
+    (prompt_ids, prompt_mask, completion_ids, completion_mask), whose row k answers `prompts[k // group_size]`
+    (encoded prompts). Each prompt among the rows is encoded once, its images with it (an update's micro-batch of
+    rows of similar length, `data.micro_batches`, holds some rows of one prompt and some of another)."""
+    held, counts = torch.unique_consecutive(rows // group_size, return_counts=True)  # a prompt's rows adjoin
+    batch = to_device(collate_prompts([prompts[p] for p in held.tolist()], pad_id), rollout["prompt_ids"].device)
+    return sequence_logprobs(model, batch, rollout["prompt_ids"][rows], rollout["prompt_mask"][rows],
+                             rollout["completion_ids"][rows], rollout["completion_mask"][rows],
+                             repeats=counts.tolist(), temperature=temperature, chunk=chunk, trim=trim)

@@ -46,20 +46,17 @@ CHILD = ("import atexit, runpy, sys, torch\n"
 
 def run(name, script, args, nproc):
     """Run one script; returns {"name", "rc", "seconds", "lines": [(seconds since start, line)], "memory"}."""
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               str(ROOT / script), *args]
-    else:
-        cmd = [sys.executable, "-c", CHILD, str(ROOT / script), *args]
+    launch = (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1
+              else ["-c", CHILD])
+    cmd = [sys.executable, *launch, str(ROOT / script), *args]
     print(f"\n== {name}: {' '.join(cmd[-len(args) - 1:])}", flush=True)
     t0, lines = time.time(), []
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         lines.append((time.time() - t0, line.rstrip("\n")))
         print("   " + line, end="", flush=True)
-    rc = proc.wait()
     memory = [int(line.split()[-1]) for _, line in lines if line.startswith("smoke: max_memory_allocated")]
-    return {"name": name, "rc": rc, "seconds": time.time() - t0, "lines": lines,
+    return {"name": name, "rc": proc.wait(), "seconds": time.time() - t0, "lines": lines,
             "memory": memory[-1] if memory else None}
 
 
@@ -84,9 +81,8 @@ def update_tokens(rl_dir, cfg):
         set_pixel_bounds(image_processor, cfg.min_pixels, cfg.max_pixels)
     prompts = load_examples(cfg, "train")[:cfg.prompts_per_step]
     lengths = [len(encode_example(ex, tokenizer, image_processor, cfg)["prompt_ids"]) for ex in prompts]
-    prompt = sum(lengths) / len(lengths)
     last = metrics(Path(rl_dir) / "metrics_rl.jsonl")[-1]
-    return cfg.prompts_per_step * cfg.group_size * (prompt + last["completion_length"])
+    return cfg.prompts_per_step * cfg.group_size * (sum(lengths) / len(lengths) + last["completion_length"])
 
 
 def main():
@@ -100,10 +96,8 @@ def main():
     from atlas_min.cli import die
     from atlas_min.config import ConfigError, get_config
     cuda = torch.cuda.is_available()
-    if args.model_path:
-        name, base = "qwen2_5_vl_7b", [f"model_path={args.model_path}", *SMALL_7B_RUN]
-    else:
-        name, base = "micro", WIDTHS_7B if cuda else []
+    name, base = (("qwen2_5_vl_7b", [f"model_path={args.model_path}", *SMALL_7B_RUN]) if args.model_path
+                  else ("micro", WIDTHS_7B if cuda else []))
     overrides = [*base, "toy_eval_size=8", "eval_max_new_tokens=64", *args.overrides]
     try:
         cfg = get_config(name, [*overrides, "max_new_tokens=64"])
@@ -144,7 +138,10 @@ def main():
                        decode_ms <= MAX_DECODE_MS if cuda else None))
         from atlas_min.bench import hardware_peaks
         peak = hardware_peaks(torch.cuda.get_device_name(0))[0] if cuda else None
-        flops = 6 * sum(p.numel() for p in _meta_model(rl).parameters()) * update_tokens(rl, cfg)
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        with torch.device("meta"):  # the RL model's parameter count, nothing read
+            model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_pretrained(rl))
+        flops = 6 * sum(p.numel() for p in model.parameters()) * update_tokens(rl, cfg)
         mfu = flops / last["t_update"] / peak if peak else None
         checks.append((f"RL update MFU (6·P·tokens = {flops:.3g} FLOP in {last['t_update']:.2f} s)",
                        f"{mfu:.3f}" if mfu else "n/a (no GPU, or one not in bench.PEAKS)", f">= {MIN_MFU:g}",
@@ -158,14 +155,6 @@ def main():
     failed = sum(ok is False for *_, ok in checks)
     print(f"{'FAILED: ' + str(failed) + ' check(s)' if failed else 'all checks passed'}")
     sys.exit(1 if failed else 0)
-
-
-def _meta_model(folder):
-    """The model of `folder` on the meta device (its parameter count, nothing read)."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    with torch.device("meta"):
-        return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_pretrained(folder))
 
 
 if __name__ == "__main__":

@@ -273,8 +273,7 @@ def reply(params, token, rng, length):
         return f"{SHORT_LEAD} {token} <answer>{result}</answer>"
     if length != "long":
         raise ValueError(f"toy_reply={length!r}: choose from {', '.join(REPLY_LENGTHS)}")
-    lead = [rng.choice(slot) for slot in LEAD_SLOTS]
-    return _compose(token, result, lead, [rng.choice(slot) for slot in STEP_SLOTS[token]])
+    return _compose(token, result, [rng.choice(s) for s in LEAD_SLOTS], [rng.choice(s) for s in STEP_SLOTS[token]])
 
 
 # --- data sets --------------------------------------------------------------------------------------
@@ -321,10 +320,9 @@ def _write_split(folder, split, size, cfg, taken):
                 true, misread = TEACHER_SLIPS.get(task, (None, None))
                 slipped = split == "train" and answer == true and slip_rng.random() < cfg.toy_teacher_slip
                 text = response(task, misread if slipped else answer, with_token)
+            # a puzzle's row adds "token", the one the frame calls for: the truth behind the right-token rate
             row = {"id": ex_id, "images": [f"images/{ex_id}.png"], "question": question, "answer": answer,
-                   "response": text, "task": task}
-            if task in PUZZLE_TOKENS:  # the token the frame calls for: the truth behind the right-token rate
-                row["token"] = PUZZLE_TOKENS[task]
+                   "response": text, "task": task, **({"token": PUZZLE_TOKENS[task]} if task in PUZZLE_TOKENS else {})}
             f.write(json.dumps(row) + "\n")
 
 

@@ -180,19 +180,27 @@ def test_chunked_log_probs_lower_the_measured_peaks_by_the_predicted_bytes_withi
         assert abs(m["fall"][kind] / m["predicted_fall"][kind] - 1) < 0.2, (kind, m)
 
 
-def test_the_cut_update_computes_only_the_micro_batchs_own_longest_prompt_and_reply(micro, toy_files):
+def test_the_update_cut_to_micro_batches_of_similar_length_computes_only_the_positions_they_need(micro, toy_files):
     from atlas_min.bench import compare_cut
-    from atlas_min.data import collate_prompts, encode, load_jsonl
+    from atlas_min.data import encode, load_jsonl
     model, tokenizer, image_processor = micro
-    cfg = get_config("micro")  # G = 4
-    examples = load_jsonl(toy_files[0])[:1]
-    batch = collate_prompts([encode(ex, tokenizer, image_processor, cfg.system_prompt) for ex in examples],
-                            tokenizer.pad_token_id)
-    P, C = batch["input_ids"].shape[1], 40  # one prompt, no left padding; a rollout 40 tokens wide
-    completions = torch.randint(7, len(tokenizer) - 5, (4, C), generator=torch.Generator().manual_seed(0))
-    lengths = reply_lengths(4, C, cfg.seed)  # the rows' replies, drawn as compare_cut draws them
-    out = compare_cut(model, batch, completions, cfg, 1, torch.device("cpu"))
-    real = 4 * P + int(lengths.sum())  # by hand: each row's prompt and its own reply
-    assert out["uncut"]["padded_share"] == pytest.approx(1 - real / (4 * (P + C)))
-    assert out["cut"]["padded_share"] == pytest.approx(1 - real / (4 * (P + int(lengths.max()))))
-    assert out["cut"]["padded_share"] < out["uncut"]["padded_share"] and out["lengths"]["max"] < C
+    cfg = get_config("micro")  # G = 4, micro-batches of 4 rows
+    examples = load_jsonl(toy_files[0])[:2]
+    examples[1] = examples[1] | {"question": examples[0]["question"]}  # prompts as long: the replies decide
+    encoded = [encode(ex, tokenizer, image_processor, cfg.system_prompt) for ex in examples]
+    P = [len(e["prompt_ids"]) for e in encoded]  # each prompt's own tokens
+    C = 40  # a rollout 40 tokens wide
+    completions = torch.randint(7, len(tokenizer) - 5, (8, C), generator=torch.Generator().manual_seed(0))
+    lengths = reply_lengths(8, C, cfg.seed).tolist()  # the rows' replies, drawn as compare_cut draws them
+    out = compare_cut(model, encoded, completions, cfg, 1, torch.device("cpu"), tokenizer.pad_token_id)
+    prompt = [P[r // 4] for r in range(8)]
+    real = sum(prompt) + sum(lengths)  # by hand: each row's prompt and its own reply
+    assert out["uncut"]["padded_share"] == pytest.approx(1 - real / (8 * (max(P) + C)))
+    groups = [range(0, 4), range(4, 8)]
+    by_length = [sorted(range(8), key=lambda r: (-prompt[r] - lengths[r], r))[k:k + 4] for k in (0, 4)]  # longest first
+    for name, micros in (("group", groups), ("cut", by_length)):
+        computed = sum(4 * (max(prompt[r] for r in m) + max(lengths[r] for r in m)) for m in micros)
+        assert out[name]["padded_share"] == pytest.approx(1 - real / computed), name
+    assert out["cut"]["padded_share"] < out["group"]["padded_share"] < out["uncut"]["padded_share"]
+    expected = [out[name]["expected_padded_share"] for name in ("cut", "group", "uncut")]
+    assert 0 < expected[0] < expected[1] < expected[2] < 1  # over many draws too

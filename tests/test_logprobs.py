@@ -135,3 +135,36 @@ def test_a_micro_batch_cut_to_its_own_longest_prompt_and_completion_gives_the_un
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_rows_of_two_prompts_in_one_forward_give_what_each_prompts_own_forward_gives(micro, toy_files):
+    # a micro-batch of rows sorted by length holds some rows of one prompt and some of another
+    from atlas_min.data import collate_prompts, encode, load_jsonl
+    from atlas_min.sampler import sequence_logprobs
+    model, tokenizer, image_processor = micro
+    examples = load_jsonl(toy_files[0])[:2]
+    examples[1] = examples[1] | {"question": examples[1]["question"] + " Look closely." * 2}
+    encoded = [encode(ex, tokenizer, image_processor, "sys") for ex in examples]
+    wide = collate_prompts(encoded, tokenizer.pad_token_id)
+    counts = [1, 3]  # prompt 0's row, then prompt 1's three
+    prompt_ids = torch.cat([wide["input_ids"][p:p + 1].expand(n, -1) for p, n in enumerate(counts)])  # (4, P)
+    prompt_mask = torch.cat([wide["attention_mask"][p:p + 1].expand(n, -1) for p, n in enumerate(counts)])
+    completion = torch.randint(7, len(tokenizer) - 5, (4, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.arange(9) < torch.tensor([[9], [2], [6], [4]])
+    weights = torch.randn(4, 9, generator=torch.Generator().manual_seed(1)) * mask
+
+    def run(rows, batch, repeats):
+        model.zero_grad()
+        logp = sequence_logprobs(model, batch, prompt_ids[rows], prompt_mask[rows], completion[rows], mask[rows],
+                                 repeats=repeats)
+        (logp * weights[rows]).sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    together, grads = run(slice(0, 4), wide, counts)
+    alone = [run(slice(0, 1), collate_prompts(encoded[:1], tokenizer.pad_token_id), 1),
+             run(slice(1, 4), collate_prompts(encoded[1:], tokenizer.pad_token_id), 3)]
+    torch.testing.assert_close(together[:1][mask[:1]], alone[0][0][mask[:1]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[1:][mask[1:]], alone[1][0][mask[1:]], atol=1e-5, rtol=0)
+    assert any(n.startswith("model.visual") for n in grads)  # the images' features carry gradients too
+    for name in grads:  # one loss over both prompts' rows = the sum of each prompt's own
+        torch.testing.assert_close(grads[name], alone[0][1][name] + alone[1][1][name], atol=1e-5, rtol=0, msg=name)

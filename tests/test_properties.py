@@ -693,3 +693,27 @@ def test_each_update_holds_the_same_prompts_on_any_number_of_processes(world, up
     for m in range(updates):  # train_rl's update m takes each rank's m-th slice of per_rank prompts
         held = {p for share in shares for p in share[m * per_rank:(m + 1) * per_rank]}
         assert held == set(range(m * per_update, (m + 1) * per_update))  # as on 1 process: prompts m·M .. (m+1)·M − 1
+
+
+# --- an update's micro-batches: rows of similar length together (data.micro_batches) ------------------------------
+
+@given(data=st.data(), G=st.sampled_from([4, 8]), prompts=st.integers(1, 8), updates=st.integers(1, 4))
+def test_an_updates_micro_batches_hold_each_of_its_rows_once_and_the_longer_rows_first(data, G, prompts, updates):
+    from atlas_min.data import micro_batches
+    # the presets' range: 1-8 prompts of a mini-batch per rank, micro-batches of whole groups, rows of a 7B rollout
+    # 2..1,024 reply tokens after prompts of up to 1,536
+    size = G * data.draw(st.integers(1, prompts))
+    per_update = G * prompts
+    lengths = torch.tensor(data.draw(st.lists(st.integers(2, 2560), min_size=updates * per_update,
+                                              max_size=updates * per_update)))
+    batches = micro_batches(lengths, per_update, size)
+    assert [update for update, _ in batches] == [slice(m * per_update, (m + 1) * per_update) for m in range(updates)]
+    for update, micros in batches:
+        rows = [int(r) for micro in micros for r in micro]
+        assert sorted(rows) == list(range(update.start, update.stop))  # each row of the update, once
+        assert all(len(micro) <= size for micro in micros) and len(micros) == -(-per_update // size)
+        assert all(micro.tolist() == sorted(micro.tolist()) for micro in micros)  # a prompt's rows adjoin
+        for longer, shorter in zip(micros, micros[1:]):
+            assert lengths[longer].min() >= lengths[shorter].max()
+        if per_update <= size:  # one micro-batch: the update's rows as they are
+            assert micros[0].tolist() == list(range(update.start, update.stop))

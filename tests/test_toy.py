@@ -5,6 +5,7 @@ import json
 import random
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -410,3 +411,19 @@ def test_a_puzzle_row_names_the_token_its_frame_calls_for_even_where_the_teacher
     data = rows(train)
     assert all(r["token"] == usual[r["task"]] for r in data)
     assert any(said(r["response"])[0] != [r["token"]] for r in data)  # the replies do slip
+
+
+def test_sft_seed_draws_another_init_on_the_same_toy_data(tmp_path):
+    # anchor_study's second SFT checkpoint: its own init and batch order, the data of `seed`
+    from atlas_min.model import init_model, sft_run_seed
+    a, b = tmp_path / "a", tmp_path / "b"
+    toy.write_toy_data(a, micro())
+    toy.write_toy_data(b, micro("sft_seed=1"))
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert png_digests(a) == png_digests(b)
+    cfg, moved = micro(), micro("sft_seed=1")
+    assert sft_run_seed(cfg) == cfg.seed and sft_run_seed(moved) == cfg.seed + cfg.epoch_seed_stride  # by hand
+    first, again, second = (init_model(c)[0].state_dict() for c in (cfg, cfg, moved))
+    assert all(torch.equal(first[k], again[k]) for k in first)  # one seed, one init
+    assert any(not torch.equal(first[k], second[k]) for k in first)
