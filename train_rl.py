@@ -33,7 +33,7 @@ from atlas_min.cli import Progress, UsageError, catch_interrupts, end_step, fini
 from atlas_min.data import (check_lengths, collate_prompts, encode_example, load_examples, micro_batches, rank_share,
                             stream_indices, to_device)
 from atlas_min.dist import all_sum, autocast, gathered, print0, reshard, shard, sync_replicas
-from atlas_min.grpo import constant_groups, functional_grad_share, group_advantages, grpo_loss
+from atlas_min.grpo import constant_groups, functional_grad_mass, group_advantages, grpo_loss
 from atlas_min.model import eval_image_processor, load_pretrained
 from atlas_min.optim import adamw, clipped_step, count_nonfinite, lr_at, set_lr
 from atlas_min.rewards import compute_reward
@@ -100,9 +100,7 @@ def update_batches(rollout, cfg, world):
 def per_row(micro_rows, logprobs):
     """(N, C): `logprobs(rows)` of every micro-batch's rows, each row put back in its place in the rollout."""
     values = torch.cat([logprobs(rows) for rows in micro_rows])  # (N, C), in micro-batch order
-    out = torch.empty_like(values)
-    out[torch.cat(micro_rows).to(values.device)] = values
-    return out
+    return torch.empty_like(values).index_copy_(0, torch.cat(micro_rows).to(values.device), values)
 
 
 def completion_logprobs(policy, encoded, rollout, rows, cfg, pad_id, device, grad=False):
@@ -177,17 +175,18 @@ def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, f
     """Step 4: `ppo_epochs` passes of mini-batch steps on L_LA-GRPO; returns the step's logged loss terms.
 
     Every micro-batch divides by its whole mini-batch's counts (num_outputs, num_anchor_outputs, summed
-    over ranks), so the micro-batches' gradients add up to the mini-batch's. Logged: kl, clip_frac,
-    pg_loss, ratio_mean and the functional gradient share as means over micro-batches; L_anchor per
-    mini-batch (the sum of its slices) and the gradient norm, averaged over mini-batches. A mini-batch
+    over ranks), so the micro-batches' gradients add up to the mini-batch's. Logged over all the step's updates,
+    whichever rows shared a micro-batch: kl, clip_frac and ratio_mean as token means, pg_loss as the mean of the
+    rows' token means, the functional gradient share as functional Σ|g| over all Σ|g|; L_anchor per mini-batch
+    (the sum of its slices) and the gradient norm, averaged over mini-batches. A mini-batch
     whose gradient norm is not finite is not applied (every rank sees the same global norm, so all
     skip it together) and counted in `skipped_steps` (docs/method.md, "Numerical guards").
     """
     mask = rollout["completion_mask"]
     coefs = dict(clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, anchor_coef=cfg.anchor_coef)
-    per_micro = ("kl", "clip_frac", "pg_loss", "ratio_mean")
-    sums = dict.fromkeys([*per_micro, "anchor", "functional_grad_share", "grad_norm"], 0.0)
-    n_micro = n_mini = skipped = 0
+    per_token = ("kl", "clip_frac", "ratio_mean")
+    sums = dict.fromkeys([*per_token, "pg_loss", "tokens", "rows", "anchor", "functional", "mass", "grad_norm"], 0.0)
+    n_mini = skipped = 0
     for _epoch in range(cfg.ppo_epochs):
         for mini_rows, micros in update_batches(rollout, cfg, world):
             counts = {"num_outputs": int(all_sum(int((mask[mini_rows].sum(1) > 0).sum()))),
@@ -199,19 +198,23 @@ def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, f
                                advantages[rows], mask[rows], fmask[rows])
                 loss, stats = grpo_loss(*loss_inputs, **coefs, **counts)
                 (loss * world).backward()  # FSDP averages gradients over ranks: undo it
-                sums["functional_grad_share"] += functional_grad_share(*loss_inputs, **coefs, **counts)
-                for key in (*per_micro, "anchor"):  # anchor: summed here, then averaged over mini-batches
-                    sums[key] += stats[key]
-                n_micro += 1
+                tokens, outputs = int(mask[rows].sum()), int((mask[rows].sum(1) > 0).sum())
+                functional, mass = functional_grad_mass(*loss_inputs, **coefs, **counts)
+                weighted = {key: stats[key] * tokens for key in per_token} | {  # back to sums over the slice
+                    "pg_loss": stats["pg_loss"] * outputs, "tokens": tokens, "rows": outputs,
+                    "anchor": stats["anchor"], "functional": functional, "mass": mass}
+                for key, value in weighted.items():
+                    sums[key] += value
             grad_norm = clipped_step(model, optimizer, cfg.grad_clip)
             if math.isfinite(grad_norm):
                 sums["grad_norm"] += grad_norm
             else:
                 skipped += 1
             n_mini += 1
-    n_micro_all = all_sum(n_micro)
-    logged = {key: all_sum(sums[key]) / n_micro_all for key in (*per_micro, "functional_grad_share")}
-    return {**logged, "anchor": all_sum(sums["anchor"]) / n_mini,
+    total = {key: all_sum(sums[key]) for key in sums if key != "grad_norm"}
+    logged = {key: total[key] / max(total["tokens"], 1) for key in per_token}
+    return {**logged, "pg_loss": total["pg_loss"] / max(total["rows"], 1), "anchor": total["anchor"] / n_mini,
+            "functional_grad_share": total["functional"] / total["mass"] if total["mass"] > 0 else 0.0,
             "grad_norm": sums["grad_norm"] / max(n_mini - skipped, 1), "skipped_steps": skipped}
 
 

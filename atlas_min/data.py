@@ -215,11 +215,10 @@ def micro_batches(lengths, per_update, size):
     peak is met at once, and on a CPU growing allocations made a short-first update ~10% slower (bench). Gradients
     do not depend on the cut: every micro-batch divides by its update's counts (`grpo.grpo_loss`).
     """
-    out = []
-    for update in range(0, len(lengths), per_update):
-        rows = update + torch.argsort(-lengths[update:update + per_update], stable=True)  # longest first
-        out.append((slice(update, update + len(rows)), [rows[k:k + size].sort().values for k in range(0, len(rows), size)]))
-    return out
+    def cut(update):  # one update's rows, longest first, `size` at a time, each piece in its rows' order
+        rows = update + torch.argsort(-lengths[update:update + per_update], stable=True)
+        return slice(update, update + len(rows)), [rows[k:k + size].sort().values for k in range(0, len(rows), size)]
+    return [cut(update) for update in range(0, len(lengths), per_update)]
 
 
 def open_image(path, where=""):

@@ -142,18 +142,24 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantage
     return loss, stats
 
 
-def functional_grad_share(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor,
-                          mask: Tensor, functional_mask: Tensor, *, clip_eps: float, kl_coef: float,
-                          anchor_coef: float, num_outputs: int | None = None,
-                          num_anchor_outputs: int | None = None) -> float:
-    """Gradient-dilution diagnostic (docs/method.md, "LA-GRPO"): sum_{t in F} |g_t| / sum_t |g_t|, g = dloss/dlogp.
+def functional_grad_share(*args, **kwargs) -> float:
+    """`functional_grad_mass`'s share: sum_{t in F} |g_t| / sum_t |g_t| (0.0 if sum |g| is 0)."""
+    functional, total = functional_grad_mass(*args, **kwargs)
+    return functional / total if total > 0 else 0.0
+
+
+def functional_grad_mass(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor,
+                         mask: Tensor, functional_mask: Tensor, *, clip_eps: float, kl_coef: float,
+                         anchor_coef: float, num_outputs: int | None = None,
+                         num_anchor_outputs: int | None = None) -> tuple[float, float]:
+    """Gradient-dilution diagnostic (docs/method.md, "LA-GRPO"): (sum_{t in F} |g_t|, sum_t |g_t|), g = dloss/dlogp.
 
     The share of the policy-gradient "mass" that reaches functional-token positions. With
     anchor_coef = 0 and ratios near 1, every token of output i gets |g| = |A_i| / (B |o_i|), so the
     share is roughly the functional token share (2.4% in the paper); the anchor adds
     lambda |A_i| / (|I_F| |F_i|) at functional positions only and lifts it. Computed on a detached
-    copy of `logp`, so the model's graph and .grad are never touched. Returns 0.0 if sum |g| is 0.
-    `num_outputs` / `num_anchor_outputs` as in `grpo_loss` (the counts of the whole batch).
+    copy of `logp`, so the model's graph and .grad are never touched. `num_outputs` / `num_anchor_outputs` as in
+    `grpo_loss` (the counts of the whole batch): then the slices' masses add up to the whole batch's.
     """
     x = logp.detach().clone().requires_grad_(True)  # (B, T)
     ref = None if ref_logp is None else ref_logp.detach()
@@ -162,5 +168,4 @@ def functional_grad_share(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | Non
                         num_outputs=num_outputs, num_anchor_outputs=num_anchor_outputs)
     (g,) = torch.autograd.grad(loss, x)  # (B, T)
     fmask = functional_mask.bool() & mask.bool()
-    total = float(g.abs().sum())
-    return float(g.abs()[fmask].sum()) / total if total > 0 else 0.0
+    return float(g.abs()[fmask].sum()), float(g.abs().sum())

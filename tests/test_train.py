@@ -184,6 +184,10 @@ def test_rl_on_one_and_two_processes_updates_on_the_same_groups_and_ends_at_the_
     two = [json.loads(line) for line in (rl_two_procs / "metrics_rl.jsonl").read_text().splitlines()]
     for key in ("completion_length", "reward", "constant_group_share"):  # the same samples, the same rewards
         assert [r[key] for r in one] == pytest.approx([r[key] for r in two], abs=1e-9), key
+    # 1 process cuts each update's 8 rows into 2 micro-batches by length, 2 processes hold one group each: the
+    # logged update terms are means over the step's tokens and rows, not over micro-batches, so they agree
+    for key in ("kl", "clip_frac", "pg_loss", "ratio_mean", "functional_grad_share"):
+        assert [r[key] for r in one] == pytest.approx([r[key] for r in two], rel=1e-4, abs=1e-7), key
     assert max_diff(weights(tmp_path / "one"), weights(rl_two_procs)) < 1e-5
 
 
