@@ -205,7 +205,9 @@ def claim(run, overwrite=False):
                 raise RunFolderError(f"{run} is in use by another run (pid {holder.get('pid')} on "
                                      f"{holder.get('host')}); if that run is gone, delete {lock}")
             print0(f"note: taking over {lock} of a run that is gone (pid {holder.get('pid')})")
-        lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        staged = run / f"{LOCK}.{os.getpid()}"  # written whole, then renamed: a Ctrl-C never meets a half-written lock
+        staged.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        staged.replace(lock)
     except OSError as e:
         raise RunFolderError(f"--out {run}: cannot write there ({e.strerror})") from None
     atexit.register(release, run)  # an error that ends the process (cli.die) frees the folder too
@@ -229,6 +231,7 @@ def release(run):
     """The run is over: drop its lock, if it is this process's, and the folder if this run made it and left
     it empty (a run that failed before its first save leaves nothing behind)."""
     run, lock = Path(run), Path(run) / LOCK
+    (run / f"{LOCK}.{os.getpid()}").unlink(missing_ok=True)  # a Ctrl-C between claim's write and its rename
     try:
         if json.loads(lock.read_text()).get("pid") == os.getpid():
             lock.unlink()
