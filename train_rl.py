@@ -171,8 +171,10 @@ def right_token_rate(scores):
     return {"right_token_rate": all_sum(sum(s.get("right_token", 0.0) for s in scores)) / named} if named else {}
 
 
-def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, fmask, cfg, world, pad_id, device):
-    """Step 4: `ppo_epochs` passes of mini-batch steps on L_LA-GRPO; returns the step's logged loss terms.
+def update(model, optimizer, encoded, rollout, batches, old_logp, ref_logp, advantages, fmask, cfg, world, pad_id,
+           device):
+    """Step 4: `ppo_epochs` passes of mini-batch steps on L_LA-GRPO over `batches` (`update_batches`: the ones
+    log π_old and log π_ref were computed on); returns the step's logged loss terms.
 
     Every micro-batch divides by its whole mini-batch's counts (num_outputs, num_anchor_outputs, summed
     over ranks), so the micro-batches' gradients add up to the mini-batch's. Logged over all the step's updates,
@@ -188,7 +190,7 @@ def update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, f
     sums = dict.fromkeys([*per_token, "pg_loss", "tokens", "rows", "anchor", "functional", "mass", "grad_norm"], 0.0)
     n_mini = skipped = 0
     for _epoch in range(cfg.ppo_epochs):
-        for mini_rows, micros in update_batches(rollout, cfg, world):
+        for mini_rows, micros in batches:
             counts = {"num_outputs": int(all_sum(int((mask[mini_rows].sum(1) > 0).sum()))),
                       "num_anchor_outputs": int(all_sum(int((fmask[mini_rows].sum(1) > 0).sum())))}
             for rows in micros:
@@ -267,7 +269,8 @@ with user_errors():
 
         # log π_old before any update, log π_ref from the frozen SFT model; no grad
         t0 = time.time()
-        micro_rows = [rows for _, micros in update_batches(rollout, cfg, world) for rows in micros]  # as the update
+        batches = update_batches(rollout, cfg, world)  # the update's micro-batches, once for the whole step
+        micro_rows = [rows for _, micros in batches for rows in micros]
         pad_id = tokenizer.pad_token_id
         old_logp = per_row(micro_rows, lambda rows: completion_logprobs(model, encoded, rollout, rows, cfg, pad_id,
                                                                         device))  # (N, C)
@@ -281,8 +284,8 @@ with user_errors():
         seconds["reference"] = time.time() - t0
 
         t0 = time.time()
-        losses = update(model, optimizer, encoded, rollout, old_logp, ref_logp, advantages, fmask, cfg, world,
-                        pad_id, device)
+        losses = update(model, optimizer, encoded, rollout, batches, old_logp, ref_logp, advantages, fmask, cfg,
+                        world, pad_id, device)
         seconds["update"] = time.time() - t0
         if losses["skipped_steps"]:
             print0(f"note: step {step + 1}: {losses['skipped_steps']} update(s) skipped, the gradient norm was not finite")

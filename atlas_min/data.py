@@ -212,8 +212,9 @@ def micro_batches(lengths, per_update, size):
     costs padding to its own micro-batch only. Rows of one prompt may so land in two micro-batches (each then
     encodes that prompt's images). Within a micro-batch rows keep their order (a prompt's rows stay together),
     so an update that fits in one micro-batch runs as its rows are. The longest micro-batch comes first: its memory
-    peak is met at once, and on a CPU growing allocations made a short-first update ~10% slower (bench). Gradients
-    do not depend on the cut: every micro-batch divides by its update's counts (`grpo.grpo_loss`).
+    peak is met at once (and on a CPU, with other jobs running, short-first updates were the slower ones in a few
+    timings of bench's update). Gradients do not depend on the cut: every micro-batch divides by its update's
+    counts (`grpo.grpo_loss`).
     """
     def cut(update):  # one update's rows, longest first, `size` at a time, each piece in its rows' order
         rows = update + torch.argsort(-lengths[update:update + per_update], stable=True)
